@@ -1,0 +1,113 @@
+"""adapters: parameter-efficient adapter methods for any PyTorch / transformers model.
+
+The core knows no method by itself; methods come from plugins (``adapters-lora``,
+``adapters-reft``, third parties) found through the ``adapters.methods`` entry points.
+Config classes such as ``adapters.LoRAConfig`` resolve lazily to the installed plugin's class.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .composition import Average, BatchSplit, Fuse, Parallel, Split, Stack
+from .configs import AdapterConfig, ConfigUnion
+from .context import AdapterSetup, ForwardContext, current_context
+from .errors import (
+    AdapterNotFoundError,
+    AdaptersError,
+    CheckpointError,
+    CompositionError,
+    ConfigError,
+    InterfaceError,
+    InterfacePathError,
+    MethodNotInstalledError,
+    NotInitializedError,
+)
+from .interface import AdapterModelInterface
+from .model import ModelAdaptersMixin, init, is_initialized
+from .plugins import CheckpointFormat, MethodSpec, hookimpl
+from .saving import load_model
+
+__version__ = "0.1.0"
+
+
+class _AdapterMethodMeta(type):
+    def __iter__(cls):
+        from .plugins import installed_methods
+
+        return iter(installed_methods())
+
+    def __contains__(cls, name: object) -> bool:
+        from .plugins import installed_methods
+
+        return name in installed_methods()
+
+    def __getattr__(cls, name: str) -> str:
+        from .plugins import get_registry
+
+        if name in get_registry().methods:
+            return name
+        raise AttributeError(
+            f"no installed adapter method {name!r}; installed: {sorted(get_registry().methods)}"
+        )
+
+    def __repr__(cls) -> str:
+        return f"AdapterMethod({', '.join(cls)})"
+
+
+class AdapterMethod(metaclass=_AdapterMethodMeta):
+    """The method names of the installed plugins: ``list(AdapterMethod)``,
+    ``"lora" in AdapterMethod``, ``AdapterMethod.lora == "lora"`` (when installed)."""
+
+    @staticmethod
+    def names() -> list[str]:
+        """Installed method names, sorted."""
+        return list(AdapterMethod)
+
+
+def __getattr__(name: str) -> Any:
+    """Resolve ``adapters.<SomethingConfig>`` to the installed plugin's config class."""
+    if name.endswith("Config") and name[:1].isupper():
+        from .errors import MethodNotInstalledError as _Missing
+        from .plugins import distribution_for, get_registry
+
+        cls = get_registry().config_class_named(name)
+        if cls is not None:
+            return cls
+        dist = distribution_for(class_name=name)
+        if dist is not None:
+            raise _Missing(f"adapters.{name} needs the {dist} package: pip install {dist}")
+    raise AttributeError(f"module 'adapters' has no attribute {name!r}")
+
+
+__all__ = [
+    "AdapterConfig",
+    "AdapterMethod",
+    "AdapterModelInterface",
+    "AdapterNotFoundError",
+    "AdapterSetup",
+    "AdaptersError",
+    "Average",
+    "BatchSplit",
+    "CheckpointError",
+    "CheckpointFormat",
+    "CompositionError",
+    "ConfigError",
+    "ConfigUnion",
+    "ForwardContext",
+    "Fuse",
+    "InterfaceError",
+    "InterfacePathError",
+    "MethodNotInstalledError",
+    "MethodSpec",
+    "ModelAdaptersMixin",
+    "NotInitializedError",
+    "Parallel",
+    "Split",
+    "Stack",
+    "current_context",
+    "hookimpl",
+    "init",
+    "is_initialized",
+    "load_model",
+]

@@ -1,0 +1,70 @@
+"""``average_adapter``: a new adapter as a weighted combination of existing ones."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .plugins import get_registry
+from .saving import configs_equal_for_average, load_tensors
+
+
+def average_adapter(
+    model: nn.Module,
+    adapter_name: str,
+    adapter_list: list[str],
+    weights: list[float] | None,
+    combine_strategy: str,
+    normalize_weights: bool,
+    overwrite_ok: bool,
+    set_active: bool,
+    options: dict[str, Any],
+) -> None:
+    """See `ModelAdaptersMixin.average_adapter`. Atomic: on error no adapter is added."""
+    if not adapter_list:
+        raise ConfigError("average_adapter needs at least one adapter in adapter_list")
+    entries = [model._entry(n) for n in adapter_list]  # type: ignore[operator]
+    values = [1.0] * len(entries) if weights is None else [float(w) for w in weights]
+    if len(values) != len(entries):
+        raise ConfigError(f"got {len(values)} weights for {len(entries)} adapters")
+    if normalize_weights:
+        total = sum(values)
+        if total == 0:
+            raise ConfigError("weights sum to 0 and cannot be normalised")
+        values = [w / total for w in values]
+    configs = [e.config for e in entries]
+    if combine_strategy == "linear" and not configs_equal_for_average(configs):
+        raise ConfigError(
+            "combine_strategy='linear' needs adapters with identical configs; got "
+            f"{[c.to_dict() for c in configs]}"
+        )
+    if options and combine_strategy == "linear":
+        raise ConfigError(f"combine_strategy='linear' takes no options; got {sorted(options)}")
+    model.add_adapter(adapter_name, configs[0], overwrite_ok=overwrite_ok)  # type: ignore
+    try:
+        if combine_strategy == "linear":
+            states = [e.state_dict() for e in entries]
+            combined = {
+                key: sum(w * s[key].to(torch.float32) for w, s in zip(values, states))
+                for key in states[0]
+            }
+            load_tensors(model, adapter_name, combined, source="average")
+        else:
+            done = get_registry().hook.adapters_average_adapter(
+                model=model, sites=model.adapter_sites, name=adapter_name,  # type: ignore
+                sources=[(n, c, w) for n, c, w in zip(adapter_list, configs, values)],
+                combine_strategy=combine_strategy, options=dict(options),
+            )
+            if not done:
+                raise ConfigError(
+                    f"combine_strategy={combine_strategy!r} is not supported for "
+                    f"{configs[0].method!r} adapters; use 'linear'"
+                )
+    except BaseException:
+        model.delete_adapter(adapter_name)  # type: ignore[operator]
+        raise
+    if set_active:
+        model.set_active_adapters(adapter_name)  # type: ignore[operator]

@@ -1,0 +1,65 @@
+"""The ``adapters`` command: ``adapters plugins`` lists installed methods; plugins may add
+sub-commands (``adapters demo`` comes with adapters-lora)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import metadata
+
+from .plugins import get_registry
+
+COMMANDS_GROUP = "adapters.commands"
+
+
+def plugins_command(args: argparse.Namespace) -> int:
+    """Print installed methods (distribution, version, presets) and load errors."""
+    registry = get_registry()
+    if not registry.methods and not registry.load_errors:
+        print("no adapter method plugins installed; e.g. pip install adapters-lora")
+    rows = [("method", "distribution", "version", "presets", "compositions")]
+    for name, spec in sorted(registry.methods.items()):
+        rows.append((
+            name, spec.distribution or f"(in-process: {spec.plugin})", spec.version or "-",
+            ", ".join(spec.presets) or "-",
+            ", ".join(c.__name__ for c in spec.compositions) or "-",
+        ))
+    if len(rows) > 1:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    if registry.formats:
+        print("checkpoint formats: " + ", ".join(sorted(registry.formats)))
+    for name in registry.disabled:
+        print(f"disabled by ADAPTERS_DISABLE_PLUGINS: {name}")
+    for error in registry.load_errors:
+        where = f" ({error.distribution})" if error.distribution else ""
+        print(f"FAILED to load plugin {error.name!r}{where}: {error.error}", file=sys.stderr)
+        if args.verbose:
+            print(error.detail, file=sys.stderr)
+    return 1 if registry.load_errors else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adapters", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    plugins = sub.add_parser("plugins", help="list installed adapter methods and load errors")
+    plugins.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
+    plugins.set_defaults(func=plugins_command)
+    for ep in metadata.entry_points(group=COMMANDS_GROUP):
+        try:
+            register = ep.load()
+            register(sub)
+        except Exception as error:  # a broken command must not break the others
+            print(f"warning: command plugin {ep.name!r} failed to load: {error}", file=sys.stderr)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``adapters`` console script."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

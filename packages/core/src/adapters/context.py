@@ -1,0 +1,157 @@
+"""The forward context: one per forward call of an initialised model, held in a contextvar
+(per thread and per asyncio task, never a global).
+
+Core opens it in a forward pre-hook on the top-level model and closes it in a forward hook that
+runs even when the forward raises. Method layers read it with `current_context()`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .composition import AdapterCompositionBlock, SetupLike, parse_composition
+
+_FORWARD: contextvars.ContextVar[ForwardContext | None] = contextvars.ContextVar(
+    "adapters_forward_context", default=None
+)
+_SETUP: contextvars.ContextVar[tuple[AdapterCompositionBlock | None, ...]] = contextvars.ContextVar(
+    "adapters_setup_stack", default=()
+)
+_PROMPT: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "adapters_generation_prompt_length", default=None
+)
+
+
+@dataclass
+class ForwardContext:
+    """What a method layer may read about the forward call it runs in.
+
+    Attributes:
+        model: the top-level model being called.
+        setup: the effective adapter setup of this call (``None``: no adapter runs). A top-level
+            ``Parallel`` appears here as a ``BatchSplit`` over the replicated batch.
+        attention_mask: the 2-D (batch, past + current length) mask given to the model, after
+            ``Parallel`` replication; ``None`` when the caller passed none.
+        batch_size: examples in this call (after replication).
+        input_length: tokens per example in this call (the current chunk).
+        past_length: tokens already in the KV cache before this call (0 without a cache).
+        starts: per-example absolute position of the first real (non-pad) token, shape (batch,).
+        lengths: per-example number of real tokens, past included, shape (batch,).
+        prompt_length: during ``generate()``, the absolute length of the prompt (padding
+            included); ``None`` outside generation.
+        parallel_branches: number of ``Parallel`` replicas (1 without Parallel).
+        extra: free space for plugins (key by your method name).
+    """
+
+    model: Any
+    setup: AdapterCompositionBlock | None
+    attention_mask: torch.Tensor | None = None
+    batch_size: int | None = None
+    input_length: int | None = None
+    past_length: int = 0
+    starts: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
+    prompt_length: int | None = None
+    parallel_branches: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+    _parent: ForwardContext | None = None
+
+    def real_token_mask(self) -> torch.Tensor | None:
+        """Bool (batch, input_length): True at real tokens of the current chunk."""
+        if self.attention_mask is None or self.input_length is None:
+            return None
+        return self.attention_mask[:, -self.input_length:].bool()
+
+
+def current_context() -> ForwardContext | None:
+    """The context of the innermost forward call running in this thread/task, or None."""
+    return _FORWARD.get()
+
+
+def push_context(ctx: ForwardContext) -> None:
+    """Open ``ctx`` (core calls this from the model's forward pre-hook)."""
+    ctx._parent = _FORWARD.get()
+    _FORWARD.set(ctx)
+
+
+def pop_context(ctx: ForwardContext | None = None) -> None:
+    """Close the innermost context (core calls this from the model's forward hook)."""
+    current = _FORWARD.get()
+    if current is not None:
+        _FORWARD.set(current._parent)
+
+
+def setup_override() -> tuple[AdapterCompositionBlock | None, ...]:
+    """The `AdapterSetup` blocks open in this thread/task, innermost last."""
+    return _SETUP.get()
+
+
+def generation_prompt_length() -> int | None:
+    """The prompt length while ``generate()`` of an initialised model runs, else None."""
+    return _PROMPT.get()
+
+
+class generation_scope:
+    """Marks a ``generate()`` call so that methods can tell prompt tokens from generated ones."""
+
+    def __init__(self, prompt_length: int | None) -> None:
+        self.prompt_length = prompt_length
+        self._token: contextvars.Token | None = None
+
+    def __enter__(self) -> generation_scope:
+        self._token = _PROMPT.set(self.prompt_length)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._token is not None
+        _PROMPT.reset(self._token)
+
+
+class AdapterSetup:
+    """Run forward calls inside a ``with`` block with another adapter setup, for this thread or
+    task only; the model's own active setup is untouched.
+
+    Example::
+
+        with AdapterSetup(Stack("a", "b")):
+            model(**batch)
+
+    ``AdapterSetup(None)`` runs without adapters. Nested blocks: the innermost wins.
+    """
+
+    def __init__(self, adapter_setup: SetupLike, ignore_empty: bool = False) -> None:
+        self.adapter_setup = parse_composition(adapter_setup)
+        self.ignore_empty = ignore_empty
+        self._token: contextvars.Token | None = None
+
+    def __enter__(self) -> AdapterSetup:
+        stack = _SETUP.get()
+        if self.ignore_empty and self.adapter_setup is None:
+            self._token = _SETUP.set(stack)
+        else:
+            self._token = _SETUP.set((*stack, self.adapter_setup))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._token is not None
+        _SETUP.reset(self._token)
+
+
+def positions_from_mask(
+    attention_mask: torch.Tensor | None, batch_size: int, total_length: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example first real position and real-token count from a 2-D mask (left or right
+    padding); without a mask every position is real."""
+    if attention_mask is None:
+        starts = torch.zeros(batch_size, dtype=torch.long, device=device)
+        lengths = torch.full((batch_size,), total_length, dtype=torch.long, device=device)
+        return starts, lengths
+    mask = attention_mask.bool()
+    lengths = mask.sum(dim=1)
+    first = mask.int().argmax(dim=1)
+    starts = torch.where(lengths > 0, first, torch.zeros_like(first))
+    return starts.long(), lengths.long()

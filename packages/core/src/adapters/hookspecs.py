@@ -1,0 +1,150 @@
+"""The hook specifications: the one contract between adapters-core and method plugins.
+
+A plugin is a module (or object) with functions decorated by ``@adapters.hookimpl`` whose names
+are the specs below, exposed through the entry-point group ``adapters.methods``::
+
+    # pyproject.toml of adapters-mymethod
+    [project.entry-points."adapters.methods"]
+    mymethod = "adapters_mymethod.plugin"
+
+Core calls every hook with keyword arguments, so an implementation may accept just the
+arguments it uses, and new arguments can be added without breaking plugins.
+
+The life of an adapter, as core drives it:
+
+1. At load time core calls `adapters_register_methods` once per plugin to learn its methods,
+   config classes, presets and which composition blocks each supports.
+2. ``adapters.init(model, interface)`` resolves the interface into `adapters.sites.ModelSites`
+   and calls `adapters_init_model`.
+3. ``model.add_adapter(name, config)`` calls `adapters_add_adapter`; the plugin whose config it
+   is creates the adapter's modules, attaches them (forward hooks, pre-hooks or
+   parametrisations on the sites' modules) and returns them keyed by name-independent keys.
+   Core owns everything generic from there: parameters, freezing, summary, device moves,
+   saving and loading (``state_dict`` of the returned modules), atomicity, train/eval mode.
+4. During a forward call, a method's layers read `adapters.context.current_context()` for the
+   effective setup, the attention mask and per-example positions, and compose with
+   `adapters.composition.apply_setup`.
+5. ``merge_adapter``, ``reset_adapter`` and ``delete_adapter`` call the matching hooks.
+
+Implementations return ``None`` for configs that are not theirs; for the ``firstresult`` hooks
+core takes the first non-``None`` answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .configs import AdapterConfig
+    from .plugins import CheckpointFormat, MethodSpec
+    from .sites import ModelSites
+
+hookspec = pluggy.HookspecMarker("adapters")
+
+
+@hookspec
+def adapters_register_methods(register: Callable[[MethodSpec], None]) -> None:
+    """Declare the methods this plugin provides.
+
+    Called once per plugin when plugins are loaded. Call ``register(MethodSpec(...))`` for each
+    method: its name (as listed in ``AdapterModelInterface.adapter_methods``), its config
+    classes, named presets (``{"lora": LoRAConfig(), "ia3": IA3Config()}``), the composition
+    blocks it supports, and whether it can merge into the base weights.
+    """
+
+
+@hookspec
+def adapters_register_checkpoint_formats(register: Callable[[CheckpointFormat], None]) -> None:
+    """Declare readers/writers for foreign checkpoint formats (PEFT, AdapterHub, ...).
+
+    Called once per plugin when plugins are loaded. Call ``register(CheckpointFormat(...))``
+    for each format. ``model.load_adapter(path)`` asks each format's ``detect`` whether it reads
+    a directory that is not in this library's own format; ``save_adapter(..., format=name)``
+    uses its ``write``.
+    """
+
+
+@hookspec
+def adapters_init_model(model: nn.Module, sites: ModelSites) -> None:
+    """``adapters.init`` prepared ``model``; ``sites`` is its resolved interface.
+
+    Called once per model, after validation, for every plugin whose method the interface lists.
+    Use it to check that the sites have what the method needs; raise an
+    `adapters.errors.InterfaceError` to abort ``init`` (the model is then left as it was).
+    """
+
+
+@hookspec(firstresult=True)
+def adapters_add_adapter(
+    model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
+) -> dict[str, nn.Module] | None:
+    """Create adapter ``name`` for ``config`` if ``config`` belongs to this plugin.
+
+    Create the modules, register them as submodules of the model (e.g. a ``ModuleDict`` child of
+    the site's module, keyed by adapter name) and attach forward hooks / pre-hooks to the sites'
+    modules. Hooks must read the active setup from the forward context at call time, so that
+    an added but inactive adapter costs (almost) nothing, and must be bound methods or
+    ``functools.partial`` objects, not closures created in a loop, so that ``copy.deepcopy``
+    of the model copies them correctly.
+
+    Return a dict mapping *name-independent* keys (use ``site.path``, e.g.
+    ``"model.layers.0.self_attn.q_proj"``) to the modules holding this adapter's parameters.
+    Core saves ``{key}.{param}`` tensors from them, moves them, freezes/unfreezes them and puts
+    them in the model's train/eval mode. Return ``None`` if ``config`` is not yours.
+    Raise `adapters.errors.ConfigError` for options the model cannot support.
+    """
+
+
+@hookspec(firstresult=True)
+def adapters_delete_adapter(
+    model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
+) -> bool | None:
+    """Remove adapter ``name``: its modules and hooks. If it is merged, the base weights stay
+    merged (this is how ``merge_and_unload`` is done). Return True, or None if not yours."""
+
+
+@hookspec(firstresult=True)
+def adapters_merge_adapter(
+    model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
+) -> bool | None:
+    """Fold adapter ``name`` into the base weights so that the model computes the same outputs
+    with the adapter inactive. Return True when merged; None if not yours. Methods that cannot
+    merge declare ``MethodSpec(can_merge=False)`` and core raises before calling this."""
+
+
+@hookspec(firstresult=True)
+def adapters_reset_adapter(
+    model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
+) -> bool | None:
+    """Undo ``adapters_merge_adapter`` for ``name``: restore the original base weights.
+    Return True, or None if not yours."""
+
+
+@hookspec(firstresult=True)
+def adapters_average_adapter(
+    model: nn.Module,
+    sites: ModelSites,
+    name: str,
+    sources: list[tuple[str, AdapterConfig, float]],
+    combine_strategy: str,
+    options: dict[str, Any],
+) -> bool | None:
+    """Fill the already-added adapter ``name`` by combining ``sources`` (name, config, weight)
+    with ``combine_strategy`` other than ``"linear"`` (core does ``"linear"`` itself: the
+    weighted sum of every parameter). Return True when done; None if you do not implement the
+    strategy for this config (core then raises)."""
+
+
+@hookspec
+def adapters_setup_changed(model: nn.Module, sites: ModelSites, setup: Any) -> None:
+    """The model's active setup changed (``set_active_adapters``, ``train_adapter``, delete).
+
+    ``setup`` is the new `adapters.composition.AdapterCompositionBlock` or None. Optional and
+    informational: forward hooks must still read the setup from the forward context, because
+    `adapters.AdapterSetup` can activate adapters for one block of code without calling this.
+    """
