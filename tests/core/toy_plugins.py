@@ -19,15 +19,12 @@ from torch import nn
 
 from adapters import AdapterConfig, Average, BatchSplit, MethodSpec, Stack, hookimpl
 from adapters.composition import apply_setup
-from adapters.context import current_context
-from adapters.model import effective_setup
+from adapters.context import context_for
 
 
 def _setup_for(model):
-    ctx = current_context()
-    if ctx is not None and ctx.model is model:
-        return ctx.setup, ctx
-    return effective_setup(model), None
+    ctx = context_for(model)
+    return ctx.setup, ctx
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +156,7 @@ class ToyShiftHost(nn.Module):
         hidden = output[0] if isinstance(output, tuple) else output
 
         def edit(name, h, rows):
-            if ctx is None or ctx.past_length > 0:
+            if ctx.starts is None or ctx.past_length > 0:
                 return h
             positions = torch.arange(h.shape[1], device=h.device)
             starts = ctx.starts[rows]

@@ -72,6 +72,30 @@ def current_context() -> ForwardContext | None:
     return _FORWARD.get()
 
 
+def context_for(model: Any) -> ForwardContext:
+    """The forward context a method layer of ``model`` should use.
+
+    Inside the model's own forward call this is the current context. When a submodule runs on
+    its own (a user calling ``model.model(...)``, an encoder run by ``generate``) there is none:
+    a context with the model's effective setup and no mask/positions is returned instead.
+    """
+    ctx = _FORWARD.get()
+    if ctx is not None and ctx.model is model:
+        return ctx
+    from .composition import expand_parallel
+    from .model import effective_setup
+
+    setup = effective_setup(model)
+    if setup is not None and expand_parallel(setup) is not None:
+        from .errors import CompositionError
+
+        raise CompositionError(
+            "a Parallel setup needs the model to be called as a whole (core replicates the batch "
+            "at the model input); a submodule was called on its own"
+        )
+    return ForwardContext(model=model, setup=setup)
+
+
 def push_context(ctx: ForwardContext) -> None:
     """Open ``ctx`` (core calls this from the model's forward pre-hook)."""
     ctx._parent = _FORWARD.get()
