@@ -60,7 +60,8 @@ class ToyLoRAHost(nn.Module):
             return None
         x = args[0]
         return apply_setup(
-            setup, output,
+            setup,
+            output,
             lambda name, h, rows: h + self.units[name].delta(x[rows]),
             owns=lambda name: name in self.units and not self.units[name].merged,
         )
@@ -69,8 +70,15 @@ class ToyLoRAHost(nn.Module):
 class ToyLoRAPlugin:
     @hookimpl
     def adapters_register_methods(self, register):
-        register(MethodSpec("toy_lora", (ToyLoRAConfig,), {"toy_lora": ToyLoRAConfig()},
-                            compositions=(Stack, BatchSplit, Average), can_merge=True))
+        register(
+            MethodSpec(
+                "toy_lora",
+                (ToyLoRAConfig,),
+                {"toy_lora": ToyLoRAConfig()},
+                compositions=(Stack, BatchSplit, Average),
+                can_merge=True,
+            )
+        )
 
     def _targets(self, sites, config):
         for layer in sites.layers:
@@ -142,11 +150,17 @@ class ToyShiftConfig(AdapterConfig):
     prefix: int = 1
 
 
+class ToyShiftUnit(nn.Module):
+    def __init__(self, d: int, prefix: int):
+        super().__init__()
+        self.shift = nn.Parameter(torch.zeros(d))
+        self.prefix = prefix
+
+
 class ToyShiftHost(nn.Module):
     def __init__(self, model):
         super().__init__()
-        self.shifts = nn.ParameterDict()
-        self.prefix: dict[str, int] = {}
+        self.units = nn.ModuleDict()
         self.__dict__["model"] = model
 
     def hook(self, module, args, output):
@@ -160,19 +174,27 @@ class ToyShiftHost(nn.Module):
                 return h
             positions = torch.arange(h.shape[1], device=h.device)
             starts = ctx.starts[rows]
+            unit = self.units[name]
             chosen = (positions[None, :] >= starts[:, None]) & (
-                positions[None, :] < starts[:, None] + self.prefix[name])
-            return h + chosen[..., None].to(h.dtype) * self.shifts[name]
+                positions[None, :] < starts[:, None] + unit.prefix
+            )
+            return h + chosen[..., None].to(h.dtype) * unit.shift
 
-        new = apply_setup(setup, hidden, edit, owns=lambda n: n in self.shifts)
+        new = apply_setup(setup, hidden, edit, owns=lambda n: n in self.units)
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
 
 class ToyShiftPlugin:
     @hookimpl
     def adapters_register_methods(self, register):
-        register(MethodSpec("toy_shift", (ToyShiftConfig,), {"toy_shift": ToyShiftConfig()},
-                            compositions=(Stack, BatchSplit)))
+        register(
+            MethodSpec(
+                "toy_shift",
+                (ToyShiftConfig,),
+                {"toy_shift": ToyShiftConfig()},
+                compositions=(Stack, BatchSplit),
+            )
+        )
 
     @hookimpl
     def adapters_add_adapter(self, model, sites, name, config):
@@ -186,9 +208,8 @@ class ToyShiftPlugin:
                 host = ToyShiftHost(model)
                 module.toy_shift = host
                 host.handle = module.register_forward_hook(host.hook)
-            host.shifts[name] = nn.Parameter(torch.zeros(layer.hidden_size))
-            host.prefix[name] = config.prefix
-            created[layer.layer.path] = host
+            host.units[name] = ToyShiftUnit(layer.hidden_size, config.prefix)
+            created[layer.layer.path] = host.units[name]
         return created
 
     @hookimpl
@@ -197,8 +218,8 @@ class ToyShiftPlugin:
             return None
         for layer in sites.layers:
             host = layer.layer.module.toy_shift
-            del host.shifts[name]
-            if not len(host.shifts):
+            del host.units[name]
+            if not len(host.units):
                 host.handle.remove()
                 del layer.layer.module.toy_shift
         return True
@@ -240,9 +261,11 @@ class ToyBottleneckHost(nn.Module):
         residual = self.residual
         self.residual = None
         return apply_setup(
-            setup, output,
-            lambda name, h, rows: h + self.units[name].up(torch.relu(self.units[name].down(h)))
-            + 0 * residual[rows],
+            setup,
+            output,
+            lambda name, h, rows: (
+                h + self.units[name].up(torch.relu(self.units[name].down(h))) + 0 * residual[rows]
+            ),
             owns=lambda name: name in self.units,
         )
 
@@ -250,8 +273,14 @@ class ToyBottleneckHost(nn.Module):
 class ToyBottleneckPlugin:
     @hookimpl
     def adapters_register_methods(self, register):
-        register(MethodSpec("toy_bottleneck", (ToyBottleneckConfig,),
-                            {"toy_bottleneck": ToyBottleneckConfig()}, compositions=(Stack,)))
+        register(
+            MethodSpec(
+                "toy_bottleneck",
+                (ToyBottleneckConfig,),
+                {"toy_bottleneck": ToyBottleneckConfig()},
+                compositions=(Stack,),
+            )
+        )
 
     @hookimpl
     def adapters_init_model(self, model, sites):
@@ -272,8 +301,10 @@ class ToyBottleneckPlugin:
             if host is None:
                 host = ToyBottleneckHost(model)
                 out.toy_bottleneck = host
-                host.handles = [layer.pre_ffn.module.register_forward_pre_hook(host.capture),
-                                out.register_forward_hook(host.adjust)]
+                host.handles = [
+                    layer.pre_ffn.module.register_forward_pre_hook(host.capture),
+                    out.register_forward_hook(host.adjust),
+                ]
             host.units[name] = ToyBottleneckUnit(layer.hidden_size, config.size)
             created[layer.output.path] = host.units[name]
         return created

@@ -54,9 +54,12 @@ def average_adapter(
             load_tensors(model, adapter_name, combined, source="average")
         else:
             done = get_registry().hook.adapters_average_adapter(
-                model=model, sites=model.adapter_sites, name=adapter_name,  # type: ignore
+                model=model,
+                sites=model.adapter_sites,
+                name=adapter_name,  # type: ignore
                 sources=[(n, c, w) for n, c, w in zip(adapter_list, configs, values)],
-                combine_strategy=combine_strategy, options=dict(options),
+                combine_strategy=combine_strategy,
+                options=dict(options),
             )
             if not done:
                 raise ConfigError(

@@ -19,11 +19,15 @@ def plugins_command(args: argparse.Namespace) -> int:
         print("no adapter method plugins installed; e.g. pip install adapters-lora")
     rows = [("method", "distribution", "version", "presets", "compositions")]
     for name, spec in sorted(registry.methods.items()):
-        rows.append((
-            name, spec.distribution or f"(in-process: {spec.plugin})", spec.version or "-",
-            ", ".join(spec.presets) or "-",
-            ", ".join(c.__name__ for c in spec.compositions) or "-",
-        ))
+        rows.append(
+            (
+                name,
+                spec.distribution or f"(in-process: {spec.plugin})",
+                spec.version or "-",
+                ", ".join(spec.presets) or "-",
+                ", ".join(c.__name__ for c in spec.compositions) or "-",
+            )
+        )
     if len(rows) > 1:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for row in rows:

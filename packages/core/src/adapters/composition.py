@@ -12,7 +12,7 @@ method that supports ``BatchSplit`` therefore supports ``Parallel`` with no code
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -158,10 +158,15 @@ class Average(AdapterCompositionBlock):
         return f"weights={self.weights}"
 
 
-SetupLike = Union[str, Sequence[str], AdapterCompositionBlock, None]
+SetupLike = str | Sequence[str] | AdapterCompositionBlock | None
 
 BLOCK_TYPES: tuple[type[AdapterCompositionBlock], ...] = (
-    Stack, Parallel, BatchSplit, Average, Fuse, Split
+    Stack,
+    Parallel,
+    BatchSplit,
+    Average,
+    Fuse,
+    Split,
 )
 
 
@@ -277,7 +282,9 @@ def apply_setup(
         parts, start = [], 0
         for child, size in zip(setup.children, setup.batch_sizes):
             sub_rows = slice(rows.start + start, rows.start + start + size)
-            parts.append(apply_setup(child, hidden[start:start + size], apply_one, owns, sub_rows))
+            parts.append(
+                apply_setup(child, hidden[start : start + size], apply_one, owns, sub_rows)
+            )
             start += size
         return torch.cat(parts, dim=0)
     if isinstance(setup, Average):

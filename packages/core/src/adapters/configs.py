@@ -102,7 +102,9 @@ class ConfigUnion(AdapterConfig):
         return {"method": self.method, "configs": [c.to_dict() for c in self.configs]}
 
     def replace(self, **changes: Any) -> ConfigUnion:
-        raise ConfigError("replace() a part of a ConfigUnion instead: union.configs[i].replace(...)")
+        raise ConfigError(
+            "replace() a part of a ConfigUnion instead: union.configs[i].replace(...)"
+        )
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ConfigUnion) and self.configs == other.configs
@@ -236,8 +238,7 @@ def make_missing_error(name: str, hint: str | None, known: list[str]) -> Excepti
     """The error for a preset or method no installed plugin provides."""
     if hint:
         return MethodNotInstalledError(
-            f"config {name!r} needs the {hint} package, which is not installed: "
-            f"pip install {hint}"
+            f"config {name!r} needs the {hint} package, which is not installed: pip install {hint}"
         )
     return ConfigError(
         f"unknown adapter config {name!r}; installed presets: {', '.join(sorted(known)) or '(none)'}"

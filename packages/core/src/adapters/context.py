@@ -64,7 +64,7 @@ class ForwardContext:
         """Bool (batch, input_length): True at real tokens of the current chunk."""
         if self.attention_mask is None or self.input_length is None:
             return None
-        return self.attention_mask[:, -self.input_length:].bool()
+        return self.attention_mask[:, -self.input_length :].bool()
 
 
 def current_context() -> ForwardContext | None:

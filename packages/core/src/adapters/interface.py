@@ -125,8 +125,8 @@ class AdapterModelInterface:
             methods = [methods]
         self.adapter_methods = [str(m) for m in methods]
         self.model_embeddings = model_embeddings
-        self.model_layers = list(model_layers) if isinstance(model_layers, list | tuple) else (
-            model_layers
+        self.model_layers = (
+            list(model_layers) if isinstance(model_layers, list | tuple) else (model_layers)
         )
         self.layer_self_attn = layer_self_attn
         self.layer_cross_attn = layer_cross_attn
@@ -151,20 +151,29 @@ class AdapterModelInterface:
             if value is not None and (not isinstance(value, str) or not value.strip(".")):
                 raise InterfaceError(f"{name}={value!r} must be a dotted path string or None")
         if self.model_layers is None:
-            raise InterfaceError("model_layers is required: the path of the layer list, e.g. 'layers'")
+            raise InterfaceError(
+                "model_layers is required: the path of the layer list, e.g. 'layers'"
+            )
         stacks = self.layer_stacks
         if not stacks or any(not isinstance(s, str) or not s for s in stacks):
-            raise InterfaceError(f"model_layers={self.model_layers!r} must be a path or a list of paths")
+            raise InterfaceError(
+                f"model_layers={self.model_layers!r} must be a path or a list of paths"
+            )
         separate = [self.attn_q_proj, self.attn_k_proj, self.attn_v_proj]
         if self.attn_qkv_proj is not None and any(p is not None for p in separate):
             raise InterfaceError(
                 "give either attn_q_proj/attn_k_proj/attn_v_proj or attn_qkv_proj (fused), not both"
             )
-        if self.attn_qkv_proj is None and any(p is not None for p in separate) and not all(
-            p is not None for p in separate
+        if (
+            self.attn_qkv_proj is None
+            and any(p is not None for p in separate)
+            and not all(p is not None for p in separate)
         ):
-            missing = [n for n, p in zip(("attn_q_proj", "attn_k_proj", "attn_v_proj"), separate)
-                       if p is None]
+            missing = [
+                n
+                for n, p in zip(("attn_q_proj", "attn_k_proj", "attn_v_proj"), separate)
+                if p is None
+            ]
             raise InterfaceError(
                 f"separate attention projections need all of q, k and v; missing {missing}. "
                 "For a fused projection use attn_qkv_proj instead."
@@ -194,7 +203,9 @@ class AdapterModelInterface:
         known = {f.name for f in dataclasses.fields(cls)} | {"adapter_types"}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise InterfaceError(f"unknown AdapterModelInterface fields {unknown}; known: {sorted(known)}")
+            raise InterfaceError(
+                f"unknown AdapterModelInterface fields {unknown}; known: {sorted(known)}"
+            )
         return cls(**data)
 
     def save(self, directory: str | os.PathLike) -> str:

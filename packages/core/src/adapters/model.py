@@ -150,15 +150,24 @@ def effective_setup(model: nn.Module) -> AdapterCompositionBlock | None:
     return _state(model).active_setup
 
 
-_NOT_BATCHED = {"cache_position", "past_key_values", "use_cache", "return_dict",
-                "output_attentions", "output_hidden_states", "logits_to_keep"}
+_NOT_BATCHED = {
+    "cache_position",
+    "past_key_values",
+    "cache",
+    "use_cache",
+    "return_dict",
+    "output_attentions",
+    "output_hidden_states",
+    "logits_to_keep",
+}
 
 
 def _replicate_inputs(args: tuple, kwargs: dict, n: int) -> tuple[tuple, dict, int]:
     batch = _batch_size(args, kwargs)
     if batch is None:
         raise CompositionError("Parallel needs tensor inputs with a batch dimension")
-    if kwargs.get("past_key_values") is not None and _cache_len(kwargs["past_key_values"]) > 0:
+    cache = _cache_of(kwargs)
+    if cache is not None and _cache_len(cache) > 0:
         raise CompositionError(
             "Parallel with a filled KV cache is not supported; run generate() per adapter with "
             "AdapterSetup(name), or pass use_cache=False"
@@ -172,6 +181,14 @@ def _replicate_inputs(args: tuple, kwargs: dict, n: int) -> tuple[tuple, dict, i
     new_args = tuple(rep(a) for a in args)
     new_kwargs = {k: (v if k in _NOT_BATCHED else rep(v)) for k, v in kwargs.items()}
     return new_args, new_kwargs, batch
+
+
+def _cache_of(kwargs: dict) -> Any:
+    # transformers 4.x calls it past_key_values; 5.x generate passes it as cache
+    for key in ("past_key_values", "cache"):
+        if kwargs.get(key) is not None:
+            return kwargs[key]
+    return None
 
 
 def _cache_len(cache: Any) -> int:
@@ -202,7 +219,10 @@ def _batch_size(args: tuple, kwargs: dict) -> int | None:
 
 
 def _build_context(
-    model: nn.Module, setup: AdapterCompositionBlock | None, args: tuple, kwargs: dict,
+    model: nn.Module,
+    setup: AdapterCompositionBlock | None,
+    args: tuple,
+    kwargs: dict,
     branches: int,
 ) -> ctx_mod.ForwardContext:
     main = _main_input(args, kwargs)
@@ -214,16 +234,27 @@ def _build_context(
     past = 0
     if mask is not None and length is not None:
         past = max(int(mask.shape[1]) - length, 0)
-    elif kwargs.get("past_key_values") is not None:
-        past = _cache_len(kwargs["past_key_values"])
+    else:
+        cache = _cache_of(kwargs)
+        if cache is not None:
+            past = _cache_len(cache)
+        elif isinstance(kwargs.get("cache_position"), torch.Tensor):
+            past = int(kwargs["cache_position"][0])
     starts = lengths = None
     if batch is not None and length is not None:
         device = main.device
         starts, lengths = ctx_mod.positions_from_mask(mask, batch, past + length, device)
     prompt = ctx_mod.generation_prompt_length()
     return ctx_mod.ForwardContext(
-        model=model, setup=setup, attention_mask=mask, batch_size=batch, input_length=length,
-        past_length=past, starts=starts, lengths=lengths, prompt_length=prompt,
+        model=model,
+        setup=setup,
+        attention_mask=mask,
+        batch_size=batch,
+        input_length=length,
+        past_length=past,
+        starts=starts,
+        lengths=lengths,
+        prompt_length=prompt,
         parallel_branches=branches,
     )
 
@@ -243,11 +274,15 @@ def _adapter_class(cls: type) -> type:
         bases: tuple[type, ...] = (ModelAdaptersMixin,)
         if callable(getattr(cls, "generate", None)):
             bases = (_GenerateMixin, *bases)
-        sub = type(cls.__name__, (*bases, cls), {
-            "__module__": cls.__module__,
-            "__qualname__": cls.__qualname__,
-            "__doc__": cls.__doc__,
-        })
+        sub = type(
+            cls.__name__,
+            (*bases, cls),
+            {
+                "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__,
+                "__doc__": cls.__doc__,
+            },
+        )
         _SUBCLASSES[cls] = sub
     return sub
 
@@ -273,8 +308,11 @@ def init(
     if is_initialized(model):
         state = _state(model)
         if interface is not None:
-            given = interface if isinstance(interface, AdapterModelInterface) else \
-                AdapterModelInterface.from_dict(dict(interface))
+            given = (
+                interface
+                if isinstance(interface, AdapterModelInterface)
+                else AdapterModelInterface.from_dict(dict(interface))
+            )
             if given.to_dict() != state.interface.to_dict():
                 raise InterfaceError(
                     "model is already initialised with a different interface; start from a "
@@ -291,14 +329,17 @@ def init(
     if isinstance(interface, Mapping):
         interface = AdapterModelInterface.from_dict(dict(interface))
     if not isinstance(interface, AdapterModelInterface):
-        raise InterfaceError(f"interface must be an AdapterModelInterface, got {type(interface).__name__}")
+        raise InterfaceError(
+            f"interface must be an AdapterModelInterface, got {type(interface).__name__}"
+        )
     sites = resolve_sites(model, interface)  # validates; touches nothing
 
     registry = get_registry()
     missing = [m for m in interface.adapter_methods if m not in registry.methods]
     original_class = type(model)
-    state = AdaptersState(interface=interface, sites=sites, original_class=original_class,
-                          missing_methods=missing)
+    state = AdaptersState(
+        interface=interface, sites=sites, original_class=original_class, missing_methods=missing
+    )
     hooks = _ForwardHooks()
     try:
         model.__class__ = _adapter_class(original_class)
@@ -309,8 +350,9 @@ def init(
         state.hook_handles.append(
             model.register_forward_hook(hooks.post_forward, with_kwargs=True, always_call=True)
         )
-        enabled = [spec.plugin for m, spec in registry.methods.items()
-                   if m in interface.adapter_methods]
+        enabled = [
+            spec.plugin for m, spec in registry.methods.items() if m in interface.adapter_methods
+        ]
         for plugin_name in dict.fromkeys(enabled):
             plugin = registry.pm.get_plugin(plugin_name)
             impl = getattr(plugin, "adapters_init_model", None)
@@ -351,10 +393,13 @@ class _Snapshot:
         self.children = {id(m): dict(m._modules) for m in model.modules()}
         self.modules = list(model.modules())
         self.hooks = {
-            id(m): (dict(m._forward_hooks), dict(m._forward_pre_hooks),
-                    dict(getattr(m, "_forward_hooks_with_kwargs", {})),
-                    dict(getattr(m, "_forward_pre_hooks_with_kwargs", {})),
-                    dict(getattr(m, "_forward_hooks_always_called", {})))
+            id(m): (
+                dict(m._forward_hooks),
+                dict(m._forward_pre_hooks),
+                dict(getattr(m, "_forward_hooks_with_kwargs", {})),
+                dict(getattr(m, "_forward_pre_hooks_with_kwargs", {})),
+                dict(getattr(m, "_forward_hooks_always_called", {})),
+            )
             for m in self.modules
         }
         self.params = {id(m): dict(m._parameters) for m in self.modules}
@@ -366,10 +411,13 @@ class _Snapshot:
             m._parameters.clear()
             m._parameters.update(self.params[id(m)])
             fwd, pre, fwd_kw, pre_kw, always = self.hooks[id(m)]
-            for attr, saved in (("_forward_hooks", fwd), ("_forward_pre_hooks", pre),
-                                ("_forward_hooks_with_kwargs", fwd_kw),
-                                ("_forward_pre_hooks_with_kwargs", pre_kw),
-                                ("_forward_hooks_always_called", always)):
+            for attr, saved in (
+                ("_forward_hooks", fwd),
+                ("_forward_pre_hooks", pre),
+                ("_forward_hooks_with_kwargs", fwd_kw),
+                ("_forward_pre_hooks_with_kwargs", pre_kw),
+                ("_forward_hooks_always_called", always),
+            ):
                 current = getattr(m, attr, None)
                 if current is not None:
                     current.clear()
@@ -430,7 +478,9 @@ class ModelAdaptersMixin:
         """
         state = _state(self)
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ConfigError(f"adapter name {adapter_name!r} must be a non-empty string without '.'")
+            raise ConfigError(
+                f"adapter name {adapter_name!r} must be a non-empty string without '.'"
+            )
         if adapter_name in state.adapters and not overwrite_ok:
             raise ConfigError(
                 f"an adapter named {adapter_name!r} already exists; pass overwrite_ok=True to "
@@ -459,8 +509,12 @@ class ModelAdaptersMixin:
                 for key, module in modules.items():
                     entry.modules[prefix + key] = module
             self._check_registered(entry)
-            for module in entry.modules.values():
-                module.train(self.training)  # new modules follow the model's mode
+            # Every module the plugin created (units and their hosts) follows the model's
+            # train/eval mode, so e.g. dropout stays off in a model loaded for inference.
+            known = {id(m) for m in snapshot.modules}
+            for module in self.modules():  # type: ignore[attr-defined]
+                if id(module) not in known:
+                    module.training = self.training  # type: ignore[attr-defined]
             state.adapters[adapter_name] = entry
         except BaseException:
             snapshot.restore()
@@ -538,7 +592,9 @@ class ModelAdaptersMixin:
         for name, blocks in blocks_used_by(setup).items():
             if name not in state.adapters:
                 known = ", ".join(state.adapters) or "(none)"
-                raise CompositionError(f"setup uses adapter {name!r}, which is not added; added: {known}")
+                raise CompositionError(
+                    f"setup uses adapter {name!r}, which is not added; added: {known}"
+                )
             for part in config_parts(state.adapters[name].config):
                 spec: MethodSpec = registry.method_of(part)
                 supported = set(spec.compositions)
@@ -588,7 +644,9 @@ class ModelAdaptersMixin:
         if train_embeddings:
             embeddings = _state(self).sites.embeddings
             if embeddings is None:
-                raise InterfaceError("train_embeddings=True needs model_embeddings in the interface")
+                raise InterfaceError(
+                    "train_embeddings=True needs model_embeddings in the interface"
+                )
             for p in embeddings.module.parameters():
                 p.requires_grad_(True)
         self._set_setup(setup)
@@ -611,8 +669,9 @@ class ModelAdaptersMixin:
                     "base weights"
                 )
         for part in config_parts(entry.config):
-            done = registry.hook.adapters_merge_adapter(model=self, sites=state.sites, name=name,
-                                                        config=part)
+            done = registry.hook.adapters_merge_adapter(
+                model=self, sites=state.sites, name=name, config=part
+            )
             if not done:
                 raise ConfigError(f"no plugin merged adapter {name!r} ({part.method})")
         entry.merged = True
@@ -628,8 +687,9 @@ class ModelAdaptersMixin:
             if not entry.merged:
                 raise ConfigError(f"adapter {n!r} is not merged; nothing to reset")
             for part in reversed(config_parts(entry.config)):
-                registry.hook.adapters_reset_adapter(model=self, sites=state.sites, name=n,
-                                                     config=part)
+                registry.hook.adapters_reset_adapter(
+                    model=self, sites=state.sites, name=n, config=part
+                )
             entry.merged = False
 
     def merge_and_unload(self, name: str | None = None) -> None:
@@ -677,26 +737,36 @@ class ModelAdaptersMixin:
         for name, entry in state.adapters.items():
             params = list(entry.parameters())
             count = sum(p.numel() for p in params)
-            rows.append({
-                "name": name,
-                "architecture": "union" if isinstance(entry.config, ConfigUnion)
-                else entry.config.method,
-                "#param": count,
-                "%param": 100.0 * count / total_base if total_base else 0.0,
-                "active": name in active,
-                "train": any(p.requires_grad for p in params),
-            })
-        rows.append({
-            "name": "Full model", "architecture": "", "#param": total_base, "%param": 100.0,
-            "active": True, "train": any(p.requires_grad for p in base_params),
-        })
+            rows.append(
+                {
+                    "name": name,
+                    "architecture": "union"
+                    if isinstance(entry.config, ConfigUnion)
+                    else entry.config.method,
+                    "#param": count,
+                    "%param": 100.0 * count / total_base if total_base else 0.0,
+                    "active": name in active,
+                    "train": any(p.requires_grad for p in params),
+                }
+            )
+        rows.append(
+            {
+                "name": "Full model",
+                "architecture": "",
+                "#param": total_base,
+                "%param": 100.0,
+                "active": True,
+                "train": any(p.requires_grad for p in base_params),
+            }
+        )
         if as_dict:
             return rows
         return _format_summary(rows)
 
     # -- saving / loading (see adapters.saving) ---------------------------------------------
-    def save_adapter(self, save_directory: str, adapter_name: str, format: str | None = None,
-                     **kwargs: Any) -> None:
+    def save_adapter(
+        self, save_directory: str, adapter_name: str, format: str | None = None, **kwargs: Any
+    ) -> None:
         """Save adapter ``adapter_name`` into ``save_directory`` (created or replaced
         atomically): ``adapter_config.json`` + ``adapter_model.safetensors``. ``format="peft"``
         (or another registered foreign format) writes that format instead."""
@@ -704,16 +774,27 @@ class ModelAdaptersMixin:
 
         save_adapter(self, save_directory, adapter_name, format=format, **kwargs)
 
-    def load_adapter(self, adapter_name_or_path: str, config: Any = None,
-                     load_as: str | None = None, set_active: bool = False,
-                     **kwargs: Any) -> str:
+    def load_adapter(
+        self,
+        adapter_name_or_path: str,
+        config: Any = None,
+        load_as: str | None = None,
+        set_active: bool = False,
+        **kwargs: Any,
+    ) -> str:
         """Load an adapter directory (this library's format, or a foreign one a plugin reads,
         such as PEFT or AdapterHub); returns the adapter's name. ``config`` overrides the saved
         config (for ambiguous foreign checkpoints); ``load_as`` renames it."""
         from .saving import load_adapter
 
-        return load_adapter(self, adapter_name_or_path, config=config, load_as=load_as,
-                            set_active=set_active, **kwargs)
+        return load_adapter(
+            self,
+            adapter_name_or_path,
+            config=config,
+            load_as=load_as,
+            set_active=set_active,
+            **kwargs,
+        )
 
     def save_all_adapters(self, save_directory: str, **kwargs: Any) -> None:
         """Save every adapter into ``save_directory/<name>``."""
@@ -752,8 +833,17 @@ class ModelAdaptersMixin:
         have the same config); methods may offer others (LoRA: ``"lora_delta_w_svd"``)."""
         from .averaging import average_adapter
 
-        average_adapter(self, adapter_name, adapter_list, weights, combine_strategy,
-                        normalize_weights, overwrite_ok, set_active, options)
+        average_adapter(
+            self,
+            adapter_name,
+            adapter_list,
+            weights,
+            combine_strategy,
+            normalize_weights,
+            overwrite_ok,
+            set_active,
+            options,
+        )
 
 
 class _GenerateMixin:
@@ -762,25 +852,36 @@ class _GenerateMixin:
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """``generate`` of the model's class, with the prompt length made known to methods that
         treat prompt and generated tokens differently (ReFT)."""
-        inputs = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor)
-                            else kwargs.get("inputs_embeds"))
-        prompt = int(inputs.shape[1]) if isinstance(inputs, torch.Tensor) and inputs.ndim >= 2 \
-            else None
+        inputs = kwargs.get(
+            "input_ids",
+            args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("inputs_embeds"),
+        )
+        prompt = (
+            int(inputs.shape[1]) if isinstance(inputs, torch.Tensor) and inputs.ndim >= 2 else None
+        )
         with ctx_mod.generation_scope(prompt):
             return super().generate(*args, **kwargs)  # type: ignore[misc]
 
 
 def _format_summary(rows: list[dict[str, Any]]) -> str:
     header = ["Name", "Architecture", "#Param", "%Param", "Active", "Train"]
-    table = [[
-        r["name"], r["architecture"], f"{r['#param']:,}", f"{r['%param']:.3f}",
-        "yes" if r["active"] else "no", "yes" if r["train"] else "no",
-    ] for r in rows]
+    table = [
+        [
+            r["name"],
+            r["architecture"],
+            f"{r['#param']:,}",
+            f"{r['%param']:.3f}",
+            "yes" if r["active"] else "no",
+            "yes" if r["train"] else "no",
+        ]
+        for r in rows
+    ]
     widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
 
     def line(cells: list[str]) -> str:
-        return " | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
-                          enumerate(zip(cells, widths)))
+        return " | ".join(
+            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        )
 
     rule = "-" * len(line(header))
     body = [line(row) for row in table[:-1]]

@@ -97,8 +97,11 @@ class Registry:
 
     # -- loading ---------------------------------------------------------------------------
     def load_entry_points(self) -> None:
-        disabled = {n.strip() for n in os.environ.get("ADAPTERS_DISABLE_PLUGINS", "").split(",")
-                    if n.strip()}
+        disabled = {
+            n.strip()
+            for n in os.environ.get("ADAPTERS_DISABLE_PLUGINS", "").split(",")
+            if n.strip()
+        }
         for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
             dist = getattr(ep, "dist", None)
             dist_name = dist.metadata["Name"] if dist is not None else None
@@ -112,10 +115,14 @@ class Registry:
                 plugin = ep.load()
                 self._register(plugin, ep.name, dist_name, dist_version)
             except Exception as error:  # a broken plugin must not break the others
-                self.load_errors.append(LoadError(
-                    ep.name, dist_name, f"{type(error).__name__}: {error}",
-                    traceback.format_exc(),
-                ))
+                self.load_errors.append(
+                    LoadError(
+                        ep.name,
+                        dist_name,
+                        f"{type(error).__name__}: {error}",
+                        traceback.format_exc(),
+                    )
+                )
 
     def _register(self, plugin: object, name: str, dist: str | None, version: str | None) -> None:
         self.pm.register(plugin, name=name)
@@ -124,8 +131,9 @@ class Registry:
             methods: list[MethodSpec] = []
             formats: list[CheckpointFormat] = []
             _call_one(self.pm, plugin, "adapters_register_methods", register=methods.append)
-            _call_one(self.pm, plugin, "adapters_register_checkpoint_formats",
-                      register=formats.append)
+            _call_one(
+                self.pm, plugin, "adapters_register_checkpoint_formats", register=formats.append
+            )
             for spec in methods:
                 self._add_method(spec, name, dist, version)
             for fmt in formats:
@@ -142,7 +150,9 @@ class Registry:
                 f"and {plugin!r}; disable one with ADAPTERS_DISABLE_PLUGINS"
             )
         if not spec.config_classes:
-            raise ConfigError(f"method {spec.name!r} of plugin {plugin!r} registers no config class")
+            raise ConfigError(
+                f"method {spec.name!r} of plugin {plugin!r} registers no config class"
+            )
         for cls in spec.config_classes:
             if cls.method != spec.name:
                 raise ConfigError(
@@ -220,13 +230,17 @@ def _call_one(pm: pluggy.PluginManager, plugin: object, hook_name: str, **kwargs
     caller(**kwargs)
 
 
-def distribution_for(method: str | None = None, preset: str | None = None,
-                     class_name: str | None = None) -> str | None:
+def distribution_for(
+    method: str | None = None, preset: str | None = None, class_name: str | None = None
+) -> str | None:
     """The distribution that provides a first-party method, preset or config class; for an
     unknown method the conventional ``adapters-<method>``."""
     for dist, known in FIRST_PARTY.items():
-        if (method and method in known["methods"]) or (preset and preset in known["presets"]) \
-                or (class_name and class_name in known["classes"]):
+        if (
+            (method and method in known["methods"])
+            or (preset and preset in known["presets"])
+            or (class_name and class_name in known["classes"])
+        ):
             return dist
     if method:
         return f"adapters-{method.replace('_', '-')}"

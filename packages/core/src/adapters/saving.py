@@ -94,8 +94,13 @@ def _dist_version(name: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def save_adapter(model: nn.Module, save_directory: str, adapter_name: str,
-                 format: str | None = None, **kwargs: Any) -> None:
+def save_adapter(
+    model: nn.Module,
+    save_directory: str,
+    adapter_name: str,
+    format: str | None = None,
+    **kwargs: Any,
+) -> None:
     """See `ModelAdaptersMixin.save_adapter`."""
     if kwargs:
         raise TypeError(f"save_adapter got unexpected options {sorted(kwargs)}")
@@ -105,12 +110,18 @@ def save_adapter(model: nn.Module, save_directory: str, adapter_name: str,
         registry = get_registry()
         fmt = registry.formats.get(format)
         if fmt is None or fmt.write is None:
-            writable = sorted(n for n, f in registry.formats.items() if f.write) + [FORMAT]
+            writable = [*sorted(n for n, f in registry.formats.items() if f.write), FORMAT]
             raise CheckpointError(f"cannot write format {format!r}; writable formats: {writable}")
 
         def write_foreign(tmp: str) -> None:
-            fmt.write(path=tmp, model=model, sites=model.adapter_sites,  # type: ignore[attr-defined]
-                      name=adapter_name, config=entry.config, state_dict=state_dict)
+            fmt.write(
+                path=tmp,
+                model=model,
+                sites=model.adapter_sites,  # type: ignore[attr-defined]
+                name=adapter_name,
+                config=entry.config,
+                state_dict=state_dict,
+            )
 
         write_directory_atomically(save_directory, write_foreign)
         return
@@ -144,8 +155,9 @@ def save_all_adapters(model: nn.Module, save_directory: str, **kwargs: Any) -> N
 # ---------------------------------------------------------------------------------------------
 
 
-def read_checkpoint(model: nn.Module, path: str, config: Any = None
-                    ) -> tuple[str | None, AdapterConfig, dict[str, torch.Tensor]]:
+def read_checkpoint(
+    model: nn.Module, path: str, config: Any = None
+) -> tuple[str | None, AdapterConfig, dict[str, torch.Tensor]]:
     """Read a checkpoint directory in any known format: (saved name or None, config, tensors)."""
     if not os.path.isdir(path):
         raise CheckpointError(
@@ -163,11 +175,14 @@ def read_checkpoint(model: nn.Module, path: str, config: Any = None
     registry = get_registry()
     for fmt in registry.formats.values():
         if fmt.detect(path):
-            cfg, tensors = fmt.read(path=path, model=model,
-                                    sites=model.adapter_sites,  # type: ignore[attr-defined]
-                                    config=override)
+            cfg, tensors = fmt.read(
+                path=path,
+                model=model,
+                sites=model.adapter_sites,  # type: ignore[attr-defined]
+                config=override,
+            )
             return None, cfg, tensors
-    known = sorted(registry.formats) + [FORMAT]
+    known = [*sorted(registry.formats), FORMAT]
     raise CheckpointError(
         f"{path!r} is not an adapter checkpoint in a known format ({', '.join(known)}); "
         f"expected {CONFIG_NAME} + {WEIGHTS_NAME}, or install the plugin that reads it"
@@ -194,8 +209,15 @@ def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path!r} is not a readable safetensors file: {error}") from None
 
 
-def load_adapter(model: nn.Module, path: str, config: Any = None, load_as: str | None = None,
-                 set_active: bool = False, overwrite_ok: bool = False, **kwargs: Any) -> str:
+def load_adapter(
+    model: nn.Module,
+    path: str,
+    config: Any = None,
+    load_as: str | None = None,
+    set_active: bool = False,
+    overwrite_ok: bool = False,
+    **kwargs: Any,
+) -> str:
     """See `ModelAdaptersMixin.load_adapter`. Atomic: on any error the model is unchanged."""
     if kwargs:
         raise TypeError(f"load_adapter got unexpected options {sorted(kwargs)}")
@@ -226,8 +248,9 @@ def load_adapter(model: nn.Module, path: str, config: Any = None, load_as: str |
     return name
 
 
-def load_tensors(model: nn.Module, name: str, tensors: Mapping[str, torch.Tensor],
-                 source: str = "checkpoint") -> None:
+def load_tensors(
+    model: nn.Module, name: str, tensors: Mapping[str, torch.Tensor], source: str = "checkpoint"
+) -> None:
     """Copy ``tensors`` (name-independent keys) into adapter ``name``; every key must match
     in name and shape, else `CheckpointError` and nothing is copied."""
     entry = model._entry(name)  # type: ignore[operator]
@@ -240,8 +263,11 @@ def load_tensors(model: nn.Module, name: str, tensors: Mapping[str, torch.Tensor
             f"missing {len(missing)} tensors {missing[:3]}, unexpected {len(unexpected)} "
             f"{unexpected[:3]}. Was it saved for another model or interface?"
         )
-    bad = [(k, tuple(tensors[k].shape), tuple(v.shape)) for k, v in expected.items()
-           if tuple(tensors[k].shape) != tuple(v.shape)]
+    bad = [
+        (k, tuple(tensors[k].shape), tuple(v.shape))
+        for k, v in expected.items()
+        if tuple(tensors[k].shape) != tuple(v.shape)
+    ]
     if bad:
         key, got, want = bad[0]
         raise CheckpointError(
@@ -311,8 +337,14 @@ def save_pretrained(model: nn.Module, save_directory: str, *args: Any, **kwargs:
     for name in model.adapters_config:  # type: ignore[attr-defined]
         save_adapter(model, os.path.join(adapters_dir, name), name)
     with open(os.path.join(save_directory, SETUP_NAME), "w", encoding="utf-8") as f:
-        json.dump({"active": setup_to_dict(model.active_adapters),  # type: ignore[attr-defined]
-                   "adapters": list(model.adapters_config)}, f, indent=2)  # type: ignore
+        json.dump(
+            {
+                "active": setup_to_dict(model.active_adapters),  # type: ignore[attr-defined]
+                "adapters": list(model.adapters_config),
+            },
+            f,
+            indent=2,
+        )  # type: ignore
 
 
 def load_model(path: str, model_class: Any, **kwargs: Any) -> nn.Module:

@@ -230,8 +230,13 @@ _LAYER_FIELDS = {
     "ln_1": "layer_ln_1",
     "ln_2": "layer_ln_2",
 }
-_ATTN_FIELDS = {"q": "attn_q_proj", "k": "attn_k_proj", "v": "attn_v_proj",
-                "qkv": "attn_qkv_proj", "o": "attn_o_proj"}
+_ATTN_FIELDS = {
+    "q": "attn_q_proj",
+    "k": "attn_k_proj",
+    "v": "attn_v_proj",
+    "qkv": "attn_qkv_proj",
+    "o": "attn_o_proj",
+}
 
 
 def resolve_sites(model: nn.Module, interface: AdapterModelInterface) -> ModelSites:
@@ -248,10 +253,13 @@ def resolve_sites(model: nn.Module, interface: AdapterModelInterface) -> ModelSi
     lookup = _Lookup(model)
     base = _resolve_base(model, interface, lookup)
     base_path = lookup.path_of(base)
-    sites = ModelSites(model=model, base_model=ModuleSite("base_model", base_path, base),
-                       interface=interface)
+    sites = ModelSites(
+        model=model, base_model=ModuleSite("base_model", base_path, base), interface=interface
+    )
     if interface.model_embeddings is not None:
-        sites.embeddings = lookup.find(base, base_path, "model_embeddings", interface.model_embeddings)
+        sites.embeddings = lookup.find(
+            base, base_path, "model_embeddings", interface.model_embeddings
+        )
 
     multi = len(interface.layer_stacks) > 1
     stacks_lacking: dict[str, int] = {}
@@ -298,8 +306,12 @@ def _resolve_layer(
     """Resolve one layer; optional parts that are missing are reported, not raised, so that the
     caller can decide whether a stack may lack them."""
     layer_path = lookup.path_of(layer)
-    site = LayerSite(index=index, stack=stack, index_in_stack=index_in_stack,
-                     layer=ModuleSite("model_layers", layer_path, layer))
+    site = LayerSite(
+        index=index,
+        stack=stack,
+        index_in_stack=index_in_stack,
+        layer=ModuleSite("model_layers", layer_path, layer),
+    )
     missing: dict[str, InterfacePathError] = {}
 
     def find(field_name: str, start: nn.Module, start_path: str) -> ModuleSite | None:

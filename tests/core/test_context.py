@@ -1,0 +1,81 @@
+import pytest
+import torch
+from torch import nn
+
+from adapters import AdapterSetup
+from adapters.context import ForwardContext, context_for, current_context, positions_from_mask
+
+from .conftest import init_toy, randomize
+
+
+class Spy(nn.Module):
+    """Records the forward context seen inside a layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[ForwardContext] = []
+
+    def hook(self, module, args, output):
+        ctx = current_context()
+        self.seen.append(ctx)
+
+
+def spy_on(model):
+    spy = Spy()
+    model.model.layers[0].register_forward_hook(spy.hook)
+    return spy
+
+
+def test_starts_and_lengths_handle_left_and_right_padding():
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]])
+    starts, lengths = positions_from_mask(mask, 3, 4, torch.device("cpu"))
+    assert starts.tolist() == [2, 0, 0]
+    assert lengths.tolist() == [2, 3, 4]
+
+
+def test_layers_see_the_mask_given_to_the_model(toy_plugins):
+    model = init_toy()
+    spy = spy_on(model)
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    model(torch.ones(2, 3, dtype=torch.long), attention_mask=mask)
+    [ctx] = spy.seen
+    assert ctx.model is model
+    assert torch.equal(ctx.attention_mask, mask)
+    assert ctx.starts.tolist() == [1, 0] and ctx.lengths.tolist() == [2, 3]
+    assert ctx.past_length == 0 and ctx.input_length == 3
+    assert current_context() is None  # closed after the call
+
+
+def test_context_is_closed_even_when_the_forward_raises(toy_plugins):
+    model = init_toy()
+    with pytest.raises(IndexError):
+        model(torch.full((1, 3), 10_000))  # index out of range in the embedding
+    assert current_context() is None
+
+
+def test_cached_generation_reports_past_length_and_prompt_length(toy_plugins):
+    model = init_toy()
+    spy = spy_on(model)
+    prompt = torch.randint(0, 100, (1, 4))
+    model.generate(prompt, max_new_tokens=3, do_sample=False, use_cache=True)
+    assert [c.past_length for c in spy.seen] == [0, 4, 5]
+    assert [c.input_length for c in spy.seen] == [4, 1, 1]
+    assert {c.prompt_length for c in spy.seen} == {4}
+
+
+def test_context_for_outside_the_models_forward_uses_the_active_setup(toy_plugins):
+    model = init_toy()
+    model.add_adapter("a", config="toy_lora", set_active=True)
+    ctx = context_for(model)
+    assert ctx.setup == model.active_adapters and ctx.starts is None
+    with AdapterSetup(None):
+        assert context_for(model).setup is None
+
+
+def test_submodule_called_directly_still_applies_active_adapters(toy_plugins):
+    model = init_toy()
+    ids = torch.randint(0, 100, (1, 5))
+    base = model.model(ids).last_hidden_state
+    model.add_adapter("a", config="toy_lora", set_active=True)
+    randomize(model, "a")
+    assert not torch.allclose(model.model(ids).last_hidden_state, base)

@@ -1,0 +1,230 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import adapters
+from adapters import CheckpointError, CheckpointFormat, Stack, hookimpl
+
+from .conftest import init_toy, llama, randomize
+from .toy_plugins import ToyLoRAConfig
+
+
+@pytest.fixture
+def model(toy_plugins):
+    model = init_toy()
+    model.add_adapter("a", config="toy_lora[r=3]", set_active=True)
+    randomize(model, "a")
+    return model
+
+
+def test_saved_directory_has_config_and_safetensors(model, tmp_path):
+    model.save_adapter(str(tmp_path / "a"), "a")
+    assert sorted(os.listdir(tmp_path / "a")) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    meta = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert meta["method"] == "toy_lora" and meta["config"]["r"] == 3
+    assert meta["interface"]["model_layers"] == "layers"
+    assert meta["versions"]["adapters-core"] and meta["versions"]["torch"]
+
+
+def test_weight_keys_do_not_depend_on_the_adapter_name(model, tmp_path):
+    model.save_adapter(str(tmp_path / "a"), "a")
+    model.load_adapter(str(tmp_path / "a"), load_as="other")
+    model.save_adapter(str(tmp_path / "other"), "other")
+    first = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    second = load_file(str(tmp_path / "other" / "adapter_model.safetensors"))
+    assert sorted(first) == sorted(second)
+    assert all("other" not in k and ".a." not in k for k in second)
+    assert "model.layers.0.self_attn.q_proj.A" in first
+
+
+def test_round_trip_gives_identical_outputs_in_a_fresh_model(model, tmp_path, ids):
+    expected = model(ids).logits
+    model.save_adapter(str(tmp_path / "a"), "a")
+    fresh = init_toy(llama())
+    name = fresh.load_adapter(str(tmp_path / "a"), set_active=True)
+    assert name == "a" and fresh.active_adapters == Stack("a")
+    assert torch.equal(fresh(ids).logits, expected)
+
+
+def test_saving_into_an_existing_directory_keeps_other_files(model, tmp_path):
+    target = tmp_path / "a"
+    target.mkdir()
+    (target / "README.md").write_text("my notes")
+    model.save_adapter(str(target), "a")
+    assert (target / "README.md").read_text() == "my notes"
+    assert (target / "adapter_model.safetensors").exists()
+
+
+def test_a_failed_save_leaves_no_partial_directory(model, tmp_path, monkeypatch):
+    import adapters.saving as saving
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(saving, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_adapter(str(tmp_path / "a"), "a")
+    assert os.listdir(tmp_path) == []
+
+
+def test_corrupt_weights_raise_and_leave_the_model_unchanged(model, tmp_path):
+    model.save_adapter(str(tmp_path / "a"), "a")
+    (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    keys = list(model.state_dict())
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        model.load_adapter(str(tmp_path / "a"), load_as="b")
+    assert list(model.state_dict()) == keys and "b" not in model.adapters_config
+
+
+def test_mismatched_shapes_raise_and_leave_the_model_unchanged(model, tmp_path):
+    model.save_adapter(str(tmp_path / "a"), "a")
+    meta_path = tmp_path / "a" / "adapter_config.json"
+    meta = json.loads(meta_path.read_text())
+    meta["config"]["r"] = 5
+    meta_path.write_text(json.dumps(meta))
+    keys = list(model.state_dict())
+    with pytest.raises(CheckpointError, match="has shape .*expects"):
+        model.load_adapter(str(tmp_path / "a"), load_as="b")
+    assert list(model.state_dict()) == keys and "b" not in model.adapters_config
+
+
+def test_missing_tensors_raise(model, tmp_path):
+    model.save_adapter(str(tmp_path / "a"), "a")
+    path = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    tensors.pop(sorted(tensors)[0])
+    save_file(tensors, str(path))
+    with pytest.raises(CheckpointError, match="missing 1 tensors"):
+        model.load_adapter(str(tmp_path / "a"), load_as="b")
+
+
+def test_existing_name_is_not_overwritten_by_load(model, tmp_path):
+    model.save_adapter(str(tmp_path / "a"), "a")
+    with pytest.raises(CheckpointError, match="load_as="):
+        model.load_adapter(str(tmp_path / "a"))
+
+
+def test_unknown_directory_format_is_explained(model, tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "pytorch_adapter.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(CheckpointError, match="not an adapter checkpoint in a known format"):
+        model.load_adapter(str(tmp_path / "x"))
+    with pytest.raises(CheckpointError, match="not a directory"):
+        model.load_adapter(str(tmp_path / "nothing"))
+
+
+def test_save_all_and_load_all_round_trip(model, tmp_path, ids):
+    model.add_adapter("s", config="toy_shift[prefix=2]")
+    randomize(model, "s")
+    model.save_all_adapters(str(tmp_path))
+    fresh = init_toy(llama())
+    assert sorted(fresh.load_all_adapters(str(tmp_path))) == ["a", "s"]
+    for name in ("a", "s"):
+        for key, tensor in model.adapter_state_dict(name).items():
+            assert torch.equal(fresh.adapter_state_dict(name)[key], tensor)
+
+
+def test_save_pretrained_and_load_model_restore_interface_adapters_and_setup(model, tmp_path, ids):
+    from transformers import LlamaForCausalLM
+
+    model.add_adapter("s", config="toy_shift")
+    randomize(model, "s")
+    model.set_active_adapters(Stack("a", "s"))
+    expected = model(ids).logits
+    model.save_pretrained(str(tmp_path))
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    assert not any("toy_" in k for k in weights)  # base checkpoint holds only base keys
+    loaded = adapters.load_model(str(tmp_path), LlamaForCausalLM)
+    assert loaded.active_adapters == Stack("a", "s")
+    assert loaded.adapter_interface == model.adapter_interface
+    torch.testing.assert_close(loaded(ids).logits, expected)
+
+
+def test_save_pretrained_refuses_merged_adapters(model, tmp_path):
+    model.merge_adapter("a")
+    with pytest.raises(CheckpointError, match="merged"):
+        model.save_pretrained(str(tmp_path))
+
+
+class ForeignFormat:
+    """A foreign format with a differently named weights file and config."""
+
+    @hookimpl
+    def adapters_register_checkpoint_formats(self, register):
+        register(CheckpointFormat("foreign", detect=self.detect, read=self.read, write=self.write))
+
+    def detect(self, path):
+        return os.path.isfile(os.path.join(path, "foreign.json"))
+
+    def read(self, path, model, sites, config):
+        with open(os.path.join(path, "foreign.json")) as f:
+            rank = json.load(f)["rank"]
+        tensors = load_file(os.path.join(path, "weights.safetensors"))
+        return config or ToyLoRAConfig(r=rank), {
+            k.replace("::", "."): v for k, v in tensors.items()
+        }
+
+    def write(self, path, model, sites, name, config, state_dict):
+        with open(os.path.join(path, "foreign.json"), "w") as f:
+            json.dump({"rank": config.r}, f)
+        save_file(
+            {k.replace(".", "::"): v for k, v in state_dict.items()},
+            os.path.join(path, "weights.safetensors"),
+        )
+
+
+def test_plugins_read_and_write_foreign_formats(model, tmp_path, ids):
+    from adapters.plugins import get_registry
+
+    registry = get_registry()
+    registry.register(ForeignFormat(), "foreign")
+    try:
+        expected = model(ids).logits
+        model.save_adapter(str(tmp_path / "f"), "a", format="foreign")
+        assert sorted(os.listdir(tmp_path / "f")) == ["foreign.json", "weights.safetensors"]
+        name = model.load_adapter(str(tmp_path / "f"), load_as="again", set_active=True)
+        assert name == "again"
+        assert torch.equal(model(ids).logits, expected)
+    finally:
+        registry.unregister("foreign")
+    with pytest.raises(CheckpointError, match="cannot write format 'foreign'"):
+        model.save_adapter(str(tmp_path / "g"), "a", format="foreign")
+
+
+def test_config_override_when_loading(model, tmp_path):
+    model.save_adapter(str(tmp_path / "a"), "a")
+    with pytest.raises(CheckpointError, match="does not match"):
+        model.load_adapter(str(tmp_path / "a"), config="toy_shift", load_as="b")
+    assert "b" not in model.adapters_config
+
+
+def test_core_never_unpickles():
+    import pathlib
+
+    source = pathlib.Path(adapters.__file__).parent
+    for path in source.glob("*.py"):
+        text = path.read_text()
+        assert "torch.load(" not in text and "import pickle" not in text, path
+
+
+def test_average_adapter_linear_is_the_weighted_sum_of_parameters(model):
+    model.add_adapter("b", config="toy_lora[r=3]")
+    randomize(model, "b", seed=7)
+    model.average_adapter("avg", ["a", "b"], weights=[1, 3])
+    for key, value in model.adapter_state_dict("avg").items():
+        expected = (
+            0.25 * model.adapter_state_dict("a")[key] + 0.75 * model.adapter_state_dict("b")[key]
+        )
+        torch.testing.assert_close(value, expected)
+
+
+def test_average_adapter_unsupported_strategy_adds_nothing(model):
+    with pytest.raises(adapters.ConfigError, match="not supported"):
+        model.average_adapter("avg", ["a"], combine_strategy="magic")
+    assert "avg" not in model.adapters_config
