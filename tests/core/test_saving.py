@@ -228,3 +228,25 @@ def test_average_adapter_unsupported_strategy_adds_nothing(model):
     with pytest.raises(adapters.ConfigError, match="not supported"):
         model.average_adapter("avg", ["a"], combine_strategy="magic")
     assert "avg" not in model.adapters_config
+
+
+def test_plugin_strategies_choose_the_new_adapters_config(model):
+    model.add_adapter("b", config="toy_lora[r=3]")
+    randomize(model, "b", seed=7)
+    model.average_adapter("t", ["a", "b"], weights=[1, 1], combine_strategy="truncate", rank=2)
+    assert model.adapters_config["t"].r == 2
+    key = "model.layers.0.self_attn.q_proj.A"
+    expected = 0.5 * (model.adapter_state_dict("a")[key] + model.adapter_state_dict("b")[key])
+    torch.testing.assert_close(model.adapter_state_dict("t")[key], expected[:2])
+
+
+def test_a_saved_config_reloads_as_its_own_class(toy_plugins, tmp_path):
+    from .toy_plugins import ToyWideLoRAConfig
+
+    model = init_toy()
+    model.add_adapter("w", config="toy_wide_lora")
+    model.save_adapter(str(tmp_path / "w"), "w")
+    fresh = init_toy(llama())
+    fresh.load_adapter(str(tmp_path / "w"))
+    assert type(fresh.adapters_config["w"]) is ToyWideLoRAConfig
+    assert fresh.adapters_config["w"] == ToyWideLoRAConfig()

@@ -35,6 +35,13 @@ class ToyLoRAConfig(AdapterConfig):
     targets: tuple = ("q", "v")
 
 
+@dataclass(frozen=True)
+class ToyWideLoRAConfig(ToyLoRAConfig):
+    """A second config class of the same method (like IA3Config next to LoRAConfig)."""
+
+    r: int = 6
+
+
 class ToyLoRAUnit(nn.Module):
     def __init__(self, d_in: int, d_out: int, r: int):
         super().__init__()
@@ -73,8 +80,8 @@ class ToyLoRAPlugin:
         register(
             MethodSpec(
                 "toy_lora",
-                (ToyLoRAConfig,),
-                {"toy_lora": ToyLoRAConfig()},
+                (ToyLoRAConfig, ToyWideLoRAConfig),
+                {"toy_lora": ToyLoRAConfig(), "toy_wide_lora": ToyWideLoRAConfig()},
                 compositions=(Stack, BatchSplit, Average),
                 can_merge=True,
             )
@@ -128,6 +135,21 @@ class ToyLoRAPlugin:
                 site.module.weight += unit.B @ unit.A
                 unit.merged = True
         return True
+
+    @hookimpl
+    def adapters_average_adapter(self, model, sites, sources, combine_strategy, options):
+        """'truncate': the weighted sum of A and B, cut to options['rank'] rows/columns."""
+        if combine_strategy != "truncate" or not isinstance(sources[0][1], ToyLoRAConfig):
+            return None
+        rank = options["rank"]
+        tensors = {}
+        for site in self._targets(sites, sources[0][1]):
+            units = site.module.toy_lora.units
+            a = sum(w * units[n].A for n, _, w in sources)
+            b = sum(w * units[n].B for n, _, w in sources)
+            tensors[f"{site.path}.A"] = a[:rank]
+            tensors[f"{site.path}.B"] = b[:, :rank]
+        return sources[0][1].replace(r=rank), tensors
 
     @hookimpl
     def adapters_reset_adapter(self, model, sites, name, config):

@@ -43,29 +43,30 @@ def average_adapter(
         )
     if options and combine_strategy == "linear":
         raise ConfigError(f"combine_strategy='linear' takes no options; got {sorted(options)}")
-    model.add_adapter(adapter_name, configs[0], overwrite_ok=overwrite_ok)  # type: ignore
-    try:
-        if combine_strategy == "linear":
-            states = [e.state_dict() for e in entries]
-            combined = {
-                key: sum(w * s[key].to(torch.float32) for w, s in zip(values, states))
-                for key in states[0]
-            }
-            load_tensors(model, adapter_name, combined, source="average")
-        else:
-            done = get_registry().hook.adapters_average_adapter(
-                model=model,
-                sites=model.adapter_sites,
-                name=adapter_name,  # type: ignore
-                sources=[(n, c, w) for n, c, w in zip(adapter_list, configs, values)],
-                combine_strategy=combine_strategy,
-                options=dict(options),
+    if combine_strategy == "linear":
+        states = [e.state_dict() for e in entries]
+        combined = {
+            key: sum(w * s[key].to(torch.float32) for w, s in zip(values, states))
+            for key in states[0]
+        }
+        config = configs[0]
+    else:
+        answer = get_registry().hook.adapters_average_adapter(
+            model=model,
+            sites=model.adapter_sites,  # type: ignore[attr-defined]
+            sources=list(zip(adapter_list, configs, values)),
+            combine_strategy=combine_strategy,
+            options=dict(options),
+        )
+        if answer is None:
+            raise ConfigError(
+                f"combine_strategy={combine_strategy!r} is not supported for "
+                f"{configs[0].method!r} adapters; use 'linear'"
             )
-            if not done:
-                raise ConfigError(
-                    f"combine_strategy={combine_strategy!r} is not supported for "
-                    f"{configs[0].method!r} adapters; use 'linear'"
-                )
+        config, combined = answer
+    model.add_adapter(adapter_name, config, overwrite_ok=overwrite_ok)  # type: ignore
+    try:
+        load_tensors(model, adapter_name, combined, source="average")
     except BaseException:
         model.delete_adapter(adapter_name)  # type: ignore[operator]
         raise

@@ -45,7 +45,7 @@ class AdapterConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict of every field plus ``"method"``."""
         data = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        return {"method": self.method, **data}
+        return {"method": self.method, "config_class": type(self).__name__, **data}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AdapterConfig:
@@ -53,13 +53,19 @@ class AdapterConfig:
         key picks the installed plugin's config class."""
         data = dict(data)
         method = data.pop("method", None) or data.pop("architecture", None)
+        class_name = data.pop("config_class", None)
         target: type[AdapterConfig] = cls
         if cls is AdapterConfig or (method and method != cls.method):
             if not method:
                 raise ConfigError(f"config dict has no 'method' key: {data!r}")
             from .plugins import get_registry
 
-            target = get_registry().config_class_for_method(method)
+            registry = get_registry()
+            target = registry.config_class_for_method(method)
+            # Keep the saved class (IA3Config, not its base LoRAConfig) when it is installed.
+            named = registry.config_class_named(class_name) if class_name else None
+            if named is not None and named.method == method:
+                target = named
         if target is ConfigUnion:
             return ConfigUnion(*[AdapterConfig.from_dict(c) for c in data.get("configs", [])])
         return target._from_fields(data)

@@ -129,15 +129,20 @@ def adapters_reset_adapter(
 def adapters_average_adapter(
     model: nn.Module,
     sites: ModelSites,
-    name: str,
     sources: list[tuple[str, AdapterConfig, float]],
     combine_strategy: str,
     options: dict[str, Any],
-) -> bool | None:
-    """Fill the already-added adapter ``name`` by combining ``sources`` (name, config, weight)
-    with ``combine_strategy`` other than ``"linear"`` (core does ``"linear"`` itself: the
-    weighted sum of every parameter). Return True when done; None if you do not implement the
-    strategy for this config (core then raises)."""
+) -> tuple[AdapterConfig, dict[str, Any]] | None:
+    """Combine existing adapters into a new one with ``combine_strategy`` other than
+    ``"linear"`` (core does ``"linear"`` itself: the weighted sum of every parameter).
+
+    ``sources`` are (name, config, weight) with weights already normalised if the user asked;
+    ``options`` are the strategy's extra keyword arguments (e.g. ``svd_rank``). Return the new
+    adapter's config and its tensors under the name-independent keys your
+    `adapters_add_adapter` produces for that config; core adds the adapter and loads them
+    (atomically). Return None if the sources are not yours or you do not implement the
+    strategy (core then raises). Raise `adapters.errors.ConfigError` for bad options.
+    """
 
 
 @hookspec
