@@ -1,0 +1,168 @@
+"""Configs of the LoRA family: `LoRAConfig`, `IA3Config` and `DoRAConfig` (AdapterHub names
+and defaults, plus ``use_rslora``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from adapters import AdapterConfig
+from adapters.errors import ConfigError
+
+ATTN_MATRICES = ("q", "k", "v", "o")
+COMPOSITION_MODES = ("add", "scale")
+INIT_WEIGHTS = ("lora", "bert", "ia3")
+
+
+@dataclass(frozen=True)
+class LoRAConfig(AdapterConfig):
+    """Low-Rank Adaptation (Hu et al., 2021): ``y = W x + b + s * B A dropout(x)``.
+
+    Args:
+        selfattn_lora: adapt the attention projections named in ``attn_matrices`` (self- and,
+            where the interface names one, cross-attention).
+        intermediate_lora: adapt the feed-forward up projection (``layer_intermediate_proj``).
+        output_lora: adapt the feed-forward down projection (``layer_output_proj``).
+        leave_out: layer indices (over all layer stacks, 0-based) that get no adapter.
+        r: rank of ``B A``.
+        alpha: scaling numerator: ``s = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``).
+        dropout: dropout on the adapter's input.
+        attn_matrices: which of ``"q"``, ``"k"``, ``"v"``, ``"o"`` to adapt.
+        composition_mode: ``"add"`` (LoRA) or ``"scale"`` (IA3: ``y = (W x) * s + b`` with a
+            learned vector ``s``; needs ``r=1``).
+        init_weights: ``"lora"`` (A kaiming-uniform, B zero), ``"bert"`` (both normal(0, 0.02))
+            or ``"ia3"`` (all ones).
+        init_weights_seed: seed for a deterministic initialisation of this adapter.
+        use_gating: a learned sigmoid gate (mean over the sequence) replaces the scaling, as in
+            AdapterHub / UniPELT; gated adapters cannot be merged.
+        dtype: torch dtype name of the adapter weights (``"float32"``); default: the weight's.
+        use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
+        use_dora: DoRA (Liu et al., 2024): a learned magnitude per output row,
+            ``y = m * (W + s B A) x / ||W + s B A|| + b`` with the norm detached.
+
+    Example::
+
+        LoRAConfig(r=16, alpha=32, attn_matrices=("q", "k", "v", "o"), intermediate_lora=True)
+    """
+
+    method: ClassVar[str] = "lora"
+
+    selfattn_lora: bool = True
+    intermediate_lora: bool = False
+    output_lora: bool = False
+    leave_out: tuple[int, ...] = ()
+    r: int = 8
+    alpha: float = 8
+    dropout: float = 0.0
+    attn_matrices: tuple[str, ...] = ("q", "v")
+    composition_mode: str = "add"
+    init_weights: str = "lora"
+    init_weights_seed: int | None = None
+    use_gating: bool = False
+    dtype: str | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+
+    def __post_init__(self) -> None:
+        # Lists (from JSON or config strings) become tuples so configs stay hashable.
+        for name in ("leave_out", "attn_matrices"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise ConfigError(
+                    f"{name}={value!r} must be a list, e.g. {name}=['q', 'v'], not a string"
+                )
+            object.__setattr__(self, name, tuple(value))
+        self._validate()
+
+    def _validate(self) -> None:
+        name = type(self).__name__
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise ConfigError(f"{name}: r={self.r!r} must be an integer >= 1")
+        if not isinstance(self.alpha, int | float) or isinstance(self.alpha, bool):
+            raise ConfigError(f"{name}: alpha={self.alpha!r} must be a number")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ConfigError(f"{name}: dropout={self.dropout!r} must be in [0, 1)")
+        bad = [m for m in self.attn_matrices if m not in ATTN_MATRICES]
+        if bad or len(set(self.attn_matrices)) != len(self.attn_matrices):
+            raise ConfigError(
+                f"{name}: attn_matrices={list(self.attn_matrices)!r} must be distinct values "
+                f"from {list(ATTN_MATRICES)}"
+            )
+        if self.composition_mode not in COMPOSITION_MODES:
+            raise ConfigError(
+                f"{name}: composition_mode={self.composition_mode!r}; expected one of "
+                f"{list(COMPOSITION_MODES)} ('add' for LoRA, 'scale' for IA3)"
+            )
+        if self.init_weights not in INIT_WEIGHTS:
+            raise ConfigError(
+                f"{name}: init_weights={self.init_weights!r}; expected one of {list(INIT_WEIGHTS)}"
+            )
+        if any(not isinstance(i, int) or i < 0 for i in self.leave_out):
+            raise ConfigError(
+                f"{name}: leave_out={list(self.leave_out)!r} must be layer indices >= 0"
+            )
+        if self.composition_mode == "scale":
+            if self.r != 1:
+                raise ConfigError(
+                    f"{name}: composition_mode='scale' (IA3) needs r=1, got r={self.r}"
+                )
+            if self.use_dora:
+                raise ConfigError(f"{name}: use_dora=True needs composition_mode='add'")
+            if self.dropout:
+                raise ConfigError(
+                    f"{name}: composition_mode='scale' (IA3) has no dropout; got "
+                    f"dropout={self.dropout}; set dropout=0.0"
+                )
+            if self.use_rslora:
+                raise ConfigError(f"{name}: use_rslora=True needs composition_mode='add'")
+        if self.use_dora and self.use_gating:
+            raise ConfigError(f"{name}: use_dora=True cannot be combined with use_gating=True")
+        if self.dtype is not None and not isinstance(
+            getattr(torch, str(self.dtype), None), torch.dtype
+        ):
+            raise ConfigError(
+                f"{name}: dtype={self.dtype!r} is not a torch dtype name; use e.g. 'float32'"
+            )
+        if (
+            not (self.selfattn_lora and self.attn_matrices)
+            and not self.intermediate_lora
+            and not self.output_lora
+        ):
+            raise ConfigError(
+                f"{name} adapts nothing: enable selfattn_lora with attn_matrices, "
+                "intermediate_lora or output_lora"
+            )
+
+    @property
+    def scaling(self) -> float:
+        """The factor ``s`` of ``s * B A`` (``alpha`` itself in scale mode, as in AdapterHub)."""
+        if self.composition_mode == "scale":
+            return float(self.alpha)
+        return float(self.alpha) / (self.r**0.5 if self.use_rslora else self.r)
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        """``dtype`` as a ``torch.dtype`` (None: follow the adapted weight)."""
+        return getattr(torch, self.dtype) if self.dtype is not None else None
+
+
+@dataclass(frozen=True)
+class IA3Config(LoRAConfig):
+    """(IA)^3 (Liu et al., 2022): scales the output of ``W x`` by a learned vector,
+    ``y = (W x) * s + b``, on keys, values and the feed-forward up projection."""
+
+    r: int = 1
+    alpha: float = 1
+    attn_matrices: tuple[str, ...] = ("k", "v")
+    intermediate_lora: bool = True
+    composition_mode: str = "scale"
+    init_weights: str = "ia3"
+
+
+@dataclass(frozen=True)
+class DoRAConfig(LoRAConfig):
+    """DoRA (Liu et al., 2024): LoRA with a learned magnitude per output row."""
+
+    use_dora: bool = True

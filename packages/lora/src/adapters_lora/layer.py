@@ -1,0 +1,313 @@
+"""The modules LoRA attaches to a model: one `LoRAHost` per adapted projection, holding one
+`LoRAUnit` per adapter and the single forward hook that applies them.
+
+A unit covers either the whole output of its projection or, on a fused q/k/v projection, the
+output slices of the selected matrices (each slice with its own rows of ``A`` and ``B``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapters.composition import AdapterCompositionBlock, Stack, apply_setup
+from adapters.context import context_for
+
+from .config import LoRAConfig
+
+HOST_ATTR = "adapters_lora"
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 ``Conv1D``: a linear layer whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The projection's weight as (out_features, in_features), whatever its storage."""
+    return module.weight.t() if is_conv1d(module) else module.weight
+
+
+class LoRAUnit(nn.Module):
+    """One adapter on one projection.
+
+    Parameters (their names are this library's checkpoint keys):
+        ``lora_A`` (n*r, in) and ``lora_B`` (sum of slice widths, r) in add mode, one block of
+        ``r`` rows of ``A`` per output slice; ``lora_B`` (sum of widths, 1) in scale mode;
+        ``gate.weight``/``gate.bias`` with ``use_gating`` (one gate per slice);
+        ``magnitude`` (out,) with ``use_dora``.
+
+    Args:
+        in_features / out_features: widths of the projection.
+        slices: the (start, end) output ranges this unit adapts (the whole output for a plain
+            projection).
+        config: the adapter's config.
+        weight: the projection's (out, in) weight, to initialise DoRA's magnitude.
+        generator: random generator for a seeded initialisation, or None.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        slices: Sequence[tuple[int, int]],
+        config: LoRAConfig,
+        weight: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.slices = [(int(a), int(b)) for a, b in slices]
+        self.full = self.slices == [(0, out_features)]
+        self.r = config.r
+        self.scale_mode = config.composition_mode == "scale"
+        self.use_gating = config.use_gating
+        self.use_dora = config.use_dora
+        self.scaling = config.scaling
+        self.merged = False
+        widths = sum(b - a for a, b in self.slices)
+        dtype = config.torch_dtype or (weight.dtype if weight.is_floating_point() else None)
+        n = len(self.slices)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        if self.scale_mode:
+            self.lora_A = None
+            self.lora_B = nn.Parameter(torch.empty(widths, 1, dtype=dtype))
+        else:
+            self.lora_A = nn.Parameter(torch.empty(n * config.r, in_features, dtype=dtype))
+            self.lora_B = nn.Parameter(torch.empty(widths, config.r, dtype=dtype))
+        self._init_weights(config.init_weights, generator)
+        if self.use_gating:
+            self.gate = nn.Linear(in_features, n, dtype=dtype)
+            with torch.no_grad():
+                self.gate.weight.normal_(0.0, 0.02, generator=generator)
+        if self.use_dora:
+            norm = weight.detach().float().norm(dim=1)
+            self.magnitude = nn.Parameter(norm.to(dtype or norm.dtype))
+
+    def _init_weights(self, kind: str, generator: torch.Generator | None) -> None:
+        with torch.no_grad():
+            for param, is_a in ((self.lora_A, True), (self.lora_B, False)):
+                if param is None:
+                    continue
+                if kind == "lora":
+                    if is_a:
+                        # kaiming-uniform with a=sqrt(5), as nn.Linear initialises its weight
+                        bound = math.sqrt(6.0 / ((1 + 5.0) * param.shape[1]))
+                        param.uniform_(-bound, bound, generator=generator)
+                    else:
+                        param.zero_()
+                elif kind == "bert":
+                    param.normal_(0.0, 0.02, generator=generator)
+                else:  # "ia3"
+                    param.fill_(1.0)
+
+    # -- forward ------------------------------------------------------------------------------
+    def _gate(self, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(self.gate(x))
+        # AdapterHub: one gate value per example (mean over the sequence) and slice
+        return gate.mean(dim=1, keepdim=True) if gate.ndim == 3 else gate
+
+    def edit(self, h: torch.Tensor, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        """``h`` (the projection's output, possibly edited by earlier adapters) edited by this
+        adapter for input ``x``."""
+        if self.scale_mode:
+            return self._scale(h, x, module.bias)
+        if x.dtype != self.lora_B.dtype:
+            x = x.to(self.lora_B.dtype)
+        after_a = F.linear(self.dropout(x), self.lora_A)
+        if self.full:
+            delta = F.linear(after_a, self.lora_B)
+            delta = delta * self._gate(x) if self.use_gating else delta * self.scaling
+            if self.use_dora:
+                return self._dora(h, delta, module)
+            return h + delta.to(h.dtype)
+        gate = self._gate(x) if self.use_gating else None
+        parts, start, row, r = [], 0, 0, self.r
+        for j, (a, b) in enumerate(self.slices):
+            if a > start:
+                parts.append(h[..., start:a])
+            delta = F.linear(after_a[..., j * r : (j + 1) * r], self.lora_B[row : row + b - a])
+            delta = delta * gate[..., j : j + 1] if gate is not None else delta * self.scaling
+            parts.append(h[..., a:b] + delta.to(h.dtype))
+            start, row = b, row + b - a
+        if start < h.shape[-1]:
+            parts.append(h[..., start:])
+        return torch.cat(parts, dim=-1)
+
+    def _scale(self, h: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        factor = self.lora_B.view(-1)
+        if self.use_gating:
+            gate = self._gate(x.to(factor.dtype))
+            if not self.full:  # one gate per slice: repeat it over the slice's width
+                widths = torch.tensor([b - a for a, b in self.slices], device=gate.device)
+                gate = gate.repeat_interleave(widths, dim=-1)
+            factor = factor * gate
+        else:
+            factor = factor * self.scaling
+        factor = factor.to(h.dtype)
+        if self.full:
+            return h * factor if bias is None else torch.addcmul(bias, h - bias, factor)
+        parts, start, row = [], 0, 0
+        for a, b in self.slices:
+            if a > start:
+                parts.append(h[..., start:a])
+            f, seg = factor[..., row : row + b - a], h[..., a:b]
+            parts.append(seg * f if bias is None else torch.addcmul(bias[a:b], seg - bias[a:b], f))
+            start, row = b, row + b - a
+        if start < h.shape[-1]:
+            parts.append(h[..., start:])
+        return torch.cat(parts, dim=-1)
+
+    def _dora(self, h: torch.Tensor, delta: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        weight = weight_out_in(module)
+        direction = weight.float() + self.delta_weight().float()
+        # The norm is treated as a constant (DoRA paper, section 4.3), as PEFT does.
+        scale = (self.magnitude.float() / direction.norm(dim=1).detach()).to(h.dtype)
+        bias = module.bias
+        base = h if bias is None else h - bias
+        out = scale * (base + delta.to(h.dtype))
+        return out if bias is None else out + bias
+
+    # -- weights ------------------------------------------------------------------------------
+    def slice_deltas(self) -> list[torch.Tensor]:
+        """Per slice, ``s * B_j A_j`` as (width_j, in) (add mode only)."""
+        result, row, r = [], 0, self.r
+        for j, (a, b) in enumerate(self.slices):
+            block_b = self.lora_B[row : row + b - a]
+            result.append(self.scaling * (block_b @ self.lora_A[j * r : (j + 1) * r]))
+            row += b - a
+        return result
+
+    def delta_weight(self) -> torch.Tensor:
+        """The (out, in) weight change ``s * B A`` of add mode, zero outside the slices."""
+        if self.full:
+            return self.scaling * (self.lora_B @ self.lora_A)
+        full = self.lora_A.new_zeros(self.out_features, self.in_features)
+        for (a, b), block in zip(self.slices, self.slice_deltas()):
+            full[a:b] = block
+        return full
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (out, in) with this adapter folded in (float32 result)."""
+        weight = weight.float()
+        if self.scale_mode:
+            factor = torch.ones(self.out_features, dtype=torch.float32, device=weight.device)
+            values = self.lora_B.detach().float().view(-1) * self.scaling
+            row = 0
+            for a, b in self.slices:
+                factor[a:b] = values[row : row + b - a]
+                row += b - a
+            return weight * factor[:, None]
+        merged = weight + self.delta_weight().detach().float()
+        if self.use_dora:
+            merged = merged * (self.magnitude.detach().float() / merged.norm(dim=1))[:, None]
+        return merged
+
+
+class LoRAHost(nn.Module):
+    """Attached to one projection module (as its child ``adapters_lora``): holds the units of
+    every LoRA adapter on that projection and the one forward hook applying them.
+
+    The hook returns at once (no allocation) when the effective setup names none of this host's
+    unmerged adapters; that answer is cached per setup object.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.units = nn.ModuleDict()
+        self.__dict__["model"] = model  # not a submodule
+        self.merged: list[str] = []
+        self.register_buffer("original_weight", None, persistent=False)
+        self._cached_setup: object = None
+        self._cached_active = False
+
+    def invalidate(self) -> None:
+        """Forget the cached activity answer (units were added, removed, merged or reset)."""
+        self._cached_setup = None
+
+    def _owns(self, name: str) -> bool:
+        unit = self.units[name] if name in self.units else None
+        return unit is not None and not unit.merged
+
+    def _apply_one(
+        self, x: torch.Tensor, module: nn.Module, name: str, h: torch.Tensor, rows: slice
+    ) -> torch.Tensor:
+        if rows.start != 0 or rows.stop != x.shape[0]:
+            x = x[rows]
+        return self.units[name].edit(h, x, module)
+
+    def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        """Forward hook on the projection: apply the active adapters to its output."""
+        setup = context_for(self.model).setup
+        if setup is None:
+            return None
+        if setup is not self._cached_setup:
+            self._cached_active = any(self._owns(n) for n in _names(setup))
+            self._cached_setup = setup
+        if not self._cached_active:
+            return None
+        x = args[0]
+        if (
+            isinstance(setup, Stack)
+            and len(setup.children) == 1
+            and isinstance(setup.children[0], str)
+        ):
+            return self.units[setup.children[0]].edit(output, x, module)
+        return apply_setup(setup, output, partial(self._apply_one, x, module), self._owns)
+
+    # -- merging ------------------------------------------------------------------------------
+    def merge(self, name: str, module: nn.Module) -> None:
+        """Fold unit ``name`` into ``module``'s weight (the original is kept for reset)."""
+        unit = self.units[name]
+        with torch.no_grad():
+            if self.original_weight is None:
+                self.original_weight = module.weight.detach().clone()
+            _assign(module, unit.merged_weight(weight_out_in(module)))
+        unit.merged = True
+        self.merged.append(name)
+        self.invalidate()
+
+    def reset(self, name: str, module: nn.Module) -> None:
+        """Undo the merge of ``name``: restore the original weight and re-merge the others."""
+        self.merged.remove(name)
+        self.units[name].merged = False
+        with torch.no_grad():
+            module.weight.copy_(self.original_weight)
+            for other in self.merged:
+                _assign(module, self.units[other].merged_weight(weight_out_in(module)))
+        if not self.merged:
+            self.original_weight = None
+        self.invalidate()
+
+    def forget(self, name: str, module: nn.Module) -> None:
+        """Unit ``name`` is deleted: merged weights stay merged, and the weight a later reset of
+        the other merged adapters restores now includes it."""
+        if name in self.merged:
+            with torch.no_grad():
+                stored = _as_out_in(module, self.original_weight)
+                folded = self.units[name].merged_weight(stored).to(self.original_weight.dtype)
+                self.original_weight = folded.t().contiguous() if is_conv1d(module) else folded
+            self.merged.remove(name)
+            if not self.merged:
+                self.original_weight = None
+        del self.units[name]
+        self.invalidate()
+
+
+def _as_out_in(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    return weight.t() if is_conv1d(module) else weight
+
+
+def _assign(module: nn.Module, weight_oi: torch.Tensor) -> None:
+    target = module.weight
+    value = weight_oi.t() if is_conv1d(module) else weight_oi
+    target.copy_(value.to(target.dtype))
+
+
+def _names(setup: AdapterCompositionBlock | str) -> list[str]:
+    return [setup] if isinstance(setup, str) else setup.flatten()

@@ -1,0 +1,378 @@
+"""The ``lora`` method's hook implementations (the contract in ``adapters.hookspecs``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from adapters import Average, BatchSplit, MethodSpec, Stack, hookimpl
+from adapters.configs import AdapterConfig
+from adapters.errors import ConfigError
+from adapters.sites import ModelSites, ModuleSite
+
+from .config import DoRAConfig, IA3Config, LoRAConfig
+from .layer import HOST_ATTR, LoRAHost, LoRAUnit, is_conv1d, weight_out_in
+
+
+@dataclass
+class Target:
+    """One projection an adapter adapts.
+
+    Attributes:
+        site: the projection's site.
+        role: ``"q"``, ``"k"``, ``"v"``, ``"o"``, ``"qkv"``, ``"intermediate"`` or ``"output"``.
+        attention: ``"self"`` / ``"cross"`` for attention projections, else None.
+        layer: the layer's index over all stacks.
+        slices: the adapted output ranges (the whole output unless fused).
+        matrices: for a fused projection, the adapted matrices (``("q", "v")``).
+    """
+
+    site: ModuleSite
+    role: str
+    attention: str | None
+    layer: int
+    slices: list[tuple[int, int]]
+    matrices: tuple[str, ...] = ()
+
+
+def targets_of(sites: ModelSites, config: LoRAConfig) -> list[Target]:
+    """Every projection ``config`` adapts on ``sites``, in model order.
+
+    Raises:
+        ConfigError: a requested projection is missing from the interface, is not linear, a
+            fused q/k/v projection cannot be split, or ``leave_out`` names no layer.
+    """
+    n_layers = len(sites.layers)
+    bad = [i for i in config.leave_out if i >= n_layers]
+    if bad:
+        raise ConfigError(
+            f"leave_out={list(config.leave_out)} names layers {bad}, but the model has "
+            f"{n_layers} layers (0..{n_layers - 1})"
+        )
+    result: list[Target] = []
+    for layer in sites.layers:
+        if layer.index in config.leave_out:
+            continue
+        if config.selfattn_lora:
+            for attn in (layer.self_attn, layer.cross_attn):
+                if attn is None:
+                    continue
+                qkv = tuple(m for m in ("q", "k", "v") if m in config.attn_matrices)
+                if qkv and attn.qkv is not None:
+                    slices = fused_slices(sites, attn.qkv, qkv)
+                    result.append(Target(attn.qkv, "qkv", attn.kind, layer.index, slices, qkv))
+                else:
+                    for m in qkv:
+                        site = _required(attn.projection(m), f"attn_{m}_proj", m, layer.index)
+                        result.append(_plain(site, m, attn.kind, layer.index))
+                if "o" in config.attn_matrices:
+                    site = _required(attn.o, "attn_o_proj", "o", layer.index)
+                    result.append(_plain(site, "o", attn.kind, layer.index))
+        if config.intermediate_lora:
+            site = _required(
+                layer.intermediate, "layer_intermediate_proj", "intermediate_lora", layer.index
+            )
+            result.append(_plain(site, "intermediate", None, layer.index))
+        if config.output_lora:
+            site = _required(layer.output, "layer_output_proj", "output_lora", layer.index)
+            result.append(_plain(site, "output", None, layer.index))
+    if not result:
+        raise ConfigError(
+            f"{type(config).__name__} adapts no module of this model: the interface has no "
+            "attention (layer_self_attn) for attn_matrices and leave_out covers every other "
+            "layer; check the interface and the config"
+        )
+    for target in result:
+        _check_linear(target.site)
+    return result
+
+
+def _required(site: ModuleSite | None, field: str, option: str, layer: int) -> ModuleSite:
+    if site is None:
+        raise ConfigError(
+            f"LoRA option {option!r} needs {field} in the AdapterModelInterface, but layer {layer} "
+            f"has none; set {field}=... or remove {option!r} from the config"
+        )
+    return site
+
+
+def _plain(site: ModuleSite, role: str, attention: str | None, layer: int) -> Target:
+    return Target(site, role, attention, layer, [(0, int(site.out_features or 0))])
+
+
+def _check_linear(site: ModuleSite) -> None:
+    module = site.module
+    weight = getattr(module, "weight", None)
+    if (
+        not (isinstance(module, nn.Linear) or is_conv1d(module))
+        or weight is None
+        or weight.ndim != 2
+    ):
+        raise ConfigError(
+            f"LoRA adapts nn.Linear or transformers' Conv1D modules; {site.path} "
+            f"({site.field}) is a {type(module).__name__}"
+        )
+
+
+def fused_slices(
+    sites: ModelSites, site: ModuleSite, matrices: tuple[str, ...]
+) -> list[tuple[int, int]]:
+    """Output ranges of ``matrices`` in a fused q/k/v projection.
+
+    Widths come from the model config (``num_attention_heads``, ``num_key_value_heads``,
+    ``head_dim``) when it has them, else three equal thirds.
+    """
+    widths = qkv_widths(sites, site)
+    starts = {"q": 0, "k": widths[0], "v": widths[0] + widths[1]}
+    sizes = dict(zip(("q", "k", "v"), widths))
+    return [(starts[m], starts[m] + sizes[m]) for m in ("q", "k", "v") if m in matrices]
+
+
+def qkv_widths(sites: ModelSites, site: ModuleSite) -> tuple[int, int, int]:
+    """(q, k, v) output widths of the fused projection ``site``."""
+    out = int(site.out_features or 0)
+    config = getattr(sites.model, "config", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if isinstance(heads, int) and heads > 0:
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None)
+        if not isinstance(head_dim, int):
+            hidden = getattr(config, "hidden_size", None)
+            head_dim = hidden // heads if isinstance(hidden, int) else None
+        if isinstance(head_dim, int):
+            widths = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+            if sum(widths) == out:
+                return widths
+            raise ConfigError(
+                f"cannot split the fused projection {site.path} (out_features={out}) into "
+                f"q/k/v: the model config gives {heads} heads, {kv_heads} key/value heads and "
+                f"head_dim {head_dim}, i.e. widths {widths} summing to {sum(widths)}"
+            )
+    if out % 3:
+        raise ConfigError(
+            f"cannot split the fused projection {site.path} (out_features={out}) into three "
+            "equal q/k/v parts, and the model has no config with num_attention_heads / "
+            "num_key_value_heads / head_dim; adapt separate projections instead"
+        )
+    return (out // 3, out // 3, out // 3)
+
+
+def host_of(module: nn.Module) -> LoRAHost | None:
+    """The LoRA host attached to ``module``, if any."""
+    host = module._modules.get(HOST_ATTR)
+    return host if isinstance(host, LoRAHost) else None
+
+
+def _ours(config: AdapterConfig) -> bool:
+    return isinstance(config, LoRAConfig)
+
+
+class LoRAPlugin:
+    """The hook implementations of the ``lora`` method (one instance is the plugin)."""
+
+    @hookimpl
+    def adapters_register_methods(self, register: Callable[[MethodSpec], None]) -> None:
+        register(
+            MethodSpec(
+                name="lora",
+                config_classes=(LoRAConfig, IA3Config, DoRAConfig),
+                presets={"lora": LoRAConfig(), "ia3": IA3Config(), "dora": DoRAConfig()},
+                compositions=(Stack, BatchSplit, Average),
+                can_merge=True,
+            )
+        )
+
+    @hookimpl
+    def adapters_register_checkpoint_formats(self, register: Callable[[Any], None]) -> None:
+        from .interop import ADAPTERHUB_FORMAT, PEFT_FORMAT
+
+        register(PEFT_FORMAT)
+        register(ADAPTERHUB_FORMAT)
+
+    @hookimpl
+    def adapters_add_adapter(
+        self, model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
+    ) -> dict[str, nn.Module] | None:
+        if not _ours(config):
+            return None
+        targets = targets_of(sites, config)  # validates everything before touching the model
+        if config.use_dora and any(t.role == "qkv" for t in targets):
+            raise ConfigError(
+                "use_dora=True is not supported on a fused q/k/v projection "
+                f"({targets[0].site.path}); use separate projections or plain LoRA"
+            )
+        generator = None
+        if config.init_weights_seed is not None:
+            generator = torch.Generator().manual_seed(int(config.init_weights_seed))
+        created: dict[str, nn.Module] = {}
+        for target in targets:
+            module = target.site.module
+            weight = weight_out_in(module)
+            unit = LoRAUnit(
+                int(target.site.in_features),
+                int(target.site.out_features),
+                target.slices,
+                config,
+                weight.detach().to("cpu"),
+                generator,
+            )
+            unit.to(device=module.weight.device)
+            host = host_of(module)
+            if host is None:
+                host = LoRAHost(model)
+                module.add_module(HOST_ATTR, host)
+                module.register_forward_hook(host.hook)
+            host.units[name] = unit
+            host.invalidate()
+            created[target.site.path] = unit
+        return created
+
+    @hookimpl
+    def adapters_delete_adapter(
+        self, model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
+    ) -> bool | None:
+        if not _ours(config):
+            return None
+        for target in targets_of(sites, config):
+            module = target.site.module
+            host = host_of(module)
+            if host is None or name not in host.units:
+                continue
+            host.forget(name, module)
+            if not len(host.units):
+                for key, hook in list(module._forward_hooks.items()):
+                    if getattr(hook, "__self__", None) is host:
+                        del module._forward_hooks[key]
+                del module._modules[HOST_ATTR]
+        return True
+
+    @hookimpl
+    def adapters_merge_adapter(
+        self, model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
+    ) -> bool | None:
+        if not _ours(config):
+            return None
+        if config.use_gating:
+            raise ConfigError(
+                f"adapter {name!r} uses use_gating=True: its gate depends on the input, so it "
+                "cannot be merged into the weights"
+            )
+        for target in _units(sites, config, name):
+            host_of(target.site.module).merge(name, target.site.module)
+        return True
+
+    @hookimpl
+    def adapters_reset_adapter(
+        self, model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
+    ) -> bool | None:
+        if not _ours(config):
+            return None
+        for target in _units(sites, config, name):
+            host_of(target.site.module).reset(name, target.site.module)
+        return True
+
+    @hookimpl
+    def adapters_average_adapter(
+        self,
+        model: nn.Module,
+        sites: ModelSites,
+        name: str,
+        sources: list[tuple[str, AdapterConfig, float]],
+        combine_strategy: str,
+        options: dict[str, Any],
+    ) -> bool | None:
+        new_config = model.adapters_config[name]
+        if combine_strategy != "lora_delta_w_svd" or not _ours(new_config):
+            return None
+        average_delta_w_svd(sites, name, new_config, sources, options)
+        return True
+
+
+def _units(sites: ModelSites, config: LoRAConfig, name: str) -> Iterator[Target]:
+    for target in targets_of(sites, config):
+        host = host_of(target.site.module)
+        if host is not None and name in host.units:
+            yield target
+
+
+def average_delta_w_svd(
+    sites: ModelSites,
+    name: str,
+    config: LoRAConfig,
+    sources: list[tuple[str, AdapterConfig, float]],
+    options: dict[str, Any],
+) -> None:
+    """Fill adapter ``name`` with the truncated SVD of each site's weighted sum of the sources'
+    ``s * B A`` (per q/k/v slice on a fused projection).
+
+    Options: ``svd_rank`` (default and only allowed value: the new adapter's ``r``, because core
+    creates it with the first source's config).
+    """
+    unknown = sorted(set(options) - {"svd_rank"})
+    if unknown:
+        raise ConfigError(f"combine_strategy='lora_delta_w_svd' takes svd_rank only; got {unknown}")
+    rank = options.get("svd_rank", config.r)
+    if rank != config.r:
+        raise ConfigError(
+            f"svd_rank={rank!r} differs from r={config.r} of the first source adapter, which "
+            "the averaged adapter is created with; give the first adapter that rank or omit "
+            "svd_rank"
+        )
+    for config_i in [config, *(c for _, c, _ in sources)]:
+        if (
+            not isinstance(config_i, LoRAConfig)
+            or config_i.composition_mode != "add"
+            or config_i.use_dora
+            or config_i.use_gating
+        ):
+            raise ConfigError(
+                "combine_strategy='lora_delta_w_svd' needs plain LoRA adapters "
+                "(composition_mode='add', no DoRA, no gating); got "
+                f"{type(config_i).__name__}: {config_i}"
+            )
+    paths = {t.site.path for t in targets_of(sites, config)}
+    for source, source_config, _ in sources:
+        other = {t.site.path for t in targets_of(sites, source_config)}
+        if other != paths:
+            raise ConfigError(
+                f"adapter {source!r} adapts other modules than {sources[0][0]!r} "
+                f"({sorted(other ^ paths)[:3]}...); lora_delta_w_svd needs the same targets"
+            )
+    with torch.no_grad():
+        for target in targets_of(sites, config):
+            host = host_of(target.site.module)
+            new = host.units[name]
+            blocks = None
+            for source, _, weight in sources:
+                unit = host.units[source]
+                if unit.slices != new.slices:
+                    raise ConfigError(
+                        f"adapter {source!r} adapts other q/k/v slices of {target.site.path}"
+                    )
+                parts = [weight * d.float() for d in unit.slice_deltas()]
+                blocks = parts if blocks is None else [b + p for b, p in zip(blocks, parts)]
+            r, row = config.r, 0
+            for j, delta in enumerate(blocks):
+                u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+                k = min(r, s.shape[0])
+                a = torch.zeros(r, delta.shape[1], dtype=torch.float32, device=delta.device)
+                b = torch.zeros(delta.shape[0], r, dtype=torch.float32, device=delta.device)
+                a[:k] = vh[:k]
+                b[:, :k] = u[:, :k] * (s[:k] / new.scaling)
+                new.lora_A[j * r : (j + 1) * r] = a.to(new.lora_A.dtype)
+                new.lora_B[row : row + delta.shape[0]] = b.to(new.lora_B.dtype)
+                row += delta.shape[0]
+
+
+_plugin = LoRAPlugin()
+adapters_register_methods = _plugin.adapters_register_methods
+adapters_register_checkpoint_formats = _plugin.adapters_register_checkpoint_formats
+adapters_add_adapter = _plugin.adapters_add_adapter
+adapters_delete_adapter = _plugin.adapters_delete_adapter
+adapters_merge_adapter = _plugin.adapters_merge_adapter
+adapters_reset_adapter = _plugin.adapters_reset_adapter
+adapters_average_adapter = _plugin.adapters_average_adapter

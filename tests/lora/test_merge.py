@@ -1,0 +1,165 @@
+"""merge_adapter / reset_adapter / merge_and_unload."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import (
+    BERT_INTERFACE,
+    GPT2_INTERFACE,
+    GQA_INTERFACE,
+    LLAMA_INTERFACE,
+    TinyGQA,
+    build_gpt2,
+    build_llama,
+    build_qwen2,
+    init,
+    logits,
+    randomise,
+)
+
+from adapters.errors import ConfigError
+from adapters_lora import DoRAConfig, IA3Config, LoRAConfig
+
+CASES = {
+    "lora-llama": (
+        build_llama,
+        LLAMA_INTERFACE,
+        LoRAConfig(
+            r=4, attn_matrices=("q", "k", "v", "o"), intermediate_lora=True, output_lora=True
+        ),
+        False,
+    ),
+    "ia3-qwen2-bias": (
+        build_qwen2,
+        LLAMA_INTERFACE,
+        IA3Config(attn_matrices=("q", "k", "v")),
+        True,
+    ),
+    "dora-qwen2-bias": (
+        build_qwen2,
+        LLAMA_INTERFACE,
+        DoRAConfig(r=4, attn_matrices=("q", "v"), output_lora=True),
+        False,
+    ),
+    "lora-gpt2-fused": (
+        build_gpt2,
+        GPT2_INTERFACE,
+        LoRAConfig(r=2, attn_matrices=("q", "v", "o"), intermediate_lora=True),
+        False,
+    ),
+    "ia3-gpt2-fused": (build_gpt2, GPT2_INTERFACE, IA3Config(), True),
+    "dora-gpt2-conv1d": (
+        build_gpt2,
+        GPT2_INTERFACE,
+        DoRAConfig(r=2, attn_matrices=("o",), output_lora=True),
+        False,
+    ),
+    "lora-gqa": (TinyGQA, GQA_INTERFACE, LoRAConfig(r=2, attn_matrices=("q", "k")), False),
+}
+
+
+def _prepared(case: str):
+    build, interface, config, around_one = CASES[case]
+    model = init(build(), interface)
+    base = logits(model)
+    model.add_adapter("a", config, set_active=True)
+    randomise(model, "a", around_one=around_one)
+    return model, base
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_merged_equals_unmerged(case):
+    model, base = _prepared(case)
+    unmerged = logits(model)
+    assert (unmerged - base).abs().max() > 1e-4
+    model.merge_adapter("a")
+    torch.testing.assert_close(logits(model), unmerged, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_reset_restores_the_base_model(case):
+    model, base = _prepared(case)
+    model.set_active_adapters(None)
+    model.merge_adapter("a")
+    assert (logits(model) - base).abs().max() > 1e-4
+    model.reset_adapter("a")
+    torch.testing.assert_close(logits(model), base, atol=1e-5, rtol=0)
+
+
+def test_dora_reset_really_assigns_the_weight():
+    model, _ = _prepared("dora-qwen2-bias")
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    original = weight.detach().clone()
+    model.merge_adapter("a")
+    assert not torch.allclose(weight, original)
+    model.reset_adapter("a")
+    assert torch.equal(weight, original)
+
+
+def test_merged_adapter_is_not_applied_twice():
+    model, _ = _prepared("lora-llama")
+    unmerged = logits(model)
+    model.merge_adapter("a")  # still the active setup
+    assert model.active_adapters is not None
+    torch.testing.assert_close(logits(model), unmerged, atol=1e-5, rtol=0)
+
+
+def test_merge_and_unload_keeps_the_merged_weights():
+    model, _ = _prepared("ia3-qwen2-bias")
+    unmerged = logits(model)
+    model.merge_and_unload("a")
+    assert not model.has_adapters()
+    assert not any("adapters_lora" in k for k in model.state_dict())
+    torch.testing.assert_close(logits(model), unmerged, atol=1e-5, rtol=0)
+
+
+def test_two_merged_adapters_reset_one_at_a_time():
+    model = init(build_llama(), LLAMA_INTERFACE)
+    base = logits(model)
+    for name, seed in (("a", 1), ("b", 2)):
+        model.add_adapter(name, LoRAConfig(r=2))
+        randomise(model, name, seed)
+    model.set_active_adapters("b")
+    only_b = logits(model)
+    model.set_active_adapters(None)
+    model.merge_adapter("a")
+    model.merge_adapter("b")
+    model.reset_adapter("a")
+    torch.testing.assert_close(logits(model), only_b, atol=1e-5, rtol=0)
+    model.reset_adapter("b")
+    torch.testing.assert_close(logits(model), base, atol=1e-5, rtol=0)
+
+
+def test_gated_adapter_cannot_merge():
+    model = init(build_llama(), LLAMA_INTERFACE)
+    model.add_adapter("a", LoRAConfig(use_gating=True))
+    with pytest.raises(ConfigError, match="use_gating"):
+        model.merge_adapter("a")
+    assert not model.is_merged("a")
+
+
+def test_bert_ia3_merge_with_bias_is_exact():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    bert = tf.BertModel(
+        tf.BertConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            vocab_size=100,
+        ),
+        add_pooling_layer=False,
+    ).eval()
+    with torch.no_grad():
+        for name, p in bert.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+    model = init(bert, BERT_INTERFACE)
+    model.add_adapter("a", "ia3", set_active=True)
+    randomise(model, "a", around_one=True)
+    unmerged = logits(model)
+    model.merge_adapter("a")
+    torch.testing.assert_close(logits(model), unmerged, atol=1e-5, rtol=0)
