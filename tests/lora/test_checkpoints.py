@@ -129,6 +129,8 @@ def test_adapterhub_dora_is_rejected(tmp_path):
         ("llama", "peft_rslora"),
         ("llama", "peft_dora"),
         ("gpt2", "peft_lora"),
+        ("gpt2", "peft_fused"),
+        ("gpt2", "peft_fused_rslora"),
         ("bert", "peft_dora"),
     ],
 )
@@ -238,11 +240,74 @@ def test_peft_export_of_inexpressible_adapters_raises(tmp_path, config, message)
     assert not (tmp_path / "peft").exists()
 
 
-def test_peft_export_of_a_fused_subset_raises(tmp_path):
+@pytest.mark.parametrize(
+    "config",
+    [
+        LoRAConfig(r=2, attn_matrices=("q", "k", "v")),
+        LoRAConfig(r=2, alpha=6, attn_matrices=("q", "v")),
+        LoRAConfig(r=2, alpha=6, use_rslora=True, attn_matrices=("k",)),
+        LoRAConfig(r=2, attn_matrices=("q", "v", "o"), intermediate_lora=True),
+        LoRAConfig(r=3, alpha=4, use_rslora=True, attn_matrices=("v", "q"), output_lora=True),
+    ],
+    ids=["qkv", "qv", "k-rslora", "qv-o-ffn", "qv-rslora-ffn"],
+)
+def test_fused_qkv_export_loads_in_peft_with_the_same_outputs(tmp_path, config):
+    from peft import PeftModel
+
     model = init(build_gpt2(), GPT2_INTERFACE)
-    model.add_adapter("a", "lora")
-    with pytest.raises(CheckpointError, match="fused"):
-        model.save_adapter(str(tmp_path / "peft"), "a", format="peft")
+    model.add_adapter("a", config, set_active=True)
+    randomise(model, "a")
+    ours = logits(model)
+    model.save_adapter(str(tmp_path / "peft"), "a", format="peft")
+    peft_model = PeftModel.from_pretrained(build_gpt2(), str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(logits(peft_model), ours, atol=1e-5, rtol=0)
+
+
+def test_fused_qkv_export_is_block_diagonal_with_rank_r_per_slice(tmp_path):
+    model = init(build_gpt2(), GPT2_INTERFACE)
+    model.add_adapter("a", LoRAConfig(r=2, alpha=6, attn_matrices=("q", "v")))
+    randomise(model, "a")
+    model.save_adapter(str(tmp_path / "peft"), "a", format="peft")
+    meta = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (meta["r"], meta["lora_alpha"]) == (4, 12.0)  # PEFT's 12 / 4 = our 6 / 2
+    key = "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"
+    b = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))[key]
+    unit = model.get_adapter("a")["transformer.h.0.attn.c_attn"]
+    assert tuple(b.shape) == (96, 4)
+    assert torch.equal(b[0:32, 0:2], unit.lora_B[0:32]) and not b[0:32, 2:].any()
+    assert not b[32:64].any()  # k is not adapted
+    assert torch.equal(b[64:96, 2:4], unit.lora_B[32:64]) and not b[64:96, 0:2].any()
+
+
+def test_fused_qkv_export_with_other_modules_uses_rank_and_alpha_patterns(tmp_path):
+    model = init(build_gpt2(), GPT2_INTERFACE)
+    model.add_adapter("a", LoRAConfig(r=2, alpha=6, attn_matrices=("q", "v", "o")))
+    model.save_adapter(str(tmp_path / "peft"), "a", format="peft")
+    meta = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (meta["r"], meta["lora_alpha"]) == (2, 6)
+    assert meta["rank_pattern"] == {f"transformer.h.{i}.attn.c_attn": 4 for i in (0, 1)}
+    assert meta["alpha_pattern"] == {f"transformer.h.{i}.attn.c_attn": 12.0 for i in (0, 1)}
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        LoRAConfig(r=2, alpha=6, attn_matrices=("q", "v")),
+        LoRAConfig(r=3, alpha=4, use_rslora=True, attn_matrices=("q", "v"), output_lora=True),
+    ],
+    ids=["qv", "qv-rslora-ffn"],
+)
+def test_fused_qkv_peft_export_reads_back_as_the_same_adapter(tmp_path, config):
+    model = init(build_gpt2(), GPT2_INTERFACE)
+    model.add_adapter("a", config, set_active=True)
+    randomise(model, "a")
+    model.save_adapter(str(tmp_path / "peft"), "a", format="peft")
+    again = init(build_gpt2(), GPT2_INTERFACE)
+    again.load_adapter(str(tmp_path / "peft"), load_as="a", set_active=True)
+    assert again.adapters_config["a"] == config
+    for key, value in model.adapter_state_dict("a").items():
+        torch.testing.assert_close(again.adapter_state_dict("a")[key], value, atol=1e-7, rtol=0)
+    torch.testing.assert_close(logits(again), logits(model), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -262,7 +327,7 @@ def test_save_load_round_trip_is_identical(tmp_path, config):
     model.save_adapter(str(tmp_path / "a"), "a")
     other = init(build_llama(), LLAMA_INTERFACE)
     other.load_adapter(str(tmp_path / "a"), set_active=True)
-    assert other.adapters_config["a"].to_dict() == config.to_dict()
+    assert other.adapters_config["a"] == config
     assert torch.equal(logits(other), logits(model))
 
 
@@ -281,22 +346,71 @@ def test_deep_copied_model_loads_independently():
     torch.testing.assert_close(logits(model), EXPECTED["llama/base"], atol=1e-5, rtol=0)
 
 
-def test_peft_lora_on_a_fused_projection_raises(tmp_path):
+def test_peft_lora_on_a_fused_projection_becomes_our_fused_layout():
+    model = base("gpt2")
+    model.load_adapter(os.path.join(FIXTURES, "gpt2", "peft_fused"))
+    config = model.adapters_config["peft_fused"]
+    assert (config.r, config.alpha, config.attn_matrices) == (4, 8, ("q", "k", "v"))
+    assert not (config.intermediate_lora or config.output_lora)
+    unit = model.get_adapter("peft_fused")["transformer.h.0.attn.c_attn"]
+    raw = load_file(os.path.join(FIXTURES, "gpt2", "peft_fused", "adapter_model.safetensors"))
+    prefix = "base_model.model.transformer.h.0.attn.c_attn"
+    a, b = raw[f"{prefix}.lora_A.weight"], raw[f"{prefix}.lora_B.weight"]
+    assert torch.equal(unit.lora_A, torch.cat([a, a, a]))  # each slice gets the shared A
+    assert torch.equal(unit.lora_B, b)
+    torch.testing.assert_close(unit.delta_weight().detach(), 2.0 * b @ a, atol=1e-6, rtol=0)
+
+
+def test_peft_rank_and_alpha_patterns_are_read_exactly(tmp_path):
+    # c_attn: rank 4, alpha 4 (s=1), a general B; attn.c_proj: rank 2, alpha 6 (s=3). The
+    # config takes rank 4 and s=1; c_proj is zero-padded to rank 4 with s=3 folded into B.
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(
+        build_gpt2(),
+        LoraConfig(
+            r=2,
+            lora_alpha=6,
+            fan_in_fan_out=True,
+            target_modules=["c_attn", "attn.c_proj"],
+            rank_pattern={"c_attn": 4},
+            alpha_pattern={"c_attn": 4},
+        ),
+    )
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    expected = logits(peft_model.eval())
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    model = init(build_gpt2(), GPT2_INTERFACE)
+    model.load_adapter(str(tmp_path / "peft"), load_as="a", set_active=True)
+    config = model.adapters_config["a"]
+    assert (config.r, config.alpha, config.attn_matrices) == (4, 4.0, ("q", "k", "v", "o"))
+    o_proj = model.get_adapter("a")["transformer.h.0.attn.c_proj"]
+    assert not o_proj.lora_A[2:].any() and not o_proj.lora_B[:, 2:].any()
+    torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=0)
+
+
+def test_peft_dora_on_a_fused_projection_raises(tmp_path):
     from safetensors.torch import save_file
 
     target = tmp_path / "peft"
     target.mkdir()
     (target / "adapter_config.json").write_text(
-        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["c_attn"]})
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "use_dora": True, "bias": "none"})
     )
     prefix = "base_model.model.transformer.h.0.attn.c_attn"
     save_file(
         {
             f"{prefix}.lora_A.weight": torch.zeros(2, 32),
             f"{prefix}.lora_B.weight": torch.zeros(96, 2),
+            f"{prefix}.lora_magnitude_vector": torch.ones(96),
         },
         str(target / "adapter_model.safetensors"),
     )
     model = init(build_gpt2(), GPT2_INTERFACE)
-    with pytest.raises(CheckpointError, match="fused projection"):
+    with pytest.raises(CheckpointError, match="DoRA on the fused projection"):
         model.load_adapter(str(target))
+    assert not model.has_adapters()

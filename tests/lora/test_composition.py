@@ -125,7 +125,105 @@ def test_svd_average_exact_when_rank_suffices(llama):
     torch.testing.assert_close(_q_out(llama, "avg", x), expected, atol=1e-5, rtol=1e-4)
 
 
-def test_svd_average_with_other_rank_raises(two):
-    with pytest.raises(ConfigError, match="svd_rank=5"):
-        two.average_adapter("avg", ["a", "b"], combine_strategy="lora_delta_w_svd", svd_rank=5)
+def _weighted_q_delta(model, weights):
+    units = [model.get_adapter(n)["model.layers.0.self_attn.q_proj"] for n in weights]
+    return sum(w * u.delta_weight().detach() for w, u in zip(weights.values(), units))
+
+
+def test_svd_average_with_a_smaller_rank_is_the_best_approximation(two):
+    two.average_adapter(
+        "avg", ["a", "b"], weights=[0.3, 0.7], combine_strategy="lora_delta_w_svd", svd_rank=1
+    )
+    config = two.adapters_config["avg"]
+    assert (config.r, config.alpha) == (1, 4.0)  # r=2, alpha=8 → r=1, alpha=4: same s=4
+    unit = two.get_adapter("avg")["model.layers.0.self_attn.q_proj"]
+    assert tuple(unit.lora_A.shape) == (1, 32) and unit.scaling == 4.0
+    u, s, vh = torch.linalg.svd(_weighted_q_delta(two, {"a": 0.3, "b": 0.7}))
+    torch.testing.assert_close(
+        unit.delta_weight().detach(), s[0] * torch.outer(u[:, 0], vh[0]), atol=1e-5, rtol=1e-4
+    )
+
+
+def test_svd_average_with_a_larger_rank_is_exact(two):
+    # two rank-2 adapters: their weighted sum has rank <= 4
+    two.average_adapter(
+        "avg", ["a", "b"], weights=[0.3, 0.7], combine_strategy="lora_delta_w_svd", svd_rank=4
+    )
+    config = two.adapters_config["avg"]
+    assert (config.r, config.scaling) == (4, two.adapters_config["a"].scaling)
+    x = torch.randn(2, 3, 32)
+    base = _q_out(two, None, x)
+    expected = base + 0.3 * (_q_out(two, "a", x) - base) + 0.7 * (_q_out(two, "b", x) - base)
+    torch.testing.assert_close(_q_out(two, "avg", x), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_svd_average_keeps_the_rslora_scaling(llama):
+    for name, seed in (("a", 1), ("b", 2)):
+        llama.add_adapter(name, LoRAConfig(r=4, alpha=8, use_rslora=True, attn_matrices=("q",)))
+        randomise(llama, name, seed)
+    llama.average_adapter("avg", ["a", "b"], combine_strategy="lora_delta_w_svd", svd_rank=8)
+    config = llama.adapters_config["avg"]
+    assert config.r == 8 and config.use_rslora
+    assert abs(config.scaling - 4.0) < 1e-12  # 8 / sqrt(4), kept: alpha = 8 * sqrt(2)
+    unit = llama.get_adapter("avg")["model.layers.0.self_attn.q_proj"]
+    torch.testing.assert_close(
+        unit.delta_weight().detach(),
+        _weighted_q_delta(llama, {"a": 0.5, "b": 0.5}),
+        atol=1e-5,
+        rtol=1e-4,
+    )
+
+
+def test_svd_average_of_sources_with_different_ranks(llama):
+    llama.add_adapter("a", LoRAConfig(r=2, alpha=4, attn_matrices=("q",)))
+    llama.add_adapter("b", LoRAConfig(r=3, alpha=12, attn_matrices=("q",)))
+    randomise(llama, "a", 1)
+    randomise(llama, "b", 2)
+    llama.average_adapter("avg", ["a", "b"], combine_strategy="lora_delta_w_svd", svd_rank=5)
+    unit = llama.get_adapter("avg")["model.layers.0.self_attn.q_proj"]
+    torch.testing.assert_close(
+        unit.delta_weight().detach(),
+        _weighted_q_delta(llama, {"a": 0.5, "b": 0.5}),
+        atol=1e-5,
+        rtol=1e-4,
+    )
+
+
+def test_svd_average_on_a_fused_projection_works_per_slice():
+    model = init(build_gpt2(), GPT2_INTERFACE)
+    for name, seed in (("a", 1), ("b", 2)):
+        model.add_adapter(name, LoRAConfig(r=2))
+        randomise(model, name, seed)
+    model.average_adapter("avg", ["a", "b"], combine_strategy="lora_delta_w_svd", svd_rank=4)
+    units = [model.get_adapter(n)["transformer.h.0.attn.c_attn"] for n in ("a", "b", "avg")]
+    assert tuple(units[2].lora_A.shape) == (8, 32)  # q and v slices, rank 4 each
+    torch.testing.assert_close(
+        units[2].delta_weight().detach(),
+        0.5 * units[0].delta_weight().detach() + 0.5 * units[1].delta_weight().detach(),
+        atol=1e-5,
+        rtol=1e-4,
+    )
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [({"svd_rank": 0}, "svd_rank=0"), ({"svd_rank": 2.5}, "svd_rank=2.5"), ({"rank": 2}, "rank")],
+)
+def test_svd_average_with_bad_options_raises(two, options, message):
+    with pytest.raises(ConfigError, match=message):
+        two.average_adapter("avg", ["a", "b"], combine_strategy="lora_delta_w_svd", **options)
     assert "avg" not in two.adapters_config
+
+
+def test_svd_average_of_different_targets_raises(llama):
+    llama.add_adapter("a", LoRAConfig(attn_matrices=("q",)))
+    llama.add_adapter("b", LoRAConfig(attn_matrices=("v",)))
+    with pytest.raises(ConfigError, match="adapts other modules"):
+        llama.average_adapter("avg", ["a", "b"], combine_strategy="lora_delta_w_svd")
+    assert "avg" not in llama.adapters_config
+
+
+def test_svd_average_of_ia3_raises(llama):
+    llama.add_adapter("a", IA3Config())
+    with pytest.raises(ConfigError, match="plain LoRA"):
+        llama.average_adapter("avg", ["a"], combine_strategy="lora_delta_w_svd")

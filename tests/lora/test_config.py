@@ -48,9 +48,19 @@ def test_presets_are_registered(llama, preset):
     assert llama.adapters_config[preset].method == "lora"
 
 
-def test_to_dict_round_trips():
-    config = LoRAConfig(r=4, attn_matrices=("q", "k", "v", "o"), leave_out=(1,))
-    assert adapters.AdapterConfig.from_dict(config.to_dict()) == config
+@pytest.mark.parametrize(
+    "config",
+    [
+        LoRAConfig(r=4, attn_matrices=("q", "k", "v", "o"), leave_out=(1,)),
+        IA3Config(attn_matrices=("q",)),
+        DoRAConfig(r=2, output_lora=True),
+    ],
+    ids=["lora", "ia3", "dora"],
+)
+def test_to_dict_round_trips_to_the_same_class(config):
+    again = adapters.AdapterConfig.from_dict(config.to_dict())
+    assert type(again) is type(config)
+    assert again == config
 
 
 @pytest.mark.parametrize(

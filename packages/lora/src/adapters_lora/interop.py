@@ -1,8 +1,9 @@
 """Foreign checkpoint formats for LoRA adapters.
 
 - ``"peft"`` (read and write): PEFT LoRA directories (``adapter_config.json`` with
-  ``"peft_type": "LORA"`` + ``adapter_model.safetensors``), including rsLoRA, DoRA and Conv1D
-  (``fan_in_fan_out``).
+  ``"peft_type": "LORA"`` + ``adapter_model.safetensors``), including rsLoRA, DoRA, Conv1D
+  (``fan_in_fan_out``), ``rank_pattern`` / ``alpha_pattern`` and LoRA on a fused q/k/v
+  projection (GPT-2 ``c_attn``, PEFT's default target there).
 - ``"adapterhub"`` (read): AdapterHub ``adapters`` LoRA / IA3 directories
   (``adapter_config.json`` with a ``"config"`` dict + ``pytorch_adapter.bin`` or
   ``adapter.safetensors``). ``.bin`` files are read with ``torch.load(weights_only=True)``:
@@ -14,9 +15,11 @@ Both map the foreign keys to this library's name-independent keys ``{site.path}.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,7 +34,7 @@ from adapters.sites import ModelSites
 
 from .config import ATTN_MATRICES, IA3Config, LoRAConfig
 from .layer import is_conv1d
-from .plugin import Target, targets_of
+from .plugin import Target, fused_slices, targets_of
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -174,35 +177,117 @@ def _peft_options(meta: dict[str, Any]) -> dict[str, Any]:
             raise CheckpointError(f"PEFT option {label} ({meta[key]!r}) is not supported")
     if meta.get("use_qalora"):
         raise CheckpointError("PEFT option use_qalora=True is not supported")
-    r, alpha = int(meta["r"]), meta.get("lora_alpha", 8)
-    for key, value in (("rank_pattern", r), ("alpha_pattern", alpha)):
-        pattern = meta.get(key) or {}
-        differing = {k: v for k, v in pattern.items() if v != value}
-        if differing:
-            raise CheckpointError(
-                f"PEFT {key}={differing} gives modules a different "
-                f"{'rank' if key == 'rank_pattern' else 'alpha'}; a LoRA adapter here has one r "
-                "and one alpha for all modules"
-            )
     return {
-        "r": r,
-        "alpha": alpha,
+        "r": int(meta.get("r", 8)),
+        "alpha": meta.get("lora_alpha", 8),
         "dropout": float(meta.get("lora_dropout") or 0.0),
         "use_rslora": bool(meta.get("use_rslora")),
         "use_dora": bool(meta.get("use_dora")),
     }
 
 
+def _pattern_value(pattern: dict[str, Any] | None, module: str, default: Any, label: str) -> Any:
+    """PEFT's per-module override: the value of the first key of ``pattern`` (a regular
+    expression) that matches the end of ``module`` at a ``.`` boundary, else ``default``."""
+    for key, value in (pattern or {}).items():
+        try:
+            if re.fullmatch(rf"(?:.*\.)?(?:{key})", module):
+                return value
+        except re.error as error:
+            raise CheckpointError(f"PEFT {label} key {key!r} is not a regex: {error}") from None
+    return default
+
+
+def _scaling(alpha: float, rank: int, rslora: bool) -> float:
+    return float(alpha) / (math.sqrt(rank) if rslora else rank)
+
+
+@dataclass
+class _Blocks:
+    """One module of a PEFT checkpoint in our layout: per adapted output slice, ``(A_j, B_j)``
+    of a common rank, the scaling ``s`` of ``s * B_j A_j``, and for a fused projection the
+    adapted q/k/v matrices."""
+
+    target: Target
+    blocks: list[tuple[torch.Tensor, torch.Tensor]]
+    rank: int
+    scaling: float
+    matrices: tuple[str, ...] = ()
+    magnitude: torch.Tensor | None = None
+
+
+def _fused_general(sites: ModelSites, target: Target, a: torch.Tensor, b: torch.Tensor):
+    """PEFT's one shared ``A`` on a fused projection, exactly: every q/k/v slice gets ``A``
+    and its rows of ``B``."""
+    slices = fused_slices(sites, target.site, ("q", "k", "v"))
+    return ("q", "k", "v"), [(a, b[start:end]) for start, end in slices], a.shape[0]
+
+
+def _fused_compact(sites: ModelSites, target: Target, a: torch.Tensor, b: torch.Tensor):
+    """The compact form of a block-structured ``B`` (as `peft_write` produces it): when the
+    adapted slices use disjoint sets of equally many columns of ``B``, each slice keeps only
+    its own rows of ``A``; slices whose rows of ``B`` are all zero are left out. None if ``B``
+    has no such structure (then `_fused_general` applies)."""
+    matrices, blocks, used_total = [], [], torch.zeros(b.shape[1], dtype=torch.bool)
+    for name, (start, end) in zip(
+        ("q", "k", "v"), fused_slices(sites, target.site, ("q", "k", "v"))
+    ):
+        used = (b[start:end] != 0).any(dim=0)
+        if not used.any():
+            continue
+        if (used & used_total).any():
+            return None
+        used_total |= used
+        matrices.append(name)
+        blocks.append((a[used], b[start:end][:, used]))
+    ranks = {blk[0].shape[0] for blk in blocks}
+    if len(ranks) != 1:
+        return None
+    return tuple(matrices), blocks, ranks.pop()
+
+
+def _pad(blocks: _Blocks, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lora_A, lora_B)`` of ``blocks`` at rank ``rank`` (extra rows / columns are zero,
+    and stay zero in training) with the scaling difference folded into ``B``."""
+    a_parts, b_parts = [], []
+    for a, b in blocks.blocks:
+        if not math.isclose(blocks.scaling, scaling, rel_tol=1e-12):
+            b = b * (blocks.scaling / scaling)
+        if blocks.rank < rank:
+            a = torch.cat([a, a.new_zeros(rank - blocks.rank, a.shape[1])])
+            b = torch.cat([b, b.new_zeros(b.shape[0], rank - blocks.rank)], dim=1)
+        a_parts.append(a)
+        b_parts.append(b)
+    return torch.cat(a_parts), torch.cat(b_parts)
+
+
+def _tidy(value: float) -> float:
+    """``value`` rounded to 9 decimals when that is within float error (so that ``8 *
+    sqrt(2) / sqrt(2)`` reads back as 8.0)."""
+    rounded = round(value, 9)
+    return rounded if math.isclose(rounded, value, rel_tol=1e-12) else value
+
+
 def peft_read(
     path: str, model: nn.Module, sites: ModelSites, config: AdapterConfig | None
 ) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
-    """Read a PEFT LoRA directory: (our config, tensors under our keys)."""
+    """Read a PEFT LoRA directory: (our config, tensors under our keys).
+
+    Every module is represented exactly (same ``delta W``):
+
+    - a fused q/k/v projection (GPT-2 ``c_attn``) with PEFT's one shared ``A`` (r x in) and
+      ``B`` (out x r) becomes our fused layout with q, k and v adapted, each slice with ``A``
+      and its rows of ``B``; a block-structured ``B`` (as `peft_write` writes one) is read back
+      in its compact form;
+    - ``rank_pattern`` / ``alpha_pattern``: modules of a lower rank are zero-padded to the
+      highest one and a different scaling is folded into ``B``.
+    """
     meta = _read_json(path) or {}
     options = _peft_options(meta)
     raw = _load_tensors(path, ("adapter_model.safetensors", "adapter_model.bin"))
     candidates = _all_projections(sites)
-    matched: dict[str, Target] = {}
-    tensors: dict[str, torch.Tensor] = {}
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    targets: dict[str, tuple[Target, str]] = {}
     for key, value in raw.items():
         module_key = key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key
         parsed = _PEFT_KEY.match(module_key)
@@ -218,20 +303,104 @@ def peft_read(
                 "model's AdapterModelInterface (q/k/v/o, intermediate, output); adapt it in "
                 "the interface or use a model whose paths match"
             )
-        if target.role == "qkv":
+        if target.role == "qkv" and options["use_dora"]:
             raise CheckpointError(
-                f"PEFT adapts the fused projection {target.site.path} with one A shared by "
-                "q, k and v; adapters-lora's fused LoRA keeps one A per q/k/v slice "
-                "(AdapterHub's layout) and cannot represent it"
+                f"PEFT DoRA on the fused projection {target.site.path} is not supported: "
+                "adapters-lora has no DoRA on fused q/k/v projections; use plain LoRA there"
             )
-        matched[target.site.path] = target
-        param = parsed["ab"] or "magnitude"
-        tensors[f"{target.site.path}.{param}"] = value
-    if not matched:
+        targets[target.site.path] = (target, parsed["module"])
+        found.setdefault(target.site.path, {})[parsed["ab"] or "magnitude"] = value
+    if not found:
         raise CheckpointError(f"{path!r} holds no LoRA tensors")
+    modules = [_peft_module(sites, *targets[p], found[p], meta, options) for p in sorted(found)]
+    fused = {m.matrices for m in modules if m.target.role == "qkv"}
+    if len(fused) > 1:  # compact forms that differ between layers: use the general one
+        for m in modules:
+            if m.target.role == "qkv" and m.matrices != ("q", "k", "v"):
+                a, b = found[m.target.site.path]["lora_A"], found[m.target.site.path]["lora_B"]
+                m.matrices, m.blocks, m.rank = _fused_general(sites, m.target, a, b)
+        fused = {("q", "k", "v")}
+    # one rank and scaling for the config: the highest rank, and the (most common) scaling of
+    # the modules that have it; _pad adapts the others exactly
+    rank = max(m.rank for m in modules)
+    scalings = [m.scaling for m in modules if m.rank == rank]
+    scaling = max(sorted(set(scalings)), key=scalings.count)
+    rslora = options["use_rslora"]
+    if rank == options["r"] and math.isclose(
+        scaling, _scaling(options["alpha"], rank, rslora), rel_tol=1e-9
+    ):
+        alpha = options["alpha"]
+    else:
+        alpha = _tidy(scaling * (math.sqrt(rank) if rslora else rank))
+    scaling = _scaling(alpha, rank, rslora)
+    tensors: dict[str, torch.Tensor] = {}
+    for m in modules:
+        p = m.target.site.path
+        tensors[f"{p}.lora_A"], tensors[f"{p}.lora_B"] = _pad(m, rank, scaling)
+        if m.magnitude is not None:
+            tensors[f"{p}.magnitude"] = m.magnitude
     if config is None:
-        config = _config_from_targets(sites, list(matched.values()), **options)
+        config = _config_from_targets(
+            sites,
+            [m.target for m in modules],
+            fused=next(iter(fused), ()),
+            **{**options, "r": rank, "alpha": alpha},
+        )
     return config, tensors
+
+
+def _peft_module(
+    sites: ModelSites,
+    target: Target,
+    module_key: str,
+    parts: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    options: dict[str, Any],
+) -> _Blocks:
+    """One PEFT module's tensors in our layout, checked against ``r`` / ``rank_pattern``."""
+    path = target.site.path
+    a, b = parts.get("lora_A"), parts.get("lora_B")
+    if a is None or b is None or (options["use_dora"] and "magnitude" not in parts):
+        raise CheckpointError(
+            f"PEFT module {module_key!r} lacks tensors: has {sorted(parts)}, expected lora_A, "
+            f"lora_B{' and lora_magnitude_vector' if options['use_dora'] else ''}"
+        )
+    rank = a.shape[0]
+    expected = _pattern_value(meta.get("rank_pattern"), module_key, options["r"], "rank_pattern")
+    if rank != expected or b.shape[1] != rank:
+        raise CheckpointError(
+            f"PEFT module {module_key!r} has lora_A {tuple(a.shape)} and lora_B "
+            f"{tuple(b.shape)}, but r / rank_pattern give it rank {expected}"
+        )
+    alpha = _pattern_value(meta.get("alpha_pattern"), module_key, options["alpha"], "alpha_pattern")
+    scaling = _scaling(alpha, rank, options["use_rslora"])
+    if target.role != "qkv":
+        return _Blocks(target, [(a, b)], rank, scaling, magnitude=parts.get("magnitude"))
+    if b.shape[0] != int(target.site.out_features or 0):
+        raise CheckpointError(
+            f"PEFT lora_B of {module_key!r} has {b.shape[0]} rows, the projection {path} has "
+            f"{target.site.out_features} outputs"
+        )
+    matrices, blocks, rank = _fused_compact(sites, target, a, b) or _fused_general(
+        sites, target, a, b
+    )
+    return _Blocks(target, blocks, rank, scaling, matrices)
+
+
+def _peft_fused_tensors(
+    target: Target, config: LoRAConfig, a: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+    """A fused unit as PEFT's one ``A`` and ``B``: rank ``n * r`` for ``n`` adapted slices, our
+    stacked ``A`` as is, ``B`` block-diagonal (slice ``j`` uses columns ``j*r..(j+1)*r``; rows of
+    slices not adapted are zero); ``lora_alpha`` such that PEFT's scaling equals ours."""
+    n, r = len(target.slices), config.r
+    full = b.new_zeros(int(target.site.out_features or 0), n * r)
+    row = 0
+    for j, (start, end) in enumerate(target.slices):
+        full[start:end, j * r : (j + 1) * r] = b[row : row + end - start]
+        row += end - start
+    alpha = float(config.alpha) * (math.sqrt(n) if config.use_rslora else n)
+    return a, full, n * r, alpha if n > 1 else config.alpha
 
 
 def peft_write(
@@ -243,7 +412,11 @@ def peft_write(
     state_dict: dict[str, torch.Tensor],
 ) -> None:
     """Write adapter ``name`` as a PEFT LoRA directory that ``PeftModel.from_pretrained`` loads
-    onto a fresh copy of the base model with the same outputs."""
+    onto a fresh copy of the base model with the same outputs.
+
+    A fused q/k/v projection is written as one PEFT LoRA of rank ``r`` times the number of
+    adapted slices (see `_peft_fused_tensors`); where that rank differs from the other modules'
+    ``r``, ``rank_pattern`` and ``alpha_pattern`` give it to the fused modules."""
     if not isinstance(config, LoRAConfig):
         raise CheckpointError(f"format='peft' writes LoRA adapters; {name!r} is {config.method!r}")
     reasons = []
@@ -251,28 +424,38 @@ def peft_write(
         reasons.append("composition_mode='scale' (IA3 is a different PEFT type)")
     if config.use_gating:
         reasons.append("use_gating=True (PEFT has no gated LoRA)")
-    targets = targets_of(sites, config)
-    if any(t.role == "qkv" for t in targets):
-        reasons.append("a fused q/k/v projection (PEFT shares one A across q, k and v)")
     if reasons:
         raise CheckpointError(
             f"adapter {name!r} cannot be expressed as a PEFT LoRA checkpoint: "
             f"{'; '.join(reasons)}; save it in this library's format instead"
         )
+    targets = targets_of(sites, config)
     tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, tuple[int, float]] = {}
     for target in targets:
         p = target.site.path
-        tensors[f"{_PEFT_PREFIX}{p}.lora_A.weight"] = state_dict[f"{p}.lora_A"]
-        tensors[f"{_PEFT_PREFIX}{p}.lora_B.weight"] = state_dict[f"{p}.lora_B"]
+        a, b = state_dict[f"{p}.lora_A"], state_dict[f"{p}.lora_B"]
+        if target.role == "qkv":
+            a, b, rank, alpha = _peft_fused_tensors(target, config, a, b)
+            ranks[p] = (rank, alpha)
+        else:
+            ranks[p] = (config.r, config.alpha)
+        tensors[f"{_PEFT_PREFIX}{p}.lora_A.weight"] = a
+        tensors[f"{_PEFT_PREFIX}{p}.lora_B.weight"] = b
         if config.use_dora:
             tensors[f"{_PEFT_PREFIX}{p}.lora_magnitude_vector"] = state_dict[f"{p}.magnitude"]
+    if len(set(ranks.values())) == 1:
+        (r, alpha), patterns = next(iter(ranks.values())), {}
+    else:
+        r, alpha = config.r, config.alpha
+        patterns = {p: v for p, v in ranks.items() if v != (r, alpha)}
     meta = {
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None)
         or None,
-        "r": config.r,
-        "lora_alpha": config.alpha,
+        "r": r,
+        "lora_alpha": alpha,
         "lora_dropout": config.dropout,
         "use_rslora": config.use_rslora,
         "use_dora": config.use_dora,
@@ -282,8 +465,8 @@ def peft_write(
         "modules_to_save": None,
         "init_lora_weights": True,
         "inference_mode": True,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": {p: v[0] for p, v in patterns.items()},
+        "alpha_pattern": {p: v[1] for p, v in patterns.items()},
     }
     with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)

@@ -280,16 +280,13 @@ class LoRAPlugin:
         self,
         model: nn.Module,
         sites: ModelSites,
-        name: str,
         sources: list[tuple[str, AdapterConfig, float]],
         combine_strategy: str,
         options: dict[str, Any],
-    ) -> bool | None:
-        new_config = model.adapters_config[name]
-        if combine_strategy != "lora_delta_w_svd" or not _ours(new_config):
+    ) -> tuple[AdapterConfig, dict[str, torch.Tensor]] | None:
+        if combine_strategy != "lora_delta_w_svd" or not _ours(sources[0][1]):
             return None
-        average_delta_w_svd(sites, name, new_config, sources, options)
-        return True
+        return average_delta_w_svd(sites, sources, options)
 
 
 def _units(sites: ModelSites, config: LoRAConfig, name: str) -> Iterator[Target]:
@@ -301,28 +298,35 @@ def _units(sites: ModelSites, config: LoRAConfig, name: str) -> Iterator[Target]
 
 def average_delta_w_svd(
     sites: ModelSites,
-    name: str,
-    config: LoRAConfig,
     sources: list[tuple[str, AdapterConfig, float]],
     options: dict[str, Any],
-) -> None:
-    """Fill adapter ``name`` with the truncated SVD of each site's weighted sum of the sources'
-    ``s * B A`` (per q/k/v slice on a fused projection).
+) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+    """The ``"lora_delta_w_svd"`` average: per adapted projection (per q/k/v slice on a fused
+    one), the truncated SVD ``U S V^T`` of the weighted sum of the sources' ``s_i B_i A_i``.
 
-    Options: ``svd_rank`` (default and only allowed value: the new adapter's ``r``, because core
-    creates it with the first source's config).
+    The new adapter's config is the first source's with ``r=svd_rank`` and ``alpha`` chosen so
+    that its scaling ``s`` equals the first source's (``alpha * svd_rank / r``, or
+    ``alpha * sqrt(svd_rank / r)`` with ``use_rslora``); its weights are ``A = V^T`` and
+    ``B = U S / s``. ``svd_rank`` (default: the first source's ``r``) may be smaller or larger
+    than the sources' ranks; rank directions the weighted sum lacks stay zero.
+
+    Sources may differ in ``r`` and ``alpha`` but must adapt the same projections (and q/k/v
+    slices) with plain additive LoRA.
+
+    Returns:
+        ``(config, tensors)``: tensors under the keys ``adapters_add_adapter`` gives that config.
+
+    Raises:
+        ConfigError: unknown options, a bad ``svd_rank``, sources that are not plain LoRA or
+            adapt other projections.
     """
     unknown = sorted(set(options) - {"svd_rank"})
     if unknown:
-        raise ConfigError(f"combine_strategy='lora_delta_w_svd' takes svd_rank only; got {unknown}")
-    rank = options.get("svd_rank", config.r)
-    if rank != config.r:
         raise ConfigError(
-            f"svd_rank={rank!r} differs from r={config.r} of the first source adapter, which "
-            "the averaged adapter is created with; give the first adapter that rank or omit "
-            "svd_rank"
+            f"combine_strategy='lora_delta_w_svd' takes only the option svd_rank; got {unknown}"
         )
-    for config_i in [config, *(c for _, c, _ in sources)]:
+    first_name, first, _ = sources[0]
+    for source, config_i, _ in sources:
         if (
             not isinstance(config_i, LoRAConfig)
             or config_i.composition_mode != "add"
@@ -331,41 +335,61 @@ def average_delta_w_svd(
         ):
             raise ConfigError(
                 "combine_strategy='lora_delta_w_svd' needs plain LoRA adapters "
-                "(composition_mode='add', no DoRA, no gating); got "
+                f"(composition_mode='add', no DoRA, no gating); adapter {source!r} is "
                 f"{type(config_i).__name__}: {config_i}"
             )
-    paths = {t.site.path for t in targets_of(sites, config)}
-    for source, source_config, _ in sources:
-        other = {t.site.path for t in targets_of(sites, source_config)}
+    rank = options.get("svd_rank", first.r)
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ConfigError(f"svd_rank={rank!r} must be an integer >= 1 (the new adapter's r)")
+    config = _with_rank(first, rank)
+    targets = targets_of(sites, config)
+    paths = [t.site.path for t in targets]
+    for source, config_i, _ in sources[1:]:
+        other = [t.site.path for t in targets_of(sites, config_i)]
         if other != paths:
             raise ConfigError(
-                f"adapter {source!r} adapts other modules than {sources[0][0]!r} "
-                f"({sorted(other ^ paths)[:3]}...); lora_delta_w_svd needs the same targets"
+                f"adapter {source!r} adapts other modules than {first_name!r} (they differ on "
+                f"{sorted(set(other) ^ set(paths))[:3]}); lora_delta_w_svd needs the same "
+                "targets: give the sources the same attn_matrices, *_lora flags and leave_out"
             )
+    tensors: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for target in targets_of(sites, config):
+        for target in targets:
             host = host_of(target.site.module)
-            new = host.units[name]
-            blocks = None
+            blocks: list[torch.Tensor] | None = None
             for source, _, weight in sources:
                 unit = host.units[source]
-                if unit.slices != new.slices:
+                if unit.slices != target.slices:
                     raise ConfigError(
-                        f"adapter {source!r} adapts other q/k/v slices of {target.site.path}"
+                        f"adapter {source!r} adapts other q/k/v slices of {target.site.path} "
+                        f"({unit.slices}) than {first_name!r} ({target.slices})"
                     )
                 parts = [weight * d.float() for d in unit.slice_deltas()]
                 blocks = parts if blocks is None else [b + p for b, p in zip(blocks, parts)]
-            r, row = config.r, 0
-            for j, delta in enumerate(blocks):
-                u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-                k = min(r, s.shape[0])
-                a = torch.zeros(r, delta.shape[1], dtype=torch.float32, device=delta.device)
-                b = torch.zeros(delta.shape[0], r, dtype=torch.float32, device=delta.device)
-                a[:k] = vh[:k]
-                b[:, :k] = u[:, :k] * (s[:k] / new.scaling)
-                new.lora_A[j * r : (j + 1) * r] = a.to(new.lora_A.dtype)
-                new.lora_B[row : row + delta.shape[0]] = b.to(new.lora_B.dtype)
-                row += delta.shape[0]
+            a_blocks, b_blocks = zip(*(_low_rank(delta, rank, config.scaling) for delta in blocks))
+            tensors[f"{target.site.path}.lora_A"] = torch.cat(a_blocks).cpu()
+            tensors[f"{target.site.path}.lora_B"] = torch.cat(b_blocks).cpu()
+    return config, tensors
+
+
+def _with_rank(config: LoRAConfig, rank: int) -> LoRAConfig:
+    """``config`` with rank ``rank`` and the same scaling ``s``."""
+    if rank == config.r:
+        return config
+    ratio = (rank / config.r) ** 0.5 if config.use_rslora else rank / config.r
+    return config.replace(r=rank, alpha=float(config.alpha) * ratio)
+
+
+def _low_rank(delta: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` with ``scaling * B A`` the best rank-``rank`` approximation of ``delta``;
+    A is (rank, in), B is (out, rank), zero beyond ``delta``'s own rank bound."""
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    k = min(rank, s.shape[0])
+    a = delta.new_zeros(rank, delta.shape[1])
+    b = delta.new_zeros(delta.shape[0], rank)
+    a[:k] = vh[:k]
+    b[:, :k] = u[:, :k] * (s[:k] / scaling)
+    return a, b
 
 
 _plugin = LoRAPlugin()
