@@ -79,3 +79,11 @@ def test_submodule_called_directly_still_applies_active_adapters(toy_plugins):
     model.add_adapter("a", config="toy_lora", set_active=True)
     randomize(model, "a")
     assert not torch.allclose(model.model(ids).last_hidden_state, base)
+
+
+def test_a_mask_passed_positionally_is_seen(toy_plugins):
+    model = init_toy()
+    spy = spy_on(model)
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    model(torch.ones(2, 3, dtype=torch.long), mask)
+    assert spy.seen[0].starts.tolist() == [1, 0]

@@ -250,3 +250,22 @@ def test_a_saved_config_reloads_as_its_own_class(toy_plugins, tmp_path):
     fresh.load_adapter(str(tmp_path / "w"))
     assert type(fresh.adapters_config["w"]) is ToyWideLoRAConfig
     assert fresh.adapters_config["w"] == ToyWideLoRAConfig()
+
+
+def test_a_directory_claimed_by_two_formats_is_an_error(model, tmp_path):
+    from adapters.plugins import get_registry
+
+    registry = get_registry()
+    registry.register(ForeignFormat(), "foreign")
+    second = ForeignFormat()
+    registry.register(second, "foreign2")
+    try:
+        model.save_adapter(str(tmp_path / "f"), "a", format="foreign")
+        registry.formats["foreign2"] = CheckpointFormat(
+            "foreign2", detect=second.detect, read=second.read, plugin="foreign2"
+        )
+        with pytest.raises(CheckpointError, match="claimed by several checkpoint formats"):
+            model.load_adapter(str(tmp_path / "f"), load_as="x")
+    finally:
+        registry.unregister("foreign")
+        registry.unregister("foreign2")

@@ -10,6 +10,7 @@ batch for ``Parallel``) and a forward hook that closes it. Base ``state_dict`` k
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -132,13 +133,38 @@ class _ForwardHooks:
                 args, kwargs, batch = _replicate_inputs(args, kwargs, len(parallel))
                 branches = len(parallel)
                 setup = BatchSplit(*parallel.children, batch_sizes=[batch] * branches)
-        ctx = _build_context(model, setup, args, kwargs, branches)
+        ctx = _build_context(
+            model, setup, args, _with_positional_names(model, args, kwargs), branches
+        )
         ctx_mod.push_context(ctx)
         return (args, kwargs) if branches > 1 else None
 
     def post_forward(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if STATE_ATTR in model.__dict__:
             ctx_mod.pop_context()
+
+
+_POSITIONAL_NAMES: dict[type, list[str]] = {}
+
+
+def _with_positional_names(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """``kwargs`` plus positional arguments under their parameter names (e.g. a mask passed
+    as ``model(ids, mask)``), for reading inputs; the call itself is not changed."""
+    if not args:
+        return kwargs
+    cls = type(model)
+    names = _POSITIONAL_NAMES.get(cls)
+    if names is None:
+        try:
+            params = inspect.signature(cls.forward).parameters.values()
+        except (TypeError, ValueError):
+            params = []
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        names = [p.name for p in params if p.kind in kinds][1:]  # drop self
+        _POSITIONAL_NAMES[cls] = names
+    named = dict(zip(names, args))
+    named.update(kwargs)
+    return named
 
 
 def effective_setup(model: nn.Module) -> AdapterCompositionBlock | None:

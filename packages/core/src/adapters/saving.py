@@ -173,15 +173,21 @@ def read_checkpoint(
         saved = override or AdapterConfig.from_dict(meta["config"])
         return meta.get("name"), saved, _load_safetensors(weights)
     registry = get_registry()
-    for fmt in registry.formats.values():
-        if fmt.detect(path):
-            cfg, tensors = fmt.read(
-                path=path,
-                model=model,
-                sites=model.adapter_sites,  # type: ignore[attr-defined]
-                config=override,
-            )
-            return None, cfg, tensors
+    claims = [fmt for fmt in registry.formats.values() if fmt.detect(path)]
+    if len(claims) > 1:
+        names = ", ".join(f"{f.name!r} ({f.plugin})" for f in claims)
+        raise CheckpointError(
+            f"{path!r} is claimed by several checkpoint formats: {names}; a plugin's detect() is "
+            "too broad: report it, or disable one with ADAPTERS_DISABLE_PLUGINS"
+        )
+    if claims:
+        cfg, tensors = claims[0].read(
+            path=path,
+            model=model,
+            sites=model.adapter_sites,  # type: ignore[attr-defined]
+            config=override,
+        )
+        return None, cfg, tensors
     known = [*sorted(registry.formats), FORMAT]
     raise CheckpointError(
         f"{path!r} is not an adapter checkpoint in a known format ({', '.join(known)}); "
