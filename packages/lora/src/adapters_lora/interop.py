@@ -506,6 +506,7 @@ def adapterhub_detect(path: str) -> bool:
     return (
         meta is not None
         and isinstance(meta.get("config"), dict)
+        and meta["config"].get("architecture") == "lora"  # ReFT etc. belong to other plugins
         and "peft_type" not in meta
         and meta.get("format") != "adapters"
         and any(
