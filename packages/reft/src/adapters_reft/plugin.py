@@ -1,0 +1,154 @@
+"""The ReFT plugin: hook implementations that adapters-core calls (entry point ``reft``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from adapters import Average, BatchSplit, CheckpointFormat, MethodSpec, Stack, hookimpl
+from adapters.configs import AdapterConfig
+from adapters.errors import ConfigError
+from adapters.sites import LayerSite, ModelSites
+
+from . import interop
+from .config import PRESETS, DiReftConfig, LoReftConfig, NoReftConfig, ReftConfig, torch_dtype
+from .layer import HOST_ATTR, ReftHost, ReftIntervention
+
+#: The name-independent key of an adapter's intervention at a layer: ``{layer path}.reft``.
+KEY_SUFFIX = "reft"
+
+
+def intervention_key(layer: LayerSite) -> str:
+    """The key under which core saves a layer's intervention (``model.layers.0.reft``)."""
+    return f"{layer.layer.path}.{KEY_SUFFIX}"
+
+
+def used_layers(sites: ModelSites, config: ReftConfig) -> list[LayerSite]:
+    """The layer sites ``config`` intervenes on; unknown indices raise `ConfigError`."""
+    if config.layers == "all":
+        return list(sites.layers)
+    missing = [i for i in config.layers if i >= len(sites.layers)]
+    if missing:
+        raise ConfigError(
+            f"ReftConfig.layers={list(config.layers)} names layers {missing}, but the model has "
+            f"{len(sites.layers)} layers (0..{len(sites.layers) - 1}); use indices in that range"
+        )
+    return [sites.layers[i] for i in config.layers]
+
+
+@hookimpl
+def adapters_register_methods(register: Callable[[MethodSpec], None]) -> None:
+    """Declare the ``reft`` method, its configs and presets."""
+    register(
+        MethodSpec(
+            name="reft",
+            config_classes=(ReftConfig, LoReftConfig, NoReftConfig, DiReftConfig),
+            presets=dict(PRESETS),
+            compositions=(Stack, BatchSplit, Average),
+            can_merge=False,
+        )
+    )
+
+
+@hookimpl
+def adapters_register_checkpoint_formats(register: Callable[[CheckpointFormat], None]) -> None:
+    """Declare the AdapterHub ReFT reader."""
+    register(
+        CheckpointFormat(
+            name=interop.FORMAT_NAME,
+            detect=interop.detect_adapterhub,
+            read=interop.read_adapterhub,
+        )
+    )
+
+
+@hookimpl
+def adapters_add_adapter(
+    model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
+) -> dict[str, nn.Module] | None:
+    """Create one `ReftIntervention` per used layer and hook it onto the layer's output."""
+    if not isinstance(config, ReftConfig):
+        return None
+    if hasattr(nn.ModuleDict(), name):
+        raise ConfigError(
+            f"adapter name {name!r} cannot be used for a ReFT adapter: it is an attribute of "
+            "torch.nn.ModuleDict, which holds the adapters of a layer; choose another name"
+        )
+    layers = used_layers(sites, config)
+    dtype = torch_dtype(config.dtype) if config.dtype is not None else torch.float32
+    plan = []
+    for layer in layers:
+        hidden_size = layer.hidden_size
+        if not hidden_size:
+            raise ConfigError(
+                f"ReFT cannot tell the hidden width of layer {layer.layer.path!r}: the interface "
+                "names none of its modules that show it; add attn_o_proj, layer_output_proj or "
+                "a layer norm path (layer_pre_self_attn, layer_ln_1, ...) to the interface"
+            )
+        if config.orthogonality and config.r > hidden_size:
+            raise ConfigError(
+                f"ReftConfig(orthogonality=True, r={config.r}) needs r <= hidden size "
+                f"{hidden_size} of layer {layer.layer.path!r}; lower r"
+            )
+        existing = getattr(layer.layer.module, HOST_ATTR, None)
+        if existing is not None and not isinstance(existing, ReftHost):
+            raise ConfigError(
+                f"layer {layer.layer.path!r} already has an attribute {HOST_ATTR!r} that is not "
+                "ReFT's; ReFT cannot attach to it"
+            )
+        plan.append((layer, hidden_size))
+    created: dict[str, nn.Module] = {}
+    for layer, hidden_size in plan:
+        module = layer.layer.module
+        host = getattr(module, HOST_ATTR, None)
+        if host is None:
+            host = ReftHost(model, layer.layer.path)
+            module.add_module(HOST_ATTR, host)
+            module.register_forward_hook(host.hook)
+        intervention = ReftIntervention(hidden_size, config, dtype, _device_of(module))
+        host.interventions[name] = intervention
+        host.forget_setup()
+        created[intervention_key(layer)] = intervention
+    return created
+
+
+@hookimpl
+def adapters_delete_adapter(
+    model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
+) -> bool | None:
+    """Remove adapter ``name``'s interventions; a layer left with none loses its hook."""
+    if not isinstance(config, ReftConfig):
+        return None
+    for layer in sites.layers:
+        module = layer.layer.module
+        host = getattr(module, HOST_ATTR, None)
+        if not isinstance(host, ReftHost) or name not in host.interventions:
+            continue
+        del host.interventions[name]
+        host.forget_setup()
+        if not len(host.interventions):
+            _remove_hook(module, host)
+            delattr(module, HOST_ATTR)
+    return True
+
+
+@hookimpl
+def adapters_setup_changed(model: nn.Module, sites: ModelSites, setup: object) -> None:
+    """Nothing to do: the hooks read the setup from the forward context on every call."""
+
+
+def _remove_hook(module: nn.Module, host: ReftHost) -> None:
+    # Found by identity rather than through a stored handle, so it also works on a deep copy.
+    for key, hook in list(module._forward_hooks.items()):
+        if getattr(hook, "__self__", None) is host:
+            del module._forward_hooks[key]
+
+
+def _device_of(module: nn.Module) -> torch.device | None:
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return None

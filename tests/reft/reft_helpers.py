@@ -1,0 +1,111 @@
+"""Tiny models, interfaces and helpers shared by the ReFT tests (imported by name; pytest
+puts this folder on sys.path)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+import adapters
+from adapters import AdapterModelInterface
+
+
+def decoder_interface() -> AdapterModelInterface:
+    """The seed Gemma-2 interface (fits Llama, Qwen2 and Gemma-2)."""
+    return AdapterModelInterface(
+        adapter_methods=["lora", "reft"],
+        model_embeddings="embed_tokens",
+        model_layers="layers",
+        layer_self_attn="self_attn",
+        layer_cross_attn=None,
+        attn_k_proj="k_proj",
+        attn_q_proj="q_proj",
+        attn_v_proj="v_proj",
+        attn_o_proj="o_proj",
+        layer_intermediate_proj="mlp.up_proj",
+        layer_output_proj="mlp.down_proj",
+    )
+
+
+def gpt2_interface() -> AdapterModelInterface:
+    return AdapterModelInterface(
+        adapter_methods=["reft"],
+        model_embeddings="wte",
+        model_layers="h",
+        layer_self_attn="attn",
+        attn_qkv_proj="c_attn",
+        attn_o_proj="c_proj",
+        layer_intermediate_proj="mlp.c_fc",
+        layer_output_proj="mlp.c_proj",
+    )
+
+
+def bert_interface() -> AdapterModelInterface:
+    return AdapterModelInterface(
+        adapter_methods=["reft"],
+        model_embeddings="embeddings.word_embeddings",
+        model_layers="encoder.layer",
+        layer_self_attn="attention",
+        attn_q_proj="self.query",
+        attn_k_proj="self.key",
+        attn_v_proj="self.value",
+        attn_o_proj="output.dense",
+        layer_intermediate_proj="intermediate.dense",
+        layer_output_proj="output.dense",
+    )
+
+
+def init_quietly(model: torch.nn.Module, interface: AdapterModelInterface) -> torch.nn.Module:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="the interface enables adapter method")
+        return adapters.init(model, interface=interface)
+
+
+def tiny_llama(seed: int = 0, layers: int = 2) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        pad_token_id=0,
+        attn_implementation="eager",
+    )
+    model = LlamaForCausalLM(config).eval()
+    return init_quietly(model, decoder_interface())
+
+
+def randomise(model: torch.nn.Module, name: str, scale: float = 0.5, seed: int = 1) -> None:
+    """Give adapter ``name`` large random weights (orthogonal projections stay orthonormal)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, tensor in model.adapter_state_dict(name).items():
+            if key.endswith("learned_source.weight") or key.endswith("learned_source.bias"):
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * scale)
+            else:  # projection.weight: orthonormal rows are fine for every variant
+                q, _ = torch.linalg.qr(torch.randn(tensor.shape[::-1], generator=generator))
+                tensor.copy_(q.t())
+
+
+class Capture:
+    """Forward hook recording a module's output hidden state (first element of a tuple)."""
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+
+    def __call__(self, module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        self.value = hidden.detach().clone()
+
+
+def batch() -> dict[str, torch.Tensor]:
+    """A padded batch: right-padded, full and left-padded examples."""
+    generator = torch.Generator().manual_seed(5)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1]])
+    ids = torch.randint(1, 100, mask.shape, generator=generator) * mask
+    return {"input_ids": ids, "attention_mask": mask}
