@@ -2,9 +2,9 @@
 
 Run in the reference venv (``adapters==1.3.0``), one thread:
 
-    /work/venv-ref/bin/python benchmarks/reft_adapterhub_bench.py --reps 10 --json out.json
+    <ref-venv>/bin/python benchmarks/reft_adapterhub_bench.py --reps 10 --json out.json
 
-``benchmarks/reft_bench.py --adapterhub-python /work/venv-ref/bin/python`` runs this script
+``benchmarks/reft_bench.py --adapterhub-python <ref-venv>/bin/python`` runs this script
 between its own rounds and compares. The model and the ReFT config match reft_bench.py.
 """
 

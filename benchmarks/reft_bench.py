@@ -4,7 +4,7 @@
 Run (one thread, in a venv with adapters-core, adapters-reft, transformers):
 
     python benchmarks/reft_bench.py [--reps 30] [--rounds 5] \
-        [--adapterhub-python /work/venv-ref/bin/python] [--json benchmarks/results/reft.json]
+        [--adapterhub-python <ref-venv>/bin/python] [--json benchmarks/results/reft.json]
 
 Forward overhead: base model, model with an added but inactive LoReFT adapter and with it
 active are timed in a random order per repetition (interleaved), and the per-repetition ratios

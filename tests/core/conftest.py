@@ -8,50 +8,10 @@ import torch
 import adapters
 from adapters import plugins
 
+from ..models import SEED_INTERFACE, SEED_INTERFACE_2, gemma2, llama
 from .toy_plugins import ToyBottleneckPlugin, ToyLoRAPlugin, ToyShiftPlugin
 
-LLAMA_KW = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=100,
-    max_position_embeddings=64,
-)
-
-SEED_INTERFACE = dict(
-    adapter_methods=["lora", "reft"],
-    model_embeddings="embed_tokens",
-    model_layers="layers",
-    layer_self_attn="self_attn",
-    layer_cross_attn=None,
-    attn_k_proj="k_proj",
-    attn_q_proj="q_proj",
-    attn_v_proj="v_proj",
-    attn_o_proj="o_proj",
-    layer_intermediate_proj="mlp.up_proj",
-    layer_output_proj="mlp.down_proj",
-)
-
-SEED_INTERFACE_2 = dict(
-    adapter_types=["bottleneck", "lora", "reft"],
-    model_embeddings="embed_tokens",
-    model_layers="layers",
-    layer_self_attn="self_attn",
-    layer_cross_attn=None,
-    attn_k_proj="k_proj",
-    attn_q_proj="q_proj",
-    attn_v_proj="v_proj",
-    attn_o_proj="o_proj",
-    layer_intermediate_proj="mlp.up_proj",
-    layer_output_proj="mlp.down_proj",
-    layer_pre_self_attn="input_layernorm",
-    layer_pre_cross_attn=None,
-    layer_pre_ffn="pre_feedforward_layernorm",
-    layer_ln_1="post_attention_layernorm",
-    layer_ln_2="post_feedforward_layernorm",
-)
+__all__ = ["SEED_INTERFACE", "SEED_INTERFACE_2", "gemma2", "llama"]
 
 TOY_METHODS = ["toy_lora", "toy_shift", "toy_bottleneck"]
 
@@ -89,30 +49,6 @@ def core_alone(monkeypatch):
     yield registry
     monkeypatch.undo()
     plugins.reload_plugins()
-
-
-def llama(seed: int = 0, **overrides):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(LlamaConfig(**{**LLAMA_KW, **overrides})).eval()
-
-
-def gemma2(seed: int = 0):
-    from transformers import AutoModelForCausalLM, Gemma2Config
-
-    torch.manual_seed(seed)
-    config = Gemma2Config(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        vocab_size=100,
-        max_position_embeddings=64,
-    )
-    return AutoModelForCausalLM.from_config(config).eval()
 
 
 def init_toy(model=None, **overrides):

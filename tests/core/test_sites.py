@@ -1,10 +1,10 @@
 import pytest
-import torch
 from torch import nn
 
 from adapters import AdapterModelInterface, InterfaceError, InterfacePathError
 from adapters.sites import resolve_sites
 
+from .. import models
 from .conftest import SEED_INTERFACE, gemma2, llama
 
 
@@ -99,37 +99,10 @@ def test_gpt2_conv1d_widths_are_read_from_the_transposed_weight():
 
 
 def bart():
-    from transformers import BartConfig, BartForConditionalGeneration
-
-    torch.manual_seed(0)
-    return BartForConditionalGeneration(
-        BartConfig(
-            d_model=16,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=2,
-            decoder_attention_heads=2,
-            encoder_ffn_dim=32,
-            decoder_ffn_dim=32,
-            vocab_size=60,
-            max_position_embeddings=32,
-        )
-    ).eval()
+    return models.bart()
 
 
-BART_INTERFACE = dict(
-    adapter_methods=["x"],
-    model_embeddings="shared",
-    model_layers=["encoder.layers", "decoder.layers"],
-    layer_self_attn="self_attn",
-    layer_cross_attn="encoder_attn",
-    attn_q_proj="q_proj",
-    attn_k_proj="k_proj",
-    attn_v_proj="v_proj",
-    attn_o_proj="out_proj",
-    layer_intermediate_proj="fc1",
-    layer_output_proj="fc2",
-)
+BART_INTERFACE = {**models.BART_INTERFACE, "adapter_methods": ["x"]}
 
 
 def test_layer_stacks_may_lack_a_part_that_other_stacks_have():

@@ -17,35 +17,14 @@ import adapters
 from adapters import AdapterModelInterface, Average, Stack
 from adapters.plugins import reload_plugins
 
+from .. import models
+
 
 def tiny_llama():
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(
-        LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=100,
-        )
-    ).eval()
+    return models.llama()
 
 
-INTERFACE = AdapterModelInterface(
-    adapter_methods=["hidden_scale"],
-    model_embeddings="embed_tokens",
-    model_layers="layers",
-    layer_self_attn="self_attn",
-    attn_q_proj="q_proj",
-    attn_k_proj="k_proj",
-    attn_v_proj="v_proj",
-    attn_o_proj="o_proj",
-    layer_intermediate_proj="mlp.up_proj",
-    layer_output_proj="mlp.down_proj",
-)
+INTERFACE = AdapterModelInterface(**{**models.SEED_INTERFACE, "adapter_methods": ["hidden_scale"]})
 
 
 def test_entry_point_is_discovered_with_its_distribution():

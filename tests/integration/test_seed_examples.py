@@ -17,7 +17,7 @@ import adapters
 from adapters import AdapterModelInterface, AdapterSetup, Parallel, Stack
 from adapters.plugins import reload_plugins
 
-from ..core.conftest import SEED_INTERFACE, SEED_INTERFACE_2, gemma2, llama
+from ..models import SEED_INTERFACE, SEED_INTERFACE_2, gemma2, llama
 
 
 @pytest.fixture(autouse=True)

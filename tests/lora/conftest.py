@@ -11,74 +11,17 @@ from torch import nn
 
 import adapters
 from adapters import AdapterModelInterface
+from tests import models
+from tests.models import BART_INTERFACE, BERT_INTERFACE, GPT2_INTERFACE, LLAMA_INTERFACE
+
+__all__ = ["BART_INTERFACE", "BERT_INTERFACE", "GPT2_INTERFACE", "LLAMA_INTERFACE"]
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "lora")
 IDS = torch.tensor([[5, 17, 42, 8, 99, 3, 61], [12, 0, 77, 31, 9, 50, 2]])
 
-LLAMA_INTERFACE = dict(
-    adapter_methods=["lora"],
-    model_embeddings="embed_tokens",
-    model_layers="layers",
-    layer_self_attn="self_attn",
-    layer_cross_attn=None,
-    attn_k_proj="k_proj",
-    attn_q_proj="q_proj",
-    attn_v_proj="v_proj",
-    attn_o_proj="o_proj",
-    layer_intermediate_proj="mlp.up_proj",
-    layer_output_proj="mlp.down_proj",
-)
-GPT2_INTERFACE = dict(
-    adapter_methods=["lora"],
-    model_embeddings="wte",
-    model_layers="h",
-    layer_self_attn="attn",
-    attn_qkv_proj="c_attn",
-    attn_o_proj="c_proj",
-    layer_intermediate_proj="mlp.c_fc",
-    layer_output_proj="mlp.c_proj",
-)
-BERT_INTERFACE = dict(
-    adapter_methods=["lora"],
-    model_embeddings="embeddings.word_embeddings",
-    model_layers="encoder.layer",
-    layer_self_attn="attention",
-    attn_q_proj="self.query",
-    attn_k_proj="self.key",
-    attn_v_proj="self.value",
-    attn_o_proj="output.dense",
-    layer_intermediate_proj="intermediate.dense",
-    layer_output_proj="output.dense",
-)
-BART_INTERFACE = dict(
-    adapter_methods=["lora"],
-    model_embeddings="shared",
-    model_layers=["encoder.layers", "decoder.layers"],
-    layer_self_attn="self_attn",
-    layer_cross_attn="encoder_attn",
-    attn_q_proj="q_proj",
-    attn_k_proj="k_proj",
-    attn_v_proj="v_proj",
-    attn_o_proj="out_proj",
-    layer_intermediate_proj="fc1",
-    layer_output_proj="fc2",
-)
-
-
-def llama_config() -> tf.LlamaConfig:
-    return tf.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-    )
-
 
 def build_llama(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return tf.LlamaForCausalLM(llama_config()).eval()
+    return models.llama(seed)
 
 
 def build_qwen2(seed: int = 0) -> nn.Module:
@@ -106,19 +49,7 @@ def build_gpt2(seed: int = 0) -> nn.Module:
 
 
 def build_bart(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    cfg = tf.BartConfig(
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        vocab_size=100,
-        max_position_embeddings=32,
-    )
-    return tf.BartForConditionalGeneration(cfg).eval()
+    return models.bart(seed)
 
 
 def init(model: nn.Module, interface: dict) -> nn.Module:

@@ -9,51 +9,21 @@ import torch
 
 import adapters
 from adapters import AdapterModelInterface
+from tests import models
+from tests.models import BERT_INTERFACE, GPT2_INTERFACE, SEED_INTERFACE
 
 
 def decoder_interface() -> AdapterModelInterface:
     """The seed Gemma-2 interface (fits Llama, Qwen2 and Gemma-2)."""
-    return AdapterModelInterface(
-        adapter_methods=["lora", "reft"],
-        model_embeddings="embed_tokens",
-        model_layers="layers",
-        layer_self_attn="self_attn",
-        layer_cross_attn=None,
-        attn_k_proj="k_proj",
-        attn_q_proj="q_proj",
-        attn_v_proj="v_proj",
-        attn_o_proj="o_proj",
-        layer_intermediate_proj="mlp.up_proj",
-        layer_output_proj="mlp.down_proj",
-    )
+    return AdapterModelInterface(**SEED_INTERFACE)
 
 
 def gpt2_interface() -> AdapterModelInterface:
-    return AdapterModelInterface(
-        adapter_methods=["reft"],
-        model_embeddings="wte",
-        model_layers="h",
-        layer_self_attn="attn",
-        attn_qkv_proj="c_attn",
-        attn_o_proj="c_proj",
-        layer_intermediate_proj="mlp.c_fc",
-        layer_output_proj="mlp.c_proj",
-    )
+    return AdapterModelInterface(**{**GPT2_INTERFACE, "adapter_methods": ["reft"]})
 
 
 def bert_interface() -> AdapterModelInterface:
-    return AdapterModelInterface(
-        adapter_methods=["reft"],
-        model_embeddings="embeddings.word_embeddings",
-        model_layers="encoder.layer",
-        layer_self_attn="attention",
-        attn_q_proj="self.query",
-        attn_k_proj="self.key",
-        attn_v_proj="self.value",
-        attn_o_proj="output.dense",
-        layer_intermediate_proj="intermediate.dense",
-        layer_output_proj="output.dense",
-    )
+    return AdapterModelInterface(**{**BERT_INTERFACE, "adapter_methods": ["reft"]})
 
 
 def init_quietly(model: torch.nn.Module, interface: AdapterModelInterface) -> torch.nn.Module:
@@ -63,20 +33,9 @@ def init_quietly(model: torch.nn.Module, interface: AdapterModelInterface) -> to
 
 
 def tiny_llama(seed: int = 0, layers: int = 2) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-        pad_token_id=0,
-        attn_implementation="eager",
+    model = models.llama(
+        seed, num_hidden_layers=layers, pad_token_id=0, attn_implementation="eager"
     )
-    model = LlamaForCausalLM(config).eval()
     return init_quietly(model, decoder_interface())
 
 

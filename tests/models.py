@@ -1,0 +1,128 @@
+"""Tiny models and interfaces shared by every test package (importable as ``tests.models``).
+
+Interfaces are plain dicts so that a test can change ``adapter_methods`` or a path with
+``{**LLAMA_INTERFACE, "adapter_methods": ["reft"]}`` before building an
+``AdapterModelInterface``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+#: The seed example's interface (Gemma-2; fits Llama and Qwen2 too).
+SEED_INTERFACE: dict[str, Any] = dict(
+    adapter_methods=["lora", "reft"],
+    model_embeddings="embed_tokens",
+    model_layers="layers",
+    layer_self_attn="self_attn",
+    layer_cross_attn=None,
+    attn_k_proj="k_proj",
+    attn_q_proj="q_proj",
+    attn_v_proj="v_proj",
+    attn_o_proj="o_proj",
+    layer_intermediate_proj="mlp.up_proj",
+    layer_output_proj="mlp.down_proj",
+)
+
+#: The second seed example: spelled with ``adapter_types`` and listing ``bottleneck``.
+SEED_INTERFACE_2: dict[str, Any] = dict(
+    {k: v for k, v in SEED_INTERFACE.items() if k != "adapter_methods"},
+    adapter_types=["bottleneck", "lora", "reft"],
+    layer_pre_self_attn="input_layernorm",
+    layer_pre_cross_attn=None,
+    layer_pre_ffn="pre_feedforward_layernorm",
+    layer_ln_1="post_attention_layernorm",
+    layer_ln_2="post_feedforward_layernorm",
+)
+
+LLAMA_INTERFACE: dict[str, Any] = dict(SEED_INTERFACE, adapter_methods=["lora"])
+
+GPT2_INTERFACE: dict[str, Any] = dict(
+    adapter_methods=["lora"],
+    model_embeddings="wte",
+    model_layers="h",
+    layer_self_attn="attn",
+    attn_qkv_proj="c_attn",
+    attn_o_proj="c_proj",
+    layer_intermediate_proj="mlp.c_fc",
+    layer_output_proj="mlp.c_proj",
+)
+
+BERT_INTERFACE: dict[str, Any] = dict(
+    adapter_methods=["lora"],
+    model_embeddings="embeddings.word_embeddings",
+    model_layers="encoder.layer",
+    layer_self_attn="attention",
+    attn_q_proj="self.query",
+    attn_k_proj="self.key",
+    attn_v_proj="self.value",
+    attn_o_proj="output.dense",
+    layer_intermediate_proj="intermediate.dense",
+    layer_output_proj="output.dense",
+)
+
+BART_INTERFACE: dict[str, Any] = dict(
+    adapter_methods=["lora"],
+    model_embeddings="shared",
+    model_layers=["encoder.layers", "decoder.layers"],
+    layer_self_attn="self_attn",
+    layer_cross_attn="encoder_attn",
+    attn_q_proj="q_proj",
+    attn_k_proj="k_proj",
+    attn_v_proj="v_proj",
+    attn_o_proj="out_proj",
+    layer_intermediate_proj="fc1",
+    layer_output_proj="fc2",
+)
+
+#: Width 32, 2 layers, grouped-query attention (4 query heads, 2 key/value heads).
+TINY_DECODER: dict[str, Any] = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=100,
+)
+
+
+def llama(seed: int = 0, **overrides: Any) -> nn.Module:
+    """A tiny seeded ``LlamaForCausalLM`` in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**{**TINY_DECODER, **overrides})).eval()
+
+
+def gemma2(seed: int = 0, **overrides: Any) -> nn.Module:
+    """A tiny seeded ``Gemma2ForCausalLM`` (the seed examples' architecture) in eval mode."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Gemma2Config(**{**TINY_DECODER, "head_dim": 8, **overrides})
+    return Gemma2ForCausalLM(config).eval()
+
+
+def bart(seed: int = 0, **overrides: Any) -> nn.Module:
+    """A tiny seeded ``BartForConditionalGeneration`` (two layer stacks, cross-attention)."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = BartConfig(
+        **{
+            "d_model": 32,
+            "encoder_layers": 2,
+            "decoder_layers": 2,
+            "encoder_attention_heads": 4,
+            "decoder_attention_heads": 4,
+            "encoder_ffn_dim": 64,
+            "decoder_ffn_dim": 64,
+            "vocab_size": 100,
+            "max_position_embeddings": 32,
+            **overrides,
+        }
+    )
+    return BartForConditionalGeneration(config).eval()
