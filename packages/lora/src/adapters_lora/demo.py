@@ -37,7 +37,7 @@ def register_command(subparsers: Any) -> None:
     """Adds ``demo`` to the ``adapters`` command (entry point group ``adapters.commands``)."""
     parser = subparsers.add_parser("demo", help="train, save and reload a LoRA adapter (offline)")
     parser.add_argument("--model", help="a local path or hub name of a Llama-style causal LM")
-    parser.add_argument("--steps", type=int, default=80, help="training steps (default 80)")
+    parser.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
     parser.add_argument(
         "--output-dir",
         default="adapters-demo-output",
@@ -103,7 +103,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     vocab = model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(args.seed)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     bar = _progress(args.steps)
     losses = []
     for step in range(args.steps):
