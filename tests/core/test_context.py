@@ -87,3 +87,32 @@ def test_a_mask_passed_positionally_is_seen(toy_plugins):
     mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
     model(torch.ones(2, 3, dtype=torch.long), mask)
     assert spy.seen[0].starts.tolist() == [1, 0]
+
+
+def _shift_grads(model, ids, mask):
+    from adapters import AdapterSetup
+
+    model.zero_grad()
+    with AdapterSetup("s"):
+        loss = model(ids, attention_mask=mask, labels=ids).logits.pow(2).mean()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_activation_checkpointing_recomputes_with_the_same_context(toy_plugins):
+    """Recomputed layers (during backward, outside the model call) must see the setup, mask
+    and positions of the forward they recompute, or the gradients are wrong."""
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(4))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    model = init_toy()
+    model.add_adapter("s", config="toy_shift[prefix=2]")
+    randomize(model, "s")
+    model.train_adapter("s")
+    model.set_active_adapters(None)  # only the AdapterSetup block activates "s"
+    plain = _shift_grads(model, ids, mask)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    checkpointed = _shift_grads(model, ids, mask)
+    assert plain.keys() == checkpointed.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)

@@ -75,13 +75,21 @@ def current_context() -> ForwardContext | None:
 def context_for(model: Any) -> ForwardContext:
     """The forward context a method layer of ``model`` should use.
 
-    Inside the model's own forward call this is the current context. When a submodule runs on
-    its own (a user calling ``model.model(...)``, an encoder run by ``generate``) there is none:
-    a context with the model's effective setup and no mask/positions is returned instead.
+    Inside the model's own forward call this is the current context. Layers re-run by
+    activation checkpointing during the backward pass (training mode, gradients enabled, no call
+    of the model open) get the context of the last training call, so the recomputed forward
+    uses the same setup, mask and positions. When a submodule runs on its own otherwise (a
+    user calling ``model.model(...)``, an encoder run by ``generate``) a context with the
+    model's effective setup and no mask/positions is returned.
     """
     ctx = _FORWARD.get()
     if ctx is not None and ctx.model is model:
         return ctx
+    if ctx is None and getattr(model, "training", False) and torch.is_grad_enabled():
+        state = model.__dict__.get("_adapters_state")
+        last = getattr(state, "last_training_context", None)
+        if last is not None:
+            return last
     from .composition import expand_parallel
     from .model import effective_setup
 

@@ -85,6 +85,9 @@ class AdaptersState:
     hook_handles: list[Any] = field(default_factory=list)
     original_class: type | None = None
     missing_methods: list[str] = field(default_factory=list)
+    # The context of the last forward call made in training mode with gradients enabled:
+    # activation checkpointing re-runs layers during backward, after that call has returned.
+    last_training_context: Any = None
 
     def __deepcopy__(self, memo: dict) -> AdaptersState:
         # Modules inside are deep-copied through the memo, so copies point at the copied model.
@@ -94,6 +97,7 @@ class AdaptersState:
         new.adapters = copy.deepcopy(self.adapters, memo)
         new.active_setup = self.active_setup
         new.hook_handles = []  # the copied model's hooks live in its own hook dicts
+        new.last_training_context = None
         return new
 
 
@@ -140,8 +144,13 @@ class _ForwardHooks:
         return (args, kwargs) if branches > 1 else None
 
     def post_forward(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if STATE_ATTR in model.__dict__:
-            ctx_mod.pop_context()
+        state = model.__dict__.get(STATE_ATTR)
+        if state is None:
+            return
+        ctx = ctx_mod.current_context()
+        if ctx is not None and ctx.model is model and model.training and torch.is_grad_enabled():
+            state.last_training_context = ctx
+        ctx_mod.pop_context()
 
 
 _POSITIONAL_NAMES: dict[type, list[str]] = {}
