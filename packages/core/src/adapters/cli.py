@@ -25,7 +25,7 @@ def plugins_command(args: argparse.Namespace) -> int:
                 spec.distribution or f"(in-process: {spec.plugin})",
                 spec.version or "-",
                 ", ".join(spec.presets) or "-",
-                ", ".join(c.__name__ for c in spec.compositions) or "-",
+                _compositions(spec.compositions),
             )
         )
     if len(rows) > 1:
@@ -42,6 +42,13 @@ def plugins_command(args: argparse.Namespace) -> int:
         if args.verbose:
             print(error.detail, file=sys.stderr)
     return 1 if registry.load_errors else 0
+
+
+def _compositions(blocks: tuple[type, ...]) -> str:
+    names = [b.__name__ for b in blocks]
+    if "BatchSplit" in names:
+        names.append("Parallel")  # core runs Parallel as batch replication + BatchSplit
+    return ", ".join(names) or "-"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,6 +44,7 @@ class ForwardContext:
         prompt_length: during ``generate()``, the absolute length of the prompt (padding
             included); ``None`` outside generation.
         parallel_branches: number of ``Parallel`` replicas (1 without Parallel).
+        device: the device of the model's main input.
         extra: free space for plugins (key by your method name).
     """
 
@@ -53,12 +54,35 @@ class ForwardContext:
     batch_size: int | None = None
     input_length: int | None = None
     past_length: int = 0
-    starts: torch.Tensor | None = None
-    lengths: torch.Tensor | None = None
     prompt_length: int | None = None
     parallel_branches: int = 1
+    device: torch.device | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     _parent: ForwardContext | None = None
+    _positions: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def _real_positions(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        # Computed on first use only: most methods never need positions.
+        if self._positions is None and self.batch_size is not None and self.input_length:
+            self._positions = positions_from_mask(
+                self.attention_mask,
+                self.batch_size,
+                self.past_length + self.input_length,
+                self.device or torch.device("cpu"),
+            )
+        return self._positions
+
+    @property
+    def starts(self) -> torch.Tensor | None:
+        """Per-example absolute position of the first real (non-pad) token, shape (batch,)."""
+        positions = self._real_positions()
+        return None if positions is None else positions[0]
+
+    @property
+    def lengths(self) -> torch.Tensor | None:
+        """Per-example number of real tokens, past included, shape (batch,)."""
+        positions = self._real_positions()
+        return None if positions is None else positions[1]
 
     def real_token_mask(self) -> torch.Tensor | None:
         """Bool (batch, input_length): True at real tokens of the current chunk."""

@@ -275,10 +275,6 @@ def _build_context(
             past = _cache_len(cache)
         elif isinstance(kwargs.get("cache_position"), torch.Tensor):
             past = int(kwargs["cache_position"][0])
-    starts = lengths = None
-    if batch is not None and length is not None:
-        device = main.device
-        starts, lengths = ctx_mod.positions_from_mask(mask, batch, past + length, device)
     prompt = ctx_mod.generation_prompt_length()
     return ctx_mod.ForwardContext(
         model=model,
@@ -287,9 +283,8 @@ def _build_context(
         batch_size=batch,
         input_length=length,
         past_length=past,
-        starts=starts,
-        lengths=lengths,
         prompt_length=prompt,
+        device=main.device if main is not None else None,
         parallel_branches=branches,
     )
 
