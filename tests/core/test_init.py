@@ -159,3 +159,19 @@ def test_plain_module_without_config_works(toy_plugins):
         torch.nn.init.normal_(m.B)
     assert not torch.allclose(model(x), base)
     assert not hasattr(model, "generate")
+
+
+def test_init_that_fails_adding_its_adapters_leaves_the_model_as_before(toy_plugins):
+    model = llama()
+    cls, keys = type(model), list(model.state_dict())
+    hooks = {n: len(m._forward_hooks) for n, m in model.named_modules()}
+    with pytest.raises(adapters.ConfigError):
+        adapters.init(
+            model,
+            interface=toy_interface(),
+            adapters_config={"ok": "toy_lora", "bad": "toy_lora[rank=3]"},
+        )
+    assert type(model) is cls and not adapters.is_initialized(model)
+    assert list(model.state_dict()) == keys
+    assert {n: len(m._forward_hooks) for n, m in model.named_modules()} == hooks
+    assert not model._forward_pre_hooks

@@ -371,6 +371,7 @@ def init(
         interface=interface, sites=sites, original_class=original_class, missing_methods=missing
     )
     hooks = _ForwardHooks()
+    snapshot = _Snapshot(model)
     try:
         model.__class__ = _adapter_class(original_class)
         model.__dict__[STATE_ATTR] = state
@@ -380,19 +381,17 @@ def init(
         state.hook_handles.append(
             model.register_forward_hook(hooks.post_forward, with_kwargs=True, always_call=True)
         )
-        enabled = [
+        enabled = {
             spec.plugin for m, spec in registry.methods.items() if m in interface.adapter_methods
-        ]
-        for plugin_name in dict.fromkeys(enabled):
-            plugin = registry.pm.get_plugin(plugin_name)
-            impl = getattr(plugin, "adapters_init_model", None)
-            if impl is not None:
-                impl(model=model, sites=sites)
+        }
+        others = [p for n, p in registry.pm.list_name_plugin() if n not in enabled]
+        registry.pm.subset_hook_caller("adapters_init_model", remove_plugins=others)(
+            model=model, sites=sites
+        )
         if adapters_config:
             _add_adapters(model, adapters_config)
     except BaseException:
-        for handle in state.hook_handles:
-            handle.remove()
+        snapshot.restore()  # modules and hooks a plugin or an adapter added
         model.__dict__.pop(STATE_ATTR, None)
         model.__class__ = original_class
         raise
