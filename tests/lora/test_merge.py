@@ -163,3 +163,22 @@ def test_bert_ia3_merge_with_bias_is_exact():
     unmerged = logits(model)
     model.merge_adapter("a")
     torch.testing.assert_close(logits(model), unmerged, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "config", [LoRAConfig(), IA3Config(), DoRAConfig()], ids=["lora", "ia3", "dora"]
+)
+def test_float64_merge_keeps_float64_precision(config):
+    model = init(build_qwen2().double(), LLAMA_INTERFACE)
+    model.add_adapter("a", config, set_active=True)
+    randomise(model, "a", around_one=config.composition_mode == "scale")
+    unmerged = logits(model)
+    model.merge_adapter("a")
+    torch.testing.assert_close(logits(model), unmerged, atol=1e-12, rtol=0)
+
+
+def test_fresh_dora_is_exactly_the_base_model_in_float64():
+    model = init(build_qwen2().double(), LLAMA_INTERFACE)
+    base = logits(model)
+    model.add_adapter("a", DoRAConfig(), set_active=True)
+    torch.testing.assert_close(logits(model), base, atol=1e-12, rtol=0)

@@ -82,7 +82,11 @@ class LoRAConfig(AdapterConfig):
             raise ConfigError(f"{name}: r={self.r!r} must be an integer >= 1")
         if not isinstance(self.alpha, int | float) or isinstance(self.alpha, bool):
             raise ConfigError(f"{name}: alpha={self.alpha!r} must be a number")
-        if not 0.0 <= float(self.dropout) < 1.0:
+        if (
+            not isinstance(self.dropout, int | float)
+            or isinstance(self.dropout, bool)
+            or not 0.0 <= float(self.dropout) < 1.0
+        ):
             raise ConfigError(f"{name}: dropout={self.dropout!r} must be in [0, 1)")
         bad = [m for m in self.attn_matrices if m not in ATTN_MATRICES]
         if bad or len(set(self.attn_matrices)) != len(self.attn_matrices):
@@ -119,11 +123,19 @@ class LoRAConfig(AdapterConfig):
                 raise ConfigError(f"{name}: use_rslora=True needs composition_mode='add'")
         if self.use_dora and self.use_gating:
             raise ConfigError(f"{name}: use_dora=True cannot be combined with use_gating=True")
-        if self.dtype is not None and not isinstance(
-            getattr(torch, str(self.dtype), None), torch.dtype
+        if self.init_weights_seed is not None and (
+            not isinstance(self.init_weights_seed, int) or isinstance(self.init_weights_seed, bool)
         ):
             raise ConfigError(
-                f"{name}: dtype={self.dtype!r} is not a torch dtype name; use e.g. 'float32'"
+                f"{name}: init_weights_seed={self.init_weights_seed!r} must be an integer or None"
+            )
+        dtype = getattr(torch, str(self.dtype), None) if self.dtype is not None else None
+        if self.dtype is not None and not (
+            isinstance(dtype, torch.dtype) and dtype.is_floating_point
+        ):
+            raise ConfigError(
+                f"{name}: dtype={self.dtype!r} is not a floating-point torch dtype name; use "
+                "e.g. 'float32', 'bfloat16' or None (the adapted weight's dtype)"
             )
         if (
             not (self.selfattn_lora and self.attn_matrices)

@@ -20,6 +20,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass
+from pickle import UnpicklingError
 from typing import Any
 
 import torch
@@ -66,7 +67,7 @@ def _load_tensors(path: str, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
                 return load_file(file)
             # weights_only: tensors and plain containers only, never arbitrary objects
             return torch.load(file, map_location="cpu", weights_only=True)
-        except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+        except (SafetensorError, OSError, RuntimeError, ValueError, UnpicklingError) as error:
             raise CheckpointError(f"cannot read {file!r} safely: {error}") from None
     raise CheckpointError(f"{path!r} holds none of the weight files {list(names)}")
 
@@ -323,6 +324,8 @@ def peft_read(
     # one rank and scaling for the config: the highest rank, and the (most common) scaling of
     # the modules that have it; _pad adapts the others exactly
     rank = max(m.rank for m in modules)
+    if config is not None:
+        return config, _tensors_for_given_config(path, config, modules, rank)
     scalings = [m.scaling for m in modules if m.rank == rank]
     scaling = max(sorted(set(scalings)), key=scalings.count)
     rslora = options["use_rslora"]
@@ -333,20 +336,50 @@ def peft_read(
     else:
         alpha = _tidy(scaling * (math.sqrt(rank) if rslora else rank))
     scaling = _scaling(alpha, rank, rslora)
+    config = _config_from_targets(
+        sites,
+        [m.target for m in modules],
+        fused=next(iter(fused), ()),
+        **{**options, "r": rank, "alpha": alpha},
+    )
+    return config, _padded_tensors(modules, rank, scaling)
+
+
+def _padded_tensors(modules: list[_Blocks], rank: int, scaling: float) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for m in modules:
         p = m.target.site.path
         tensors[f"{p}.lora_A"], tensors[f"{p}.lora_B"] = _pad(m, rank, scaling)
         if m.magnitude is not None:
             tensors[f"{p}.magnitude"] = m.magnitude
-    if config is None:
-        config = _config_from_targets(
-            sites,
-            [m.target for m in modules],
-            fused=next(iter(fused), ()),
-            **{**options, "r": rank, "alpha": alpha},
+    return tensors
+
+
+def _tensors_for_given_config(
+    path: str, config: AdapterConfig, modules: list[_Blocks], rank: int
+) -> dict[str, torch.Tensor]:
+    """The PEFT tensors for a ``config=`` given to ``load_adapter``: padded to its ``r`` and
+    with its scaling (``alpha``, ``use_rslora``) folded into ``B``, so that the outputs stay
+    those of the checkpoint; targets the config adapts differently fail in core's shape check."""
+    if not isinstance(config, LoRAConfig) or config.composition_mode != "add" or config.use_gating:
+        raise CheckpointError(
+            f"config={config!r} cannot hold the PEFT LoRA checkpoint {path!r}: it needs a "
+            "LoRAConfig with composition_mode='add' and use_gating=False; omit config= to use "
+            "the checkpoint's own"
         )
-    return config, tensors
+    if config.r < rank:
+        raise CheckpointError(
+            f"config r={config.r} is smaller than the rank {rank} of the PEFT checkpoint "
+            f"{path!r}; pass r>={rank} or omit config="
+        )
+    has_magnitude = any(m.magnitude is not None for m in modules)
+    if config.use_dora != has_magnitude:
+        raise CheckpointError(
+            f"config use_dora={config.use_dora} but the PEFT checkpoint {path!r} is "
+            f"{'a DoRA' if has_magnitude else 'a plain LoRA'} adapter; set "
+            f"use_dora={has_magnitude} or omit config="
+        )
+    return _padded_tensors(modules, config.r, config.scaling)
 
 
 def _peft_module(
@@ -555,9 +588,12 @@ def adapterhub_read(
     silently ignores ``"o"`` in ``attn_matrices`` (pitfall 3).
     """
     raw_config = (_read_json(path) or {}).get("config", {})
-    options = adapterhub_options(raw_config) if config is None else {}
+    options = adapterhub_options(raw_config)
     if config is not None and not isinstance(config, LoRAConfig):
-        raise CheckpointError("config= for an AdapterHub LoRA checkpoint must be a LoRAConfig")
+        raise CheckpointError(
+            f"config= for the AdapterHub LoRA checkpoint {path!r} must be a LoRAConfig, got "
+            f"{type(config).__name__}; omit config= to use the checkpoint's own"
+        )
     raw = _load_tensors(path, ("adapter.safetensors", "pytorch_adapter.bin"))
     candidates = _all_projections(sites)
     matched: dict[str, Target] = {}
@@ -581,7 +617,9 @@ def adapterhub_read(
         tensors[f"{target.site.path}.{parsed['param']}"] = value
     if not matched:
         raise CheckpointError(f"{path!r} holds no LoRA tensors")
-    if config is None:
+    if config is not None:
+        _rescale_for_given_config(path, config, LoRAConfig(**options), tensors)
+    else:
         fused = tuple(m for m in ("q", "k", "v") if m in raw_config.get("attn_matrices", ()))
         cls = IA3Config if options.get("composition_mode") == "scale" else LoRAConfig
         config = _config_from_targets(
@@ -596,6 +634,24 @@ def adapterhub_read(
             stacklevel=2,
         )
     return config, tensors
+
+
+def _rescale_for_given_config(
+    path: str, config: LoRAConfig, saved: LoRAConfig, tensors: dict[str, torch.Tensor]
+) -> None:
+    """Fold the difference between the saved scaling and that of a ``config=`` given to
+    ``load_adapter`` into ``lora_B``, so that the outputs stay those of the checkpoint."""
+    if (config.composition_mode, config.use_gating) != (saved.composition_mode, saved.use_gating):
+        raise CheckpointError(
+            f"config= has composition_mode={config.composition_mode!r}, "
+            f"use_gating={config.use_gating}, but the AdapterHub checkpoint {path!r} was saved "
+            f"with composition_mode={saved.composition_mode!r}, use_gating={saved.use_gating}; "
+            "match them or omit config="
+        )
+    if config.use_gating or math.isclose(config.scaling, saved.scaling, rel_tol=1e-12):
+        return  # a gate replaces the scaling
+    for key in [k for k in tensors if k.endswith(".lora_B")]:
+        tensors[key] = tensors[key] * (saved.scaling / config.scaling)
 
 
 PEFT_FORMAT = CheckpointFormat(name="peft", detect=peft_detect, read=peft_read, write=peft_write)

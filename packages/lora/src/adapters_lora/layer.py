@@ -86,7 +86,7 @@ class LoRAUnit(nn.Module):
             with torch.no_grad():
                 self.gate.weight.normal_(0.0, 0.02, generator=generator)
         if self.use_dora:
-            norm = weight.detach().float().norm(dim=1)
+            norm = weight.detach().to(_compute_dtype(weight)).norm(dim=1)
             self.magnitude = nn.Parameter(norm.to(dtype or norm.dtype))
 
     def _init_weights(self, kind: str, generator: torch.Generator | None) -> None:
@@ -144,8 +144,13 @@ class LoRAUnit(nn.Module):
         if self.use_gating:
             gate = self._gate(x.to(factor.dtype))
             if not self.full:  # one gate per slice: repeat it over the slice's width
-                widths = torch.tensor([b - a for a, b in self.slices], device=gate.device)
-                gate = gate.repeat_interleave(widths, dim=-1)
+                gate = torch.cat(
+                    [
+                        gate[..., j : j + 1].expand(*gate.shape[:-1], b - a)
+                        for j, (a, b) in enumerate(self.slices)
+                    ],
+                    dim=-1,
+                )
             factor = factor * gate
         else:
             factor = factor * self.scaling
@@ -165,9 +170,10 @@ class LoRAUnit(nn.Module):
 
     def _dora(self, h: torch.Tensor, delta: torch.Tensor, module: nn.Module) -> torch.Tensor:
         weight = weight_out_in(module)
-        direction = weight.float() + self.delta_weight().float()
+        dtype = _compute_dtype(weight)
+        direction = weight.to(dtype) + self.delta_weight().to(dtype)
         # The norm is treated as a constant (DoRA paper, section 4.3), as PEFT does.
-        scale = (self.magnitude.float() / direction.norm(dim=1).detach()).to(h.dtype)
+        scale = (self.magnitude.to(dtype) / direction.norm(dim=1).detach()).to(h.dtype)
         bias = module.bias
         base = h if bias is None else h - bias
         out = scale * (base + delta.to(h.dtype))
@@ -193,19 +199,21 @@ class LoRAUnit(nn.Module):
         return full
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """``weight`` (out, in) with this adapter folded in (float32 result)."""
-        weight = weight.float()
+        """``weight`` (out, in) with this adapter folded in (computed and returned in float32,
+        or float64 for a float64 weight)."""
+        dtype = _compute_dtype(weight)
+        weight = weight.to(dtype)
         if self.scale_mode:
-            factor = torch.ones(self.out_features, dtype=torch.float32, device=weight.device)
-            values = self.lora_B.detach().float().view(-1) * self.scaling
+            factor = torch.ones(self.out_features, dtype=dtype, device=weight.device)
+            values = self.lora_B.detach().to(dtype).view(-1) * self.scaling
             row = 0
             for a, b in self.slices:
                 factor[a:b] = values[row : row + b - a]
                 row += b - a
             return weight * factor[:, None]
-        merged = weight + self.delta_weight().detach().float()
+        merged = weight + self.delta_weight().detach().to(dtype)
         if self.use_dora:
-            merged = merged * (self.magnitude.detach().float() / merged.norm(dim=1))[:, None]
+            merged = merged * (self.magnitude.detach().to(dtype) / merged.norm(dim=1))[:, None]
         return merged
 
 
@@ -297,6 +305,11 @@ class LoRAHost(nn.Module):
                 self.original_weight = None
         del self.units[name]
         self.invalidate()
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision weights (exact enough to merge), float64 kept as is."""
+    return torch.promote_types(weight.dtype, torch.float32)
 
 
 def _as_out_in(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:

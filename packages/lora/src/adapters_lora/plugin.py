@@ -121,11 +121,7 @@ def _check_linear(site: ModuleSite) -> None:
 def fused_slices(
     sites: ModelSites, site: ModuleSite, matrices: tuple[str, ...]
 ) -> list[tuple[int, int]]:
-    """Output ranges of ``matrices`` in a fused q/k/v projection.
-
-    Widths come from the model config (``num_attention_heads``, ``num_key_value_heads``,
-    ``head_dim``) when it has them, else three equal thirds.
-    """
+    """Output ranges of ``matrices`` in a fused q/k/v projection (widths from `qkv_widths`)."""
     widths = qkv_widths(sites, site)
     starts = {"q": 0, "k": widths[0], "v": widths[0] + widths[1]}
     sizes = dict(zip(("q", "k", "v"), widths))
@@ -133,7 +129,16 @@ def fused_slices(
 
 
 def qkv_widths(sites: ModelSites, site: ModuleSite) -> tuple[int, int, int]:
-    """(q, k, v) output widths of the fused projection ``site``."""
+    """(q, k, v) output widths of the fused projection ``site``.
+
+    In order: the model config (``num_attention_heads``, ``num_key_value_heads``,
+    ``head_dim``); else the module shapes (the output projection's input width is the query
+    width, keys and values share the rest equally); else, with no output projection in the
+    interface, three equal thirds.
+
+    Raises:
+        ConfigError: the widths found do not add up to the projection's ``out_features``.
+    """
     out = int(site.out_features or 0)
     config = getattr(sites.model, "config", None)
     heads = getattr(config, "num_attention_heads", None)
@@ -152,13 +157,36 @@ def qkv_widths(sites: ModelSites, site: ModuleSite) -> tuple[int, int, int]:
                 f"q/k/v: the model config gives {heads} heads, {kv_heads} key/value heads and "
                 f"head_dim {head_dim}, i.e. widths {widths} summing to {sum(widths)}"
             )
+    o_site = _output_projection_of(sites, site)
+    if o_site is not None and o_site.in_features:
+        q = int(o_site.in_features)
+        if q >= out or (out - q) % 2:
+            raise ConfigError(
+                f"cannot split the fused projection {site.path} (out_features={out}) into "
+                f"q/k/v: its output projection {o_site.path} takes {q} inputs (the query "
+                f"width), leaving {out - q} that do not split into equal key and value parts; "
+                "give the model a config with num_attention_heads / num_key_value_heads / "
+                "head_dim, or adapt separate projections"
+            )
+        return (q, (out - q) // 2, (out - q) // 2)
     if out % 3:
         raise ConfigError(
             f"cannot split the fused projection {site.path} (out_features={out}) into three "
             "equal q/k/v parts, and the model has no config with num_attention_heads / "
-            "num_key_value_heads / head_dim; adapt separate projections instead"
+            "num_key_value_heads / head_dim and the interface no attn_o_proj; adapt separate "
+            "projections instead"
         )
     return (out // 3, out // 3, out // 3)
+
+
+def _output_projection_of(sites: ModelSites, qkv: ModuleSite) -> ModuleSite | None:
+    """The output projection (``attn_o_proj``) of the attention whose fused projection is
+    ``qkv``, if the interface names one."""
+    for layer in sites.layers:
+        for attn in (layer.self_attn, layer.cross_attn):
+            if attn is not None and attn.qkv is not None and attn.qkv.path == qkv.path:
+                return attn.o
+    return None
 
 
 def host_of(module: nn.Module) -> LoRAHost | None:
@@ -217,7 +245,7 @@ class LoRAPlugin:
                 int(target.site.out_features),
                 target.slices,
                 config,
-                weight.detach().to("cpu"),
+                weight.detach(),  # only DoRA reads it (a norm per row, on its device)
                 generator,
             )
             unit.to(device=module.weight.device)
