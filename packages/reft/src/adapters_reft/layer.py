@@ -28,7 +28,7 @@ from torch import nn
 
 from adapters.composition import apply_setup
 from adapters.context import ForwardContext, context_for
-from adapters.errors import AdaptersError
+from adapters.errors import AdaptersError, CompositionError
 
 from .config import ReftConfig
 
@@ -63,13 +63,15 @@ _ACTIVATIONS: dict[str, Any] = {
 
 
 def orthonormal_rows(raw: torch.Tensor) -> torch.Tensor:
-    """The ``r`` x ``d`` matrix with orthonormal rows spanning ``raw``'s rows, in float32.
+    """The ``r`` x ``d`` matrix with orthonormal rows spanning ``raw``'s rows, in float32 (float64
+    for a float64 ``raw``; half precision is never used).
 
     Computed as the Q factor of ``raw^T`` (QR), with signs chosen so that the triangular factor
     has a positive diagonal: the map is smooth, does not depend on ``raw``'s scale (weight decay
     cannot collapse it) and sends a matrix that already has orthonormal rows to itself.
     """
-    q, triangular = torch.linalg.qr(raw.float().t())
+    compute = torch.promote_types(raw.dtype, torch.float32)
+    q, triangular = torch.linalg.qr(raw.to(compute).t())
     signs = torch.where(torch.diagonal(triangular) < 0, -1.0, 1.0)
     return (q * signs).t()
 
@@ -107,7 +109,8 @@ class ReftUnit(nn.Module):
         if orthogonal:
             if r > hidden_size:
                 raise ValueError(f"r={r} cannot exceed hidden size {hidden_size} for LoReFT")
-            projection = orthonormal_rows(projection)
+            # Orthonormalised in the parameter's precision (float64 stays exact to float64).
+            projection = orthonormal_rows(projection.to(torch.promote_types(dtype, torch.float32)))
         self.learned_source = nn.Linear(hidden_size, r, bias=True, device="meta")
         self.projection = nn.Linear(hidden_size, r, bias=False, device="meta")
         self.learned_source.weight = nn.Parameter(weight.to(device=device, dtype=dtype))
@@ -117,8 +120,8 @@ class ReftUnit(nn.Module):
         self._rotation_cache: tuple[Any, torch.Tensor] | None = None
 
     def rotation(self) -> torch.Tensor:
-        """``R`` in float32 (or wider): orthonormalised for orthogonal units. Cached while no
-        gradient is recorded and the weight is unchanged."""
+        """``R`` in float32 (float64 for float64 weights): orthonormalised for orthogonal units.
+        Cached while no gradient is recorded and the weight is unchanged."""
         weight = self.projection.weight
         if not self.orthogonal:
             return weight if weight.dtype in (torch.float32, torch.float64) else weight.float()
@@ -275,7 +278,6 @@ class ReftHost(nn.Module):
         self.layer_path = layer_path
         self._seen_setup: Any = None
         self._relevant = False
-        self._training_context: ForwardContext | None = None
 
     def forget_setup(self) -> None:
         """Drop the cached "is any of my adapters in the setup" answer (adapters changed)."""
@@ -287,12 +289,10 @@ class ReftHost(nn.Module):
 
     def hook(self, module: nn.Module, args: Any, output: Any) -> Any:
         """Forward hook of the layer: apply the active ReFT adapters to its output."""
+        # A layer re-run by activation checkpointing gets the last training call's context from
+        # core, so the recomputed edit is the forward's (same setup and positions).
         ctx = context_for(self.model)
         hidden = output[0] if isinstance(output, tuple) else output
-        if ctx.input_length is None:
-            ctx = self._outside_context(ctx, hidden)
-        elif self.training and torch.is_grad_enabled():
-            self._training_context = ctx
         setup = ctx.setup
         if setup is None:
             return None
@@ -301,6 +301,13 @@ class ReftHost(nn.Module):
             self._seen_setup = setup
         if not self._relevant:
             return None
+        if ctx.parallel_branches > 1 and ctx.prompt_length is not None:
+            raise CompositionError(
+                f"setup {setup!r} runs Parallel inside generate(): core replicates the batch "
+                f"{ctx.parallel_branches} times at the model input, so generate() would get more "
+                "sequences than it was given; generate once per adapter instead, e.g. "
+                "`with AdapterSetup('a'): model.generate(...)`"
+            )
         if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3:
             raise ReftPositionError(
                 f"ReFT at {self.layer_path} expects the layer to output a (batch, length, hidden) "
@@ -311,28 +318,6 @@ class ReftHost(nn.Module):
         apply_one = functools.partial(self._apply_one, ctx, hidden.shape[0])
         new = apply_setup(setup, hidden, apply_one, owns=self._owns)
         return (new, *output[1:]) if isinstance(output, tuple) else new
-
-    def _outside_context(self, fallback: ForwardContext, hidden: Any) -> ForwardContext:
-        """The context for a layer run outside a call of the whole model.
-
-        Activation checkpointing re-runs layers during the backward pass, after the model's
-        forward context has closed (transformers 4.57 wraps the layer's ``__call__``, hooks
-        included). While training, the context of the last forward call with the same batch
-        and length is reused, so the recomputed edit is the one of the forward pass (same
-        positions and setup). Otherwise ``fallback`` (no mask: every token real) is used.
-        """
-        last = self._training_context
-        if (
-            last is not None
-            and self.training
-            and torch.is_grad_enabled()
-            and isinstance(hidden, torch.Tensor)
-            and hidden.ndim == 3
-            and last.batch_size == hidden.shape[0]
-            and last.input_length == hidden.shape[1]
-        ):
-            return last
-        return fallback
 
     def _apply_one(
         self, ctx: ForwardContext, full_batch: int, name: str, hidden: torch.Tensor, rows: slice

@@ -77,7 +77,7 @@ def adapters_add_adapter(
             "torch.nn.ModuleDict, which holds the adapters of a layer; choose another name"
         )
     layers = used_layers(sites, config)
-    dtype = torch_dtype(config.dtype) if config.dtype is not None else torch.float32
+    chosen_dtype = torch_dtype(config.dtype) if config.dtype is not None else None
     plan = []
     for layer in layers:
         hidden_size = layer.hidden_size
@@ -107,7 +107,10 @@ def adapters_add_adapter(
             host = ReftHost(model, layer.layer.path)
             module.add_module(HOST_ATTR, host)
             module.register_forward_hook(host.hook)
-        intervention = ReftIntervention(hidden_size, config, dtype, _device_of(module))
+        device, layer_dtype = _placement_of(module)
+        # dtype=None: float32, or float64 in a float64 model (never half precision).
+        dtype = chosen_dtype or torch.promote_types(layer_dtype or torch.float32, torch.float32)
+        intervention = ReftIntervention(hidden_size, config, dtype, device)
         host.interventions[name] = intervention
         host.forget_setup()
         created[intervention_key(layer)] = intervention
@@ -146,9 +149,9 @@ def _remove_hook(module: nn.Module, host: ReftHost) -> None:
             del module._forward_hooks[key]
 
 
-def _device_of(module: nn.Module) -> torch.device | None:
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
-    return None
+def _placement_of(module: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
+    """The device and floating dtype of a layer's first parameter (or buffer)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return None, None
