@@ -139,3 +139,11 @@ def test_setups_round_trip_through_dicts():
         "a",
     ):
         assert setup_from_dict(setup_to_dict(setup)) == setup
+
+
+def test_generate_refuses_parallel_with_the_fix(model, ids):
+    model.set_active_adapters(Parallel("a", "b"))
+    with pytest.raises(CompositionError, match="generate once per branch"):
+        model.generate(ids, max_new_tokens=2, do_sample=False)
+    with AdapterSetup("a"):
+        assert model.generate(ids, max_new_tokens=2, do_sample=False).shape == (2, 9)

@@ -880,7 +880,14 @@ class _GenerateMixin:
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """``generate`` of the model's class, with the prompt length made known to methods that
-        treat prompt and generated tokens differently (ReFT)."""
+        treat prompt and generated tokens differently (ReFT). A ``Parallel`` setup is refused:
+        generation keeps one sequence per example, while Parallel multiplies the batch."""
+        setup = effective_setup(self)  # type: ignore[arg-type]
+        if setup is not None and expand_parallel(setup) is not None:
+            raise CompositionError(
+                f"generate() cannot run the Parallel setup {setup.name}; generate once per "
+                "branch instead, e.g. `with AdapterSetup('a'): model.generate(...)`"
+            )
         inputs = kwargs.get(
             "input_ids",
             args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("inputs_embeds"),
