@@ -137,3 +137,22 @@ def test_trainer_trains_an_adapter_and_saves_it(tmp_path):
     assert losses[-1] < losses[0]
     trainer.save_model(str(tmp_path / "saved"))
     assert os.path.isfile(tmp_path / "saved" / "adapters" / "l" / "adapter_model.safetensors")
+
+
+def test_threads_with_different_adapter_setups_do_not_mix(both):
+    import threading
+
+    expected = {name: logits(both, name) for name in ("l", "r", None)}
+    errors = []
+
+    def worker(name):
+        for _ in range(15):
+            if not torch.equal(logits(both, name), expected[name]):
+                errors.append(name)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ("l", "r", None) * 2]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []

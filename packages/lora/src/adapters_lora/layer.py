@@ -231,12 +231,13 @@ class LoRAHost(nn.Module):
         self.__dict__["model"] = model  # not a submodule
         self.merged: list[str] = []
         self.register_buffer("original_weight", None, persistent=False)
-        self._cached_setup: object = None
-        self._cached_active = False
+        # (setup, any of this host's unmerged adapters in it): one tuple, replaced as a whole,
+        # so threads running different AdapterSetups never read a mixed pair.
+        self._activity: tuple[object, bool] = (None, False)
 
     def invalidate(self) -> None:
         """Forget the cached activity answer (units were added, removed, merged or reset)."""
-        self._cached_setup = None
+        self._activity = (None, False)
 
     def _owns(self, name: str) -> bool:
         unit = self.units[name] if name in self.units else None
@@ -254,10 +255,11 @@ class LoRAHost(nn.Module):
         setup = context_for(self.model).setup
         if setup is None:
             return None
-        if setup is not self._cached_setup:
-            self._cached_active = any(self._owns(n) for n in _names(setup))
-            self._cached_setup = setup
-        if not self._cached_active:
+        cached_setup, active = self._activity
+        if setup is not cached_setup:
+            active = any(self._owns(n) for n in _names(setup))
+            self._activity = (setup, active)
+        if not active:
             return None
         x = args[0]
         if (

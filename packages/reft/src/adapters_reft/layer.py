@@ -276,13 +276,13 @@ class ReftHost(nn.Module):
         self.interventions = nn.ModuleDict()
         self.__dict__["model"] = model  # a reference, not a submodule
         self.layer_path = layer_path
-        self._seen_setup: Any = None
-        self._relevant = False
+        # (setup, whether it names one of this layer's adapters): one tuple, replaced as a whole,
+        # so threads running different AdapterSetups never read a mixed pair.
+        self._activity: tuple[Any, bool] = (None, False)
 
     def forget_setup(self) -> None:
         """Drop the cached "is any of my adapters in the setup" answer (adapters changed)."""
-        self._seen_setup = None
-        self._relevant = False
+        self._activity = (None, False)
 
     def _owns(self, name: str) -> bool:
         return name in self.interventions
@@ -296,10 +296,11 @@ class ReftHost(nn.Module):
         setup = ctx.setup
         if setup is None:
             return None
-        if setup is not self._seen_setup:
-            self._relevant = any(n in self.interventions for n in setup.flatten())
-            self._seen_setup = setup
-        if not self._relevant:
+        seen_setup, relevant = self._activity
+        if setup is not seen_setup:
+            relevant = any(n in self.interventions for n in setup.flatten())
+            self._activity = (setup, relevant)
+        if not relevant:
             return None
         if ctx.parallel_branches > 1 and ctx.prompt_length is not None:
             raise CompositionError(
