@@ -116,3 +116,41 @@ def test_activation_checkpointing_recomputes_with_the_same_context(toy_plugins):
     assert plain.keys() == checkpointed.keys() and plain
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointing_with_two_calls_before_one_backward_recomputes_each_call(
+    toy_plugins, reentrant
+):
+    """Two training calls with different masks and setups, then one backward (as pairwise
+    preference losses do): each re-run layer must get the context of its own call."""
+    from adapters import AdapterSetup
+
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 100, (2, 6), generator=gen)
+    first_mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    second_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
+    model = init_toy()
+    for name, prefix in (("s", 2), ("t", 1)):
+        model.add_adapter(name, config=f"toy_shift[prefix={prefix}]")
+        randomize(model, name, seed=prefix)
+    model.train_adapter(["s", "t"])
+
+    def grads():
+        model.zero_grad()
+        with AdapterSetup("s"):
+            first = model(ids, attention_mask=first_mask).logits.pow(2).mean()
+        with AdapterSetup("t"):
+            second = model(ids, attention_mask=second_mask).logits.pow(3).mean()
+        (first + second).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.train()
+    if reentrant:
+        model.enable_input_require_grads()  # reentrant checkpointing needs a grad-requiring input
+    checkpointed = grads()
+    assert sorted(plain) == sorted(checkpointed) and len(plain) == 4
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)

@@ -111,9 +111,11 @@ def context_for(model: Any) -> ForwardContext:
         return ctx
     if ctx is None and getattr(model, "training", False) and torch.is_grad_enabled():
         state = model.__dict__.get("_adapters_state")
-        last = getattr(state, "last_training_context", None)
-        if last is not None:
-            return last
+        recomputed = getattr(state, "recompute_context", None) or getattr(
+            state, "last_training_context", None
+        )
+        if recomputed is not None:
+            return recomputed
     from .composition import expand_parallel
     from .model import effective_setup
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,9 +86,13 @@ class AdaptersState:
     hook_handles: list[Any] = field(default_factory=list)
     original_class: type | None = None
     missing_methods: list[str] = field(default_factory=list)
-    # The context of the last forward call made in training mode with gradients enabled:
-    # activation checkpointing re-runs layers during backward, after that call has returned.
+    # Activation checkpointing re-runs layers during backward, after the model call that ran
+    # them has returned. Each training call's context is remembered per layer input (see
+    # _LayerHooks) so a re-run layer gets the context of the call it recomputes;
+    # ``last_training_context`` is the fallback.
     last_training_context: Any = None
+    layer_contexts: OrderedDict = field(default_factory=OrderedDict)
+    recompute_context: Any = None
 
     def __deepcopy__(self, memo: dict) -> AdaptersState:
         # Modules inside are deep-copied through the memo, so copies point at the copied model.
@@ -98,6 +103,8 @@ class AdaptersState:
         new.active_setup = self.active_setup
         new.hook_handles = []  # the copied model's hooks live in its own hook dicts
         new.last_training_context = None
+        new.layer_contexts = OrderedDict()
+        new.recompute_context = None
         return new
 
 
@@ -174,6 +181,41 @@ def _with_positional_names(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     named = dict(zip(names, args))
     named.update(kwargs)
     return named
+
+
+class _LayerHooks:
+    """A forward pre-hook on every layer, active only in training mode.
+
+    During a model call it remembers the call's context under the layer's input tensor; when
+    activation checkpointing re-runs the layer during backward (no model call open), the same
+    saved input identifies the call being recomputed and its context is made current for the
+    layer's methods (`adapters.context.context_for`). This keeps gradients right even when
+    several training calls run before one ``backward()``. (Reentrant checkpointing runs the
+    first pass without gradients, so calls are remembered whether or not gradients are on.)
+    """
+
+    MAX_CALLS = 16  # training calls remembered per layer before the oldest are forgotten
+
+    def __init__(self, model: nn.Module) -> None:
+        self.__dict__["model"] = model
+
+    def pre_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        model = self.__dict__["model"]
+        if not model.training:
+            return
+        state = model.__dict__.get(STATE_ATTR)
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if state is None or not isinstance(hidden, torch.Tensor):
+            return
+        key = (id(module), hidden.data_ptr(), tuple(hidden.shape))
+        ctx = ctx_mod.current_context()
+        if ctx is not None and ctx.model is model:
+            state.layer_contexts[key] = ctx
+            state.layer_contexts.move_to_end(key)
+            while len(state.layer_contexts) > self.MAX_CALLS * len(state.sites.layers):
+                state.layer_contexts.popitem(last=False)
+        elif ctx is None and torch.is_grad_enabled():
+            state.recompute_context = state.layer_contexts.get(key)
 
 
 def effective_setup(model: nn.Module) -> AdapterCompositionBlock | None:
@@ -381,6 +423,13 @@ def init(
         state.hook_handles.append(
             model.register_forward_hook(hooks.post_forward, with_kwargs=True, always_call=True)
         )
+        layer_hooks = _LayerHooks(model)
+        for layer in sites.layers:
+            state.hook_handles.append(
+                layer.layer.module.register_forward_pre_hook(
+                    layer_hooks.pre_layer, with_kwargs=True, prepend=True
+                )
+            )
         enabled = {
             spec.plugin for m, spec in registry.methods.items() if m in interface.adapter_methods
         }
