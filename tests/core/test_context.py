@@ -154,3 +154,26 @@ def test_checkpointing_with_two_calls_before_one_backward_recomputes_each_call(
     assert sorted(plain) == sorted(checkpointed) and len(plain) == 4
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+def test_layer_pre_hooks_exist_only_in_train_mode(toy_plugins):
+    model = init_toy()
+    layer = model.model.layers[0]
+    assert not layer._forward_pre_hooks  # eval: inference pays nothing
+    model.train()
+    assert len(layer._forward_pre_hooks) == 1
+    model.train()
+    assert len(layer._forward_pre_hooks) == 1
+    model.eval()
+    assert not layer._forward_pre_hooks
+
+
+def test_a_deep_copy_manages_its_own_layer_hooks(toy_plugins):
+    import copy
+
+    model = init_toy()
+    model.train()
+    twin = copy.deepcopy(model)
+    twin.eval()
+    assert not twin.model.layers[0]._forward_pre_hooks
+    assert len(model.model.layers[0]._forward_pre_hooks) == 1

@@ -93,6 +93,7 @@ class AdaptersState:
     last_training_context: Any = None
     layer_contexts: OrderedDict = field(default_factory=OrderedDict)
     recompute_context: Any = None
+    layer_hook_handles: list[Any] = field(default_factory=list)  # only while in train mode
 
     def __deepcopy__(self, memo: dict) -> AdaptersState:
         # Modules inside are deep-copied through the memo, so copies point at the copied model.
@@ -105,6 +106,7 @@ class AdaptersState:
         new.last_training_context = None
         new.layer_contexts = OrderedDict()
         new.recompute_context = None
+        new.layer_hook_handles = copy.deepcopy(self.layer_hook_handles, memo)
         return new
 
 
@@ -216,6 +218,28 @@ class _LayerHooks:
                 state.layer_contexts.popitem(last=False)
         elif ctx is None and torch.is_grad_enabled():
             state.recompute_context = state.layer_contexts.get(key)
+
+
+def _sync_layer_hooks(model: nn.Module, training: bool) -> None:
+    """Attach the `_LayerHooks` pre-hooks in train mode and remove them in eval mode, so that
+    inference pays nothing for them."""
+    state = model.__dict__.get(STATE_ATTR)
+    if state is None:
+        return
+    if training and not state.layer_hook_handles:
+        hooks = _LayerHooks(model)
+        state.layer_hook_handles = [
+            layer.layer.module.register_forward_pre_hook(
+                hooks.pre_layer, with_kwargs=True, prepend=True
+            )
+            for layer in state.sites.layers
+        ]
+    elif not training and state.layer_hook_handles:
+        for handle in state.layer_hook_handles:
+            handle.remove()
+        state.layer_hook_handles = []
+        state.layer_contexts.clear()
+        state.recompute_context = state.last_training_context = None
 
 
 def effective_setup(model: nn.Module) -> AdapterCompositionBlock | None:
@@ -423,13 +447,7 @@ def init(
         state.hook_handles.append(
             model.register_forward_hook(hooks.post_forward, with_kwargs=True, always_call=True)
         )
-        layer_hooks = _LayerHooks(model)
-        for layer in sites.layers:
-            state.hook_handles.append(
-                layer.layer.module.register_forward_pre_hook(
-                    layer_hooks.pre_layer, with_kwargs=True, prepend=True
-                )
-            )
+        _sync_layer_hooks(model, model.training)
         enabled = {
             spec.plugin for m, spec in registry.methods.items() if m in interface.adapter_methods
         }
@@ -706,6 +724,13 @@ class ModelAdaptersMixin:
         for p in self.parameters():  # type: ignore[attr-defined]
             if id(p) not in adapter_ids:
                 p.requires_grad_(not freeze)
+
+    def train(self, mode: bool = True) -> Any:
+        """``nn.Module.train``; also attaches (train) or removes (eval) the per-layer pre-hooks
+        that keep activation checkpointing exact, so that inference does not pay for them."""
+        result = super().train(mode)  # type: ignore[misc]
+        _sync_layer_hooks(self, mode)  # type: ignore[arg-type]
+        return result
 
     def train_adapter(self, adapter_setup: SetupLike, train_embeddings: bool = False) -> None:
         """Train only the adapters in ``adapter_setup``: everything else (base model, heads,
