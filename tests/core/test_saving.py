@@ -206,11 +206,48 @@ def test_config_override_when_loading(model, tmp_path):
 
 def test_core_never_unpickles():
     import pathlib
+    import re
 
     source = pathlib.Path(adapters.__file__).parent
     for path in source.glob("*.py"):
         text = path.read_text()
-        assert "torch.load(" not in text and "import pickle" not in text, path
+        assert "import pickle" not in text, path
+        for call in re.findall(r"torch\.load\(([^)]*)\)", text):
+            assert "weights_only=True" in call, (path, call)
+
+
+def test_load_tensor_file_reads_plain_tensors_and_refuses_objects(tmp_path):
+    import pickle
+
+    from adapters.saving import load_tensor_file
+
+    tensors = {"a": torch.ones(2)}
+    torch.save(tensors, tmp_path / "plain.bin")
+    assert torch.equal(load_tensor_file(str(tmp_path / "plain.bin"))["a"], torch.ones(2))
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    (tmp_path / "evil.bin").write_bytes(pickle.dumps({"a": Payload()}))
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        load_tensor_file(str(tmp_path / "evil.bin"))
+    assert not (tmp_path / "pwned").exists()
+    torch.save({"a": [1, 2]}, tmp_path / "list.bin")
+    with pytest.raises(CheckpointError, match="dict of tensors"):
+        load_tensor_file(str(tmp_path / "list.bin"))
+
+
+def test_read_json_object_never_raises(tmp_path):
+    from adapters.saving import read_json_object
+
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "list.json").write_text("[1]")
+    (tmp_path / "ok.json").write_text('{"a": 1}')
+    assert read_json_object(str(tmp_path / "bad.json")) is None
+    assert read_json_object(str(tmp_path / "list.json")) is None
+    assert read_json_object(str(tmp_path / "missing.json")) is None
+    assert read_json_object(str(tmp_path / "ok.json")) == {"a": 1}
 
 
 def test_average_adapter_linear_is_the_weighted_sum_of_parameters(model):

@@ -195,6 +195,38 @@ def read_checkpoint(
     )
 
 
+def read_json_object(path: str) -> dict[str, Any] | None:
+    """The JSON object in file ``path``, or None when the file is missing, unreadable or not an
+    object. Meant for a `CheckpointFormat`'s ``detect``, which must never raise."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def load_tensor_file(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file, or of a PyTorch ``.bin``/``.pt`` file read with
+    ``torch.load(weights_only=True)``: plain tensors and containers only, never arbitrary
+    objects. Anything else (corrupt, unsafe, not a flat dict of tensors) raises
+    `CheckpointError`. For plugins reading foreign checkpoints."""
+    if path.endswith(".safetensors"):
+        return _load_safetensors(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for unsafe or corrupt files
+        raise CheckpointError(
+            f"{path!r} cannot be read as plain tensors (weights_only=True; nothing else is "
+            f"unpickled): {type(error).__name__}: {error}"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path!r} does not hold a dict of tensors")
+    return state
+
+
 def _read_json(path: str) -> dict[str, Any] | None:
     if not os.path.isfile(path):
         return None

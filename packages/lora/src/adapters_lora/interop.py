@@ -20,17 +20,16 @@ import os
 import re
 import warnings
 from dataclasses import dataclass
-from pickle import UnpicklingError
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from adapters import CheckpointFormat
 from adapters.configs import AdapterConfig
 from adapters.errors import CheckpointError
+from adapters.saving import load_tensor_file, read_json_object
 from adapters.sites import ModelSites
 
 from .config import ATTN_MATRICES, IA3Config, LoRAConfig
@@ -46,29 +45,14 @@ CONFIG_NAME = "adapter_config.json"
 
 
 def _read_json(path: str) -> dict[str, Any] | None:
-    file = os.path.join(path, CONFIG_NAME)
-    if not os.path.isfile(file):
-        return None
-    try:
-        with open(file, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
+    return read_json_object(os.path.join(path, CONFIG_NAME))
 
 
 def _load_tensors(path: str, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
     for name in names:
         file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            continue
-        try:
-            if name.endswith(".safetensors"):
-                return load_file(file)
-            # weights_only: tensors and plain containers only, never arbitrary objects
-            return torch.load(file, map_location="cpu", weights_only=True)
-        except (SafetensorError, OSError, RuntimeError, ValueError, UnpicklingError) as error:
-            raise CheckpointError(f"cannot read {file!r} safely: {error}") from None
+        if os.path.isfile(file):
+            return load_tensor_file(file)
     raise CheckpointError(f"{path!r} holds none of the weight files {list(names)}")
 
 

@@ -15,18 +15,16 @@ keys ``{layer path}.reft_layer.refts.{name}.units.{i}.{param}``. Differences han
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from adapters.configs import AdapterConfig
 from adapters.errors import CheckpointError
+from adapters.saving import load_tensor_file, read_json_object
 from adapters.sites import LayerSite, ModelSites
 
 from .config import ReftConfig
@@ -59,15 +57,8 @@ _CONFIG_FIELDS = (
 
 
 def _saved_config(path: str) -> dict[str, Any] | None:
-    file = os.path.join(path, CONFIG_FILE)
-    if not os.path.isfile(file):
-        return None
-    try:
-        with open(file, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(data, dict) or data.get("format") == "adapters":
+    data = read_json_object(os.path.join(path, CONFIG_FILE))
+    if data is None or data.get("format") == "adapters":
         return None
     config = data.get("config")
     return config if isinstance(config, dict) else None
@@ -167,22 +158,7 @@ def _unit_indices(config: ReftConfig) -> list[int]:
 
 def _load_weights(path: str) -> dict[str, torch.Tensor]:
     safe = os.path.join(path, WEIGHT_FILES[0])
-    if os.path.isfile(safe):
-        try:
-            return load_file(safe)
-        except (SafetensorError, OSError, ValueError) as error:
-            raise CheckpointError(f"{safe!r} is not a readable safetensors file: {error}") from None
-    pickled = os.path.join(path, WEIGHT_FILES[1])
-    try:
-        state = torch.load(pickled, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for unsafe or corrupt files
-        raise CheckpointError(
-            f"{pickled!r} cannot be read as plain tensors (weights_only=True; nothing else is "
-            f"unpickled): {type(error).__name__}: {error}"
-        ) from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{pickled!r} does not hold a dict of tensors")
-    return state
+    return load_tensor_file(safe if os.path.isfile(safe) else os.path.join(path, WEIGHT_FILES[1]))
 
 
 def _group_by_layer(
