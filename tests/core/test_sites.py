@@ -82,16 +82,7 @@ def test_gpt2_conv1d_widths_are_read_from_the_transposed_weight():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=50))
-    interface = AdapterModelInterface(
-        adapter_methods=["x"],
-        model_embeddings="wte",
-        model_layers="h",
-        layer_self_attn="attn",
-        attn_qkv_proj="c_attn",
-        attn_o_proj="c_proj",
-        layer_intermediate_proj="mlp.c_fc",
-        layer_output_proj="mlp.c_proj",
-    )
+    interface = AdapterModelInterface(**{**models.GPT2_INTERFACE, "adapter_methods": ["x"]})
     sites = resolve_sites(model, interface)
     qkv = sites.layers[0].self_attn.qkv
     assert (qkv.in_features, qkv.out_features) == (16, 48)

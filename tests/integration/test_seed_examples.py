@@ -17,6 +17,7 @@ import adapters
 from adapters import AdapterModelInterface, AdapterSetup, Parallel, Stack
 from adapters.plugins import reload_plugins
 
+from ..core.conftest import randomize
 from ..models import SEED_INTERFACE, SEED_INTERFACE_2, gemma2, llama
 
 
@@ -24,14 +25,6 @@ from ..models import SEED_INTERFACE, SEED_INTERFACE_2, gemma2, llama
 def installed_plugins():
     reload_plugins()
     yield
-
-
-def randomize(model, name, seed=1, scale=0.3):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.get_adapter(name).values():
-            for p in module.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
 
 
 def test_seed_example_runs_as_written(capsys):
@@ -64,7 +57,7 @@ def both():
     model.add_adapter("r", config="loreft[r=2, prefix_positions=2, suffix_positions=1]")
     model.add_adapter("d", config="direft[r=2, prefix_positions=1]")
     for i, name in enumerate(("l", "r", "d")):
-        randomize(model, name, seed=i + 1)
+        randomize(model, name, seed=i + 1, scale=0.3)
     return model
 
 
