@@ -25,6 +25,20 @@ _PROMPT: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "adapters_generation_prompt_length", default=None
 )
 
+# Plain, process-wide mirrors read only while torch.compile traces (Dynamo cannot trace
+# ``ContextVar.get``): the open `AdapterSetup` blocks and generation scopes (innermost last), and
+# the contexts opened by compiled model calls. Dynamo guards on what it reads from them, so a
+# change recompiles instead of reusing a stale graph. In eager mode they are written by the
+# ``with`` blocks but never read, so eager calls stay per thread / per task.
+_OPEN_SETUPS: list[AdapterCompositionBlock | None] = []
+_OPEN_PROMPTS: list[int | None] = []
+_TRACED: list[ForwardContext] = []
+
+
+def is_compiling() -> bool:
+    """Whether torch.compile is tracing the running code (False on torch without compiler)."""
+    return torch.compiler.is_compiling()
+
 
 @dataclass
 class ForwardContext:
@@ -93,7 +107,13 @@ class ForwardContext:
 
 def current_context() -> ForwardContext | None:
     """The context of the innermost forward call running in this thread/task, or None."""
-    return _FORWARD.get()
+    if is_compiling():
+        return _TRACED[-1] if _TRACED else None
+    ctx = _FORWARD.get()
+    if ctx is None and _TRACED:
+        # Eager code between two compiled pieces of one compiled call (a graph break).
+        return _TRACED[-1]
+    return ctx
 
 
 def context_for(model: Any) -> ForwardContext:
@@ -106,9 +126,12 @@ def context_for(model: Any) -> ForwardContext:
     user calling ``model.model(...)``, an encoder run by ``generate``) a context with the
     model's effective setup and no mask/positions is returned.
     """
-    ctx = _FORWARD.get()
+    ctx = current_context()
     if ctx is not None and ctx.model is model:
         return ctx
+    if is_compiling():
+        # Activation checkpointing under compile is recomputed by the compiled graph itself.
+        return ForwardContext(model=model, setup=_effective_setup(model))
     if ctx is None and getattr(model, "training", False) and torch.is_grad_enabled():
         state = model.__dict__.get("_adapters_state")
         recomputed = getattr(state, "recompute_context", None) or getattr(
@@ -132,24 +155,38 @@ def context_for(model: Any) -> ForwardContext:
 
 def push_context(ctx: ForwardContext) -> None:
     """Open ``ctx`` (core calls this from the model's forward pre-hook)."""
+    if is_compiling():
+        _TRACED.append(ctx)
+        return
     ctx._parent = _FORWARD.get()
     _FORWARD.set(ctx)
 
 
 def pop_context(ctx: ForwardContext | None = None) -> None:
     """Close the innermost context (core calls this from the model's forward hook)."""
+    if is_compiling():
+        if _TRACED:
+            _TRACED.pop()
+        return
     current = _FORWARD.get()
     if current is not None:
         _FORWARD.set(current._parent)
+    elif _TRACED:
+        _TRACED.pop()
 
 
 def setup_override() -> tuple[AdapterCompositionBlock | None, ...]:
-    """The `AdapterSetup` blocks open in this thread/task, innermost last."""
+    """The `AdapterSetup` blocks open in this thread/task, innermost last (under torch.compile:
+    those open in the whole process)."""
+    if is_compiling():
+        return tuple(_OPEN_SETUPS)
     return _SETUP.get()
 
 
 def generation_prompt_length() -> int | None:
     """The prompt length while ``generate()`` of an initialised model runs, else None."""
+    if is_compiling():
+        return _OPEN_PROMPTS[-1] if _OPEN_PROMPTS else None
     return _PROMPT.get()
 
 
@@ -162,11 +199,13 @@ class generation_scope:
 
     def __enter__(self) -> generation_scope:
         self._token = _PROMPT.set(self.prompt_length)
+        _OPEN_PROMPTS.append(self.prompt_length)
         return self
 
     def __exit__(self, *exc: object) -> None:
         assert self._token is not None
         _PROMPT.reset(self._token)
+        _remove_last(_OPEN_PROMPTS, self.prompt_length)
 
 
 class AdapterSetup:
@@ -188,15 +227,33 @@ class AdapterSetup:
 
     def __enter__(self) -> AdapterSetup:
         stack = _SETUP.get()
-        if self.ignore_empty and self.adapter_setup is None:
-            self._token = _SETUP.set(stack)
-        else:
+        self._pushed = not (self.ignore_empty and self.adapter_setup is None)
+        if self._pushed:
             self._token = _SETUP.set((*stack, self.adapter_setup))
+            _OPEN_SETUPS.append(self.adapter_setup)
+        else:
+            self._token = _SETUP.set(stack)
         return self
 
     def __exit__(self, *exc: object) -> None:
         assert self._token is not None
         _SETUP.reset(self._token)
+        if self._pushed:
+            _remove_last(_OPEN_SETUPS, self.adapter_setup)
+
+
+def _remove_last(stack: list[Any], item: Any) -> None:
+    """Remove the last occurrence of ``item`` (by identity) from ``stack``."""
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i] is item:
+            del stack[i]
+            return
+
+
+def _effective_setup(model: Any) -> AdapterCompositionBlock | None:
+    from .model import effective_setup
+
+    return effective_setup(model)
 
 
 def positions_from_mask(

@@ -156,9 +156,15 @@ class _ForwardHooks:
         state = model.__dict__.get(STATE_ATTR)
         if state is None:
             return
-        ctx = ctx_mod.current_context()
-        if ctx is not None and ctx.model is model and model.training and torch.is_grad_enabled():
-            state.last_training_context = ctx
+        if not ctx_mod.is_compiling():
+            ctx = ctx_mod.current_context()
+            if (
+                ctx is not None
+                and ctx.model is model
+                and model.training
+                and torch.is_grad_enabled()
+            ):
+                state.last_training_context = ctx
         ctx_mod.pop_context()
 
 
@@ -203,7 +209,7 @@ class _LayerHooks:
 
     def pre_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         model = self.__dict__["model"]
-        if not model.training:
+        if not model.training or ctx_mod.is_compiling():
             return
         state = model.__dict__.get(STATE_ATTR)
         hidden = args[0] if args else kwargs.get("hidden_states")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.composition import AdapterCompositionBlock, Stack, apply_setup
-from adapters.context import context_for
+from adapters.context import context_for, is_compiling
 
 from .config import LoRAConfig
 
@@ -255,10 +255,14 @@ class LoRAHost(nn.Module):
         setup = context_for(self.model).setup
         if setup is None:
             return None
-        cached_setup, active = self._activity
-        if setup is not cached_setup:
+        if is_compiling():
+            # Traced once per setup (Dynamo guards on it): no identity cache in the graph.
             active = any(self._owns(n) for n in _names(setup))
-            self._activity = (setup, active)
+        else:
+            cached_setup, active = self._activity
+            if setup is not cached_setup:
+                active = any(self._owns(n) for n in _names(setup))
+                self._activity = (setup, active)
         if not active:
             return None
         x = args[0]

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.composition import apply_setup
-from adapters.context import ForwardContext, context_for
+from adapters.context import ForwardContext, context_for, is_compiling
 from adapters.errors import AdaptersError, CompositionError
 
 from .config import ReftConfig
@@ -125,7 +125,8 @@ class ReftUnit(nn.Module):
         weight = self.projection.weight
         if not self.orthogonal:
             return weight if weight.dtype in (torch.float32, torch.float64) else weight.float()
-        if torch.is_grad_enabled() and weight.requires_grad:
+        if (torch.is_grad_enabled() and weight.requires_grad) or is_compiling():
+            # Under torch.compile the graph recomputes it (no identity cache in a traced region).
             return orthonormal_rows(weight)
         key = (weight._version, weight.data_ptr(), weight.device, weight.dtype)
         cached = self._rotation_cache
@@ -198,6 +199,22 @@ class ReftIntervention(nn.Module):
             new = self.units[0](flat.index_select(0, positions.both).to(compute))
         return flat.index_copy(0, positions.both, new.to(hidden.dtype)).view_as(hidden)
 
+    def edit_masked(
+        self, hidden: torch.Tensor, prefix: torch.Tensor, suffix: torch.Tensor
+    ) -> torch.Tensor:
+        """Like `edit`, for positions given as (batch, length) bool masks: every position is
+        computed and the chosen ones kept. Shapes stay static, so torch.compile traces it into
+        one graph (`edit` selects a data-dependent number of rows)."""
+        compute = torch.promote_types(hidden.dtype, torch.float32)
+        flat = hidden.reshape(-1, hidden.shape[-1]).to(compute)
+        prefix, suffix = prefix.reshape(-1, 1), suffix.reshape(-1, 1)
+        if len(self.units) == 2:
+            new = torch.where(prefix, self.units[0](flat), flat)
+            new = torch.where(suffix, self.units[1](flat), new)
+        else:
+            new = torch.where(prefix | suffix, self.units[0](flat), flat)
+        return new.to(hidden.dtype).view_as(hidden)
+
     def extra_repr(self) -> str:
         return f"prefix_positions={self.prefix_positions}, suffix_positions={self.suffix_positions}"
 
@@ -243,6 +260,40 @@ def select_positions(
     ``attention_mask`` is the 2-D (batch, past + current) mask given to the model, or None
     (every token real). Positions are relative to the current chunk.
     """
+    masks = select_position_masks(
+        attention_mask,
+        batch,
+        past_length,
+        input_length,
+        prompt_length,
+        prefix_positions,
+        suffix_positions,
+        device,
+    )
+    if masks is None:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return Positions(empty, empty, input_length)
+    prefix, suffix = masks
+
+    def flat(chosen: torch.Tensor) -> torch.Tensor:
+        rows, columns = chosen.nonzero(as_tuple=True)
+        return rows * input_length + columns
+
+    return Positions(flat(prefix), flat(suffix), input_length)
+
+
+def select_position_masks(
+    attention_mask: torch.Tensor | None,
+    batch: int,
+    past_length: int,
+    input_length: int,
+    prompt_length: int | None,
+    prefix_positions: int,
+    suffix_positions: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`select_positions` as two bool (batch, input_length) masks (prefix, suffix), or None
+    when no position of the current chunk can be edited."""
     total = past_length + input_length
     if attention_mask is None:
         real = torch.ones(batch, total, dtype=torch.bool, device=device)
@@ -256,15 +307,12 @@ def select_positions(
     prefix = region & (rank < prefix_positions) & ~suffix
     width = end - past_length  # prompt tokens inside this chunk (may be <= 0)
     if width <= 0:
-        empty = torch.zeros(0, dtype=torch.long, device=device)
-        return Positions(empty, empty, input_length)
+        return None
     prefix, suffix = prefix[:, past_length:], suffix[:, past_length:]
-
-    def flat(chosen: torch.Tensor) -> torch.Tensor:
-        rows, columns = chosen.nonzero(as_tuple=True)
-        return rows * input_length + columns
-
-    return Positions(flat(prefix), flat(suffix), input_length)
+    if width < input_length:  # generated tokens of this chunk are never edited
+        pad = torch.zeros(batch, input_length - width, dtype=torch.bool, device=device)
+        prefix, suffix = torch.cat([prefix, pad], dim=1), torch.cat([suffix, pad], dim=1)
+    return prefix, suffix
 
 
 class ReftHost(nn.Module):
@@ -296,10 +344,13 @@ class ReftHost(nn.Module):
         setup = ctx.setup
         if setup is None:
             return None
-        seen_setup, relevant = self._activity
-        if setup is not seen_setup:
+        if is_compiling():
             relevant = any(n in self.interventions for n in setup.flatten())
-            self._activity = (setup, relevant)
+        else:
+            seen_setup, relevant = self._activity
+            if setup is not seen_setup:
+                relevant = any(n in self.interventions for n in setup.flatten())
+                self._activity = (setup, relevant)
         if not relevant:
             return None
         if ctx.parallel_branches > 1 and ctx.prompt_length is not None:
@@ -324,16 +375,24 @@ class ReftHost(nn.Module):
         self, ctx: ForwardContext, full_batch: int, name: str, hidden: torch.Tensor, rows: slice
     ) -> torch.Tensor:
         intervention = self.interventions[name]
-        positions = self._positions(
+        whole = rows.start == 0 and rows.stop == full_batch
+        compiling = is_compiling()
+        selected = self._positions(
             ctx,
             full_batch,
             hidden.shape[1],
             hidden.device,
             intervention.prefix_positions,
             intervention.suffix_positions,
+            as_masks=compiling,
         )
-        if rows.start != 0 or rows.stop != full_batch:
-            positions = positions.rows(rows)
+        if compiling:
+            # Static shapes under torch.compile: every position computed, the chosen ones kept.
+            if selected is None:
+                return hidden
+            prefix, suffix = selected if whole else (selected[0][rows], selected[1][rows])
+            return intervention.edit_masked(hidden, prefix, suffix)
+        positions = selected if whole else selected.rows(rows)
         if positions.count == 0:
             return hidden
         return intervention.edit(hidden, positions)
@@ -346,12 +405,12 @@ class ReftHost(nn.Module):
         device: torch.device,
         prefix: int,
         suffix: int,
-    ) -> Positions:
+        as_masks: bool = False,
+    ) -> Any:
         cache = ctx.extra.setdefault(_CACHE_KEY, {})
-        key = (prefix, suffix, batch, length, device)
-        found = cache.get(key)
-        if found is not None:
-            return found
+        key = (prefix, suffix, batch, length, device, as_masks)
+        if key in cache:
+            return cache[key]
         if ctx.input_length is None:
             # The layer runs outside a forward call of the whole model (no mask known): every
             # token of the chunk counts as real.
@@ -364,8 +423,7 @@ class ReftHost(nn.Module):
                     f"{length}, but the model was called with batch {ctx.batch_size} x length "
                     f"{current}; ReFT needs layers whose outputs line up with the input tokens"
                 )
-        found = select_positions(
-            mask, batch, past, current, ctx.prompt_length, prefix, suffix, device
-        )
+        select = select_position_masks if as_masks else select_positions
+        found = select(mask, batch, past, current, ctx.prompt_length, prefix, suffix, device)
         cache[key] = found
         return found

@@ -1,0 +1,227 @@
+"""torch.compile(fullgraph=True) of an initialised model: core's forward plumbing, the in-test
+plugins and the example plugin trace into one graph, equal eager, and follow setup changes.
+
+Most tests use Dynamo's ``eager`` backend (the same tracing, guards and graph breaks as
+inductor, without code generation); training uses ``aot_eager`` so the backward is traced too.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from adapters import AdapterSetup, context
+
+from .conftest import init_toy, randomize
+
+MASK = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Every test compiles new models: start from an empty Dynamo cache (the cache of a shared
+    code object such as a hook method would otherwise fill up across tests)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+    assert not context._TRACED  # every compiled call closed its context
+
+
+def compiled(model, backend: str = "eager"):
+    return torch.compile(model, fullgraph=True, backend=backend)
+
+
+def logits(model, ids, **kwargs):
+    return model(ids, attention_mask=MASK, **kwargs).logits
+
+
+def test_an_initialised_model_without_adapters_compiles_fullgraph(toy_plugins, ids):
+    model = init_toy()
+    eager = logits(model, ids)
+    torch.testing.assert_close(logits(compiled(model), ids), eager, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("config", ["toy_lora", "toy_shift[prefix=2]", "toy_bottleneck"])
+def test_an_active_adapter_compiles_fullgraph_and_equals_eager(toy_plugins, ids, config):
+    model = init_toy()
+    model.add_adapter("a", config=config, set_active=True)
+    randomize(model, "a")
+    eager = logits(model, ids)
+    with AdapterSetup(None):
+        base = logits(model, ids)
+    assert (eager - base).abs().max() > 1e-3  # the adapter matters
+    torch.testing.assert_close(logits(compiled(model), ids), eager, atol=1e-5, rtol=0)
+
+
+def test_explain_reports_one_graph_and_no_break(toy_plugins, ids):
+    model = init_toy()
+    for name, config in (("a", "toy_lora"), ("s", "toy_shift"), ("b", "toy_bottleneck")):
+        model.add_adapter(name, config=config)
+    model.set_active_adapters(["a", "s", "b"])
+    explanation = torch._dynamo.explain(model)(ids, attention_mask=MASK)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_compiled_model_follows_set_active_adapters(toy_plugins, ids):
+    model = init_toy()
+    for name, seed in (("a", 1), ("b", 2)):
+        model.add_adapter(name, config="toy_lora")
+        randomize(model, name, seed=seed)
+    fast = compiled(model)
+    outputs = {}
+    for setup in ("a", "b", None, ["a", "b"], "a"):
+        model.set_active_adapters(setup)
+        eager = logits(model, ids)
+        torch.testing.assert_close(logits(fast, ids), eager, atol=1e-5, rtol=0)
+        outputs[str(setup)] = eager
+    assert (outputs["a"] - outputs["b"]).abs().max() > 1e-3
+    assert (outputs["a"] - outputs["None"]).abs().max() > 1e-3
+
+
+def test_compiled_model_follows_adapter_setup_blocks(toy_plugins, ids):
+    model = init_toy()
+    for name, seed in (("a", 1), ("b", 2)):
+        model.add_adapter(name, config="toy_lora")
+        randomize(model, name, seed=seed)
+    model.set_active_adapters("a")
+    fast = compiled(model)
+    active_a = logits(model, ids)
+    torch.testing.assert_close(logits(fast, ids), active_a, atol=1e-5, rtol=0)
+    for setup in ("b", None, "a"):
+        with AdapterSetup(setup):
+            eager = logits(model, ids)
+            torch.testing.assert_close(logits(fast, ids), eager, atol=1e-5, rtol=0)
+        if setup == "b":
+            assert (eager - active_a).abs().max() > 1e-3
+    with AdapterSetup("b"), AdapterSetup(None):  # the innermost block wins
+        with AdapterSetup(None):
+            base = logits(model, ids)
+        torch.testing.assert_close(logits(fast, ids), base, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(fast, ids), active_a, atol=1e-5, rtol=0)
+
+
+def test_a_new_setup_object_with_the_same_adapters_does_not_recompile(toy_plugins, ids):
+    """Dynamo guards on what the setup says (names, block types), not on the object."""
+    from torch._dynamo.utils import counters
+
+    model = init_toy()
+    model.add_adapter("a", config="toy_lora")
+    model.add_adapter("b", config="toy_lora")
+    fast = compiled(model)
+    counters.clear()
+    for _ in range(4):
+        model.set_active_adapters("a")  # a new Stack("a") each time
+        fast(ids)
+        with AdapterSetup("b"):
+            fast(ids)
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_adapter_setup_in_another_thread_is_not_seen_in_eager_mode(toy_plugins, ids):
+    model = init_toy()
+    model.add_adapter("a", config="toy_lora")
+    randomize(model, "a")
+    base = model(ids).logits
+    seen = {}
+    entered, release = threading.Event(), threading.Event()
+
+    def other():
+        with AdapterSetup("a"):
+            entered.set()
+            release.wait(timeout=30)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        entered.wait(timeout=30)
+        seen["main"] = model(ids).logits  # another thread's open block is not this call's
+    finally:
+        release.set()
+        thread.join()
+    assert torch.equal(seen["main"], base)
+
+
+def test_compiled_training_step_equals_eager(toy_plugins, ids):
+    import copy
+
+    model = init_toy()
+    model.add_adapter("a", config="toy_lora")
+    model.add_adapter("s", config="toy_shift[prefix=2]")
+    randomize(model, "a")
+    randomize(model, "s", seed=3)
+    model.train_adapter(["a", "s"])
+    twin = copy.deepcopy(model)
+    fast = compiled(twin, backend="aot_eager")
+
+    def step(module, call):
+        optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.1)
+        loss = call(ids, attention_mask=MASK, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+        optimizer.step()
+        return loss.detach(), grads
+
+    eager_loss, eager_grads = step(model, model)
+    fast_loss, fast_grads = step(twin, fast)
+    torch.testing.assert_close(fast_loss, eager_loss, atol=1e-5, rtol=0)
+    assert sorted(fast_grads) == sorted(eager_grads) and len(eager_grads) == 10
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=0)
+    twin_params = dict(twin.named_parameters())
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(twin_params[name], param, atol=1e-5, rtol=0)
+
+
+def test_compiled_training_with_activation_checkpointing_equals_eager(toy_plugins, ids):
+    import copy
+
+    model = init_toy()
+    model.add_adapter("s", config="toy_shift[prefix=2]")
+    randomize(model, "s")
+    model.train_adapter("s")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.disable_input_require_grads()  # transformers' own hook calls requires_grad_ in-graph
+    model.train()
+    twin = copy.deepcopy(model)
+    fast = compiled(twin, backend="aot_eager")
+
+    def grads(call, module):
+        loss = call(ids, attention_mask=MASK, use_cache=False).logits.pow(2).mean()
+        loss.backward()
+        return {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+
+    eager, fast_grads = grads(model, model), grads(fast, twin)
+    assert sorted(eager) == sorted(fast_grads) and eager
+    for name, grad in eager.items():
+        torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=0)
+
+
+def test_example_plugin_compiles_fullgraph(ids):
+    adapters_hidden_scale = pytest.importorskip("adapters_hidden_scale")
+    from adapters import AdapterModelInterface, init, plugins
+
+    from ..models import SEED_INTERFACE, llama
+
+    registry = plugins.get_registry()
+    registered = "hidden_scale" not in registry.methods
+    if registered:
+        registry.register(adapters_hidden_scale, "hidden_scale")
+    try:
+        model = init(
+            llama(),
+            interface=AdapterModelInterface(
+                **{**SEED_INTERFACE, "adapter_methods": ["hidden_scale"]}
+            ),
+        )
+        model.add_adapter("h", config="hidden_scale", set_active=True)
+        randomize(model, "h")
+        eager = logits(model, ids)
+        torch.testing.assert_close(logits(compiled(model), ids), eager, atol=1e-5, rtol=0)
+        explanation = torch._dynamo.explain(model)(ids, attention_mask=MASK)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+    finally:
+        if registered:
+            registry.unregister("hidden_scale")
