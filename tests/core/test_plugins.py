@@ -1,3 +1,5 @@
+import ast
+import pathlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -430,3 +432,55 @@ def test_every_hook_spec_says_in_which_contract_version_it_appeared():
         ]
         assert len(versions) == 1, name
         assert tuple(int(p) for p in versions[0].split(".")) <= core, name
+
+
+# -- core structure ---------------------------------------------------------------------------
+def _core_import_graph() -> dict[str, set[str]]:
+    """module -> the core modules it imports with ``from .x import`` / ``from . import x``,
+    anywhere in the file (module level, inside functions, under ``TYPE_CHECKING``)."""
+    source = pathlib.Path(adapters.__file__).parent
+    modules = {path.stem: path for path in source.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                targets = (
+                    [node.module.split(".")[0]] if node.module else [a.name for a in node.names]
+                )
+                edges.update(t for t in targets if t in modules and t != name)
+        graph[name] = edges
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                return [*path[path.index(target) :], target]
+            if target not in state and (found := visit(target)):
+                return found
+        state[node] = 2
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_core_has_no_import_cycle():
+    graph = _core_import_graph()
+    assert {"configs", "plugins", "hookspecs", "declarations"} <= set(graph)
+    assert "plugins" not in graph["configs"] and "plugins" not in graph["hookspecs"]
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
