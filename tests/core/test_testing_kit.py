@@ -83,6 +83,8 @@ class Scale(nn.Module):
 
 
 class FaultyPlugin:
+    ADAPTERS_CONTRACT = "1.0"
+
     @hookimpl
     def adapters_register_methods(self, register):
         register(
