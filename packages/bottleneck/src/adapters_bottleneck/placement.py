@@ -228,7 +228,15 @@ class InvertibleHost(nn.Module):
         self, setup: AdapterCompositionBlock | str, hidden: torch.Tensor, rev: bool
     ) -> torch.Tensor:
         """Apply (``rev=False``) or invert the invertible adapter of ``setup``: per slice of a
-        `BatchSplit`, else the first adapter of the setup that has one."""
+        `BatchSplit`; for `Average` the weighted mean of the children's transforms (in both
+        directions: exact for one-hot weights, an approximation of the inverse otherwise);
+        else the first adapter of the setup that has one."""
+        if isinstance(setup, Average):
+            total = None
+            for child, weight in zip(setup.children, setup.weights):
+                change = weight * (self.apply(child, hidden, rev) - hidden)
+                total = change if total is None else total + change
+            return hidden + total
         if isinstance(setup, BatchSplit):
             return torch.cat(
                 [

@@ -25,6 +25,9 @@ from .placement import (
     remove_hooks_of,
 )
 
+#: The plugin contract version this plugin implements (see adapters.hookspecs).
+ADAPTERS_CONTRACT = "1.0"
+
 #: interface fields per location: (output site, residual-input field, norm field).
 _FIELDS = {
     "mh_adapter": ("attn_o_proj (of layer_self_attn)", "layer_pre_self_attn", "layer_ln_1"),
