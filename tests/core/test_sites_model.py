@@ -162,6 +162,8 @@ class ToyInvertible(nn.Module):
 
 
 class ToyInvertiblePlugin:
+    ADAPTERS_CONTRACT = "1.0"
+
     @hookimpl
     def adapters_register_methods(self, register):
         register(MethodSpec("toy_invertible", (ToyInvertibleConfig,), {}))
@@ -387,6 +389,8 @@ class ExpertScale(nn.Module):
 
 
 class ToyExpertScalePlugin:
+    ADAPTERS_CONTRACT = "1.0"
+
     @hookimpl
     def adapters_register_methods(self, register):
         register(MethodSpec("toy_expert_scale", (ToyExpertScaleConfig,), {}))
