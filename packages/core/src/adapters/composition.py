@@ -316,6 +316,33 @@ def blocks_used_by(setup: AdapterCompositionBlock) -> dict[str, set[type]]:
     return result
 
 
+def find_blocks(setup: AdapterCompositionBlock | str | None, kind: type) -> list[Any]:
+    """Every block of class ``kind`` in ``setup``, outermost first (e.g. the `Fuse` blocks)."""
+    if setup is None or isinstance(setup, str):
+        return []
+    found = [setup] if isinstance(setup, kind) else []
+    for child in setup.children:
+        found.extend(find_blocks(child, kind))
+    return found
+
+
+def names_outside(setup: AdapterCompositionBlock | str | None, kind: type) -> list[str]:
+    """The adapter names of ``setup`` that are not nested in a block of class ``kind``, in
+    order, without repeats (``names_outside(Stack("a", Fuse("b", "c")), Fuse) == ["a"]``)."""
+    if setup is None:
+        return []
+    if isinstance(setup, str):
+        return [setup]
+    if isinstance(setup, kind):
+        return []
+    names: list[str] = []
+    for child in setup.children:
+        for name in names_outside(child, kind):
+            if name not in names:
+                names.append(name)
+    return names
+
+
 Rows = slice | torch.Tensor
 """Which examples of the full batch a tensor holds: a ``slice`` (``BatchSplit``, the whole batch)
 or a 1-D ``long`` tensor of example indices (`PerExample`). Index per-example tensors of the

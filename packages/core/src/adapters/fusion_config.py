@@ -57,7 +57,9 @@ class AdapterFusionConfig:
             value = getattr(self, f.name)
             if f.name == "dropout_prob":
                 ok = value is None or (
-                    isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1
+                    isinstance(value, int | float)
+                    and not isinstance(value, bool)
+                    and 0 <= value < 1
                 )
                 expected = "None or a number in [0, 1)"
             elif f.name == "value_initialized":
@@ -102,7 +104,9 @@ class AdapterFusionConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"{cls.__name__} has no option(s) {unknown}; options: {sorted(known)}")
+            raise ConfigError(
+                f"{cls.__name__} has no option(s) {unknown}; options: {sorted(known)}"
+            )
         return cls(**data)
 
 
@@ -158,3 +162,20 @@ def resolve_fusion_config(config: Any = None) -> AdapterFusionConfig:
             f"unknown fusion config {name!r}; presets: {', '.join(sorted(FUSION_PRESETS))}"
         )
     return preset.replace(**overrides) if overrides else preset
+
+
+@dataclass(frozen=True)
+class AdapterFusion:
+    """What ``model.adapter_fusions`` tells about one fusion layer.
+
+    Attributes:
+        name: the fusion's name (what a `adapters.Fuse` block's ``name`` must be to use it).
+        adapter_names: the fused adapters, in order.
+        config: its `AdapterFusionConfig`.
+        method: the method that owns the layer.
+    """
+
+    name: str
+    adapter_names: tuple[str, ...]
+    config: AdapterFusionConfig
+    method: str

@@ -11,7 +11,6 @@ every forward call of the generation, repeated for beams and returned sequences.
 from __future__ import annotations
 
 import contextvars
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,7 +37,7 @@ NO_SELECTION = NoSelection()
 
 def take_adapter_names(
     model: nn.Module, kwargs: dict[str, Any], batch: int | None, device: torch.device | None
-) -> tuple[dict[str, Any], AdapterCompositionBlock | None | NoSelection]:
+) -> tuple[dict[str, Any], AdapterCompositionBlock | NoSelection | None]:
     """Remove ``adapter_names`` from a model call's keyword arguments and turn it into the
     setup of the call: `NO_SELECTION` when neither the call nor an enclosing ``generate`` gives
     names, ``None`` when every example runs the base model, else a cached `PerExample`.
@@ -89,9 +88,9 @@ def check_names(names: Any) -> tuple[str | None, ...]:
 def _per_example(
     model: nn.Module, names: tuple[str | None, ...], device: torch.device | None
 ) -> PerExample:
-    from .model import _state
+    from .state import get_state
 
-    state = _state(model)
+    state = get_state(model)
     for name in dict.fromkeys(names):
         if name is not None and name not in state.adapters:
             known = ", ".join(state.adapters) or "(none)"
@@ -104,17 +103,17 @@ def _per_example(
             f"adapter_names cannot select adapters per example while {merged} are merged into "
             "the base weights (every example would get them); call reset_adapter() first"
         )
-    cache: OrderedDict = state.__dict__.setdefault("per_example_setups", OrderedDict())
+    cache = state.per_example_setups
     key = (names, device)
     setup = cache.get(key)
     if setup is None:
         setup = PerExample(names, device=device)
-        model.validate_setup(setup)  # type: ignore[operator]
         cache[key] = setup
         while len(cache) > _CACHE_SIZE:
             cache.popitem(last=False)
     else:
         cache.move_to_end(key)
+    model.validate_setup(setup)  # type: ignore[operator]  # adapters may have changed since
     return setup
 
 
