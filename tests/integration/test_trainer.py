@@ -11,10 +11,10 @@ import torch
 pytest.importorskip("accelerate")
 pytest.importorskip("adapters_lora")
 
-import adapters  # noqa: E402
-from adapters import AdapterModelInterface, CheckpointError, NotInitializedError  # noqa: E402
-from adapters.trainer import AdapterTrainer, load_training_checkpoint  # noqa: E402
-from tests.models import LLAMA_INTERFACE, TINY_DECODER, llama  # noqa: E402
+import adapters
+from adapters import AdapterModelInterface, CheckpointError, NotInitializedError
+from adapters.trainer import AdapterTrainer, load_training_checkpoint
+from tests.models import LLAMA_INTERFACE, TINY_DECODER, llama
 
 
 def _data(n: int = 32, seed: int = 0) -> list[dict[str, torch.Tensor]]:
