@@ -238,6 +238,15 @@ def adapters_add_adapter(
             "use_dora=True is not supported on a fused q/k/v projection "
             f"({targets[0].site.path}); use separate projections or plain LoRA"
         )
+    fused_inputs = [
+        t for t in targets if t.role == "qkv" and set(t.matrices) & set(config.scale_inputs)
+    ]
+    if fused_inputs:
+        raise ConfigError(
+            f"scale_inputs={list(config.scale_inputs)} names q/k/v, but "
+            f"{fused_inputs[0].site.path} is a fused q/k/v projection whose input the three "
+            "share; scale the outputs of q/k/v (drop them from scale_inputs)"
+        )
     generator = None
     if config.init_weights_seed is not None:
         generator = torch.Generator().manual_seed(int(config.init_weights_seed))
@@ -252,6 +261,7 @@ def adapters_add_adapter(
             config,
             weight.detach(),  # only DoRA reads it (a norm per row, on its device)
             generator,
+            scale_input=target.role in config.scale_inputs,
         )
         unit.to(device=module.weight.device)
         host = host_of(module)
