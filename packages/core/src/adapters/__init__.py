@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .api import ModelAdaptersMixin
 from .composition import Average, BatchSplit, Fuse, Parallel, Split, Stack
 from .configs import AdapterConfig, ConfigUnion
 from .context import AdapterSetup, ForwardContext, current_context
@@ -23,10 +24,10 @@ from .errors import (
     MethodNotInstalledError,
     NotInitializedError,
 )
+from .initialization import init, load_model
 from .interface import AdapterModelInterface
-from .model import ModelAdaptersMixin, init, is_initialized
 from .plugins import CheckpointFormat, MethodSpec, hookimpl
-from .saving import load_model
+from .state import is_initialized
 
 __version__ = "0.1.0"
 
@@ -66,7 +67,12 @@ class AdapterMethod(metaclass=_AdapterMethodMeta):
 
 
 def __getattr__(name: str) -> Any:
-    """Resolve ``adapters.<SomethingConfig>`` to the installed plugin's config class."""
+    """Resolve ``adapters.<SomethingConfig>`` to the installed plugin's config class, and
+    ``adapters.AdapterTrainer`` (which needs transformers) on first use."""
+    if name == "AdapterTrainer":
+        from .trainer import AdapterTrainer
+
+        return AdapterTrainer
     if name.endswith("Config") and name[:1].isupper():
         from .errors import MethodNotInstalledError as _Missing
         from .plugins import distribution_for, get_registry

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
+from ._catalog import catalog
 from .errors import ConfigError, MethodNotInstalledError
 
 T = TypeVar("T", bound="AdapterConfig")
@@ -58,9 +59,7 @@ class AdapterConfig:
         if cls is AdapterConfig or (method and method != cls.method):
             if not method:
                 raise ConfigError(f"config dict has no 'method' key: {data!r}")
-            from .plugins import get_registry
-
-            registry = get_registry()
+            registry = catalog()
             target = registry.config_class_for_method(method)
             # Keep the saved class (IA3Config, not its base LoRAConfig) when it is installed.
             named = registry.config_class_named(class_name) if class_name else None
@@ -134,8 +133,6 @@ def resolve_config(config: Any) -> AdapterConfig:
     (``"lora[r=16, attn_matrices=['q','v']]"``; values are Python literals, parsed without
     ``eval``), a union ``"lora|loreft"``, or the path of a JSON file.
     """
-    from .plugins import get_registry
-
     if isinstance(config, AdapterConfig):
         return config
     if isinstance(config, Mapping):
@@ -158,7 +155,7 @@ def resolve_config(config: Any) -> AdapterConfig:
     if len(parts) > 1:
         return ConfigUnion(*[resolve_config(p) for p in parts])
     name, overrides = parse_config_string(config)
-    registry = get_registry()
+    registry = catalog()
     preset = registry.presets.get(name)
     if preset is None:
         raise registry.missing_config_error(name)
@@ -172,7 +169,7 @@ def parse_config_string(text: str) -> tuple[str, dict[str, Any]]:
     """``"lora[r=16, alpha=32]"`` → ``("lora", {"r": 16, "alpha": 32})``; literals only."""
     text = text.strip()
     if "[" not in text:
-        if not text.replace("_", "").replace("-", "").isalnum():
+        if not text.replace("_", "").replace("-", "").replace("+", "").isalnum():
             raise ConfigError(f"invalid config name {text!r}")
         return text, {}
     if not text.endswith("]"):

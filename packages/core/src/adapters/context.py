@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
-from .composition import AdapterCompositionBlock, SetupLike, parse_composition
+from .composition import AdapterCompositionBlock, SetupLike, expand_parallel, parse_composition
+from .errors import CompositionError
+from .state import STATE_ATTR, get_state
 
 _FORWARD: contextvars.ContextVar[ForwardContext | None] = contextvars.ContextVar(
     "adapters_forward_context", default=None
@@ -131,26 +133,30 @@ def context_for(model: Any) -> ForwardContext:
         return ctx
     if is_compiling():
         # Activation checkpointing under compile is recomputed by the compiled graph itself.
-        return ForwardContext(model=model, setup=_effective_setup(model))
+        return ForwardContext(model=model, setup=effective_setup(model))
     if ctx is None and getattr(model, "training", False) and torch.is_grad_enabled():
-        state = model.__dict__.get("_adapters_state")
+        state = model.__dict__.get(STATE_ATTR)
         recomputed = getattr(state, "recompute_context", None) or getattr(
             state, "last_training_context", None
         )
         if recomputed is not None:
             return recomputed
-    from .composition import expand_parallel
-    from .model import effective_setup
-
     setup = effective_setup(model)
     if setup is not None and expand_parallel(setup) is not None:
-        from .errors import CompositionError
-
         raise CompositionError(
             "a Parallel setup needs the model to be called as a whole (core replicates the batch "
             "at the model input); a submodule was called on its own"
         )
     return ForwardContext(model=model, setup=setup)
+
+
+def effective_setup(model: Any) -> AdapterCompositionBlock | None:
+    """The setup a forward call of ``model`` runs with: the innermost open `AdapterSetup`, else
+    the model's active setup. Merged adapters are skipped by their plugins, not here."""
+    overrides = setup_override()
+    if overrides:
+        return overrides[-1]
+    return get_state(model).active_setup
 
 
 def push_context(ctx: ForwardContext) -> None:
@@ -205,7 +211,7 @@ class generation_scope:
     def __exit__(self, *exc: object) -> None:
         assert self._token is not None
         _PROMPT.reset(self._token)
-        _remove_last(_OPEN_PROMPTS, self.prompt_length)
+        remove_last(_OPEN_PROMPTS, self.prompt_length)
 
 
 class AdapterSetup:
@@ -239,21 +245,15 @@ class AdapterSetup:
         assert self._token is not None
         _SETUP.reset(self._token)
         if self._pushed:
-            _remove_last(_OPEN_SETUPS, self.adapter_setup)
+            remove_last(_OPEN_SETUPS, self.adapter_setup)
 
 
-def _remove_last(stack: list[Any], item: Any) -> None:
+def remove_last(stack: list[Any], item: Any) -> None:
     """Remove the last occurrence of ``item`` (by identity) from ``stack``."""
     for i in range(len(stack) - 1, -1, -1):
         if stack[i] is item:
             del stack[i]
             return
-
-
-def _effective_setup(model: Any) -> AdapterCompositionBlock | None:
-    from .model import effective_setup
-
-    return effective_setup(model)
 
 
 def positions_from_mask(

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.composition import apply_setup
+from adapters.composition import Rows, apply_setup, select_rows
 from adapters.context import ForwardContext, context_for, is_compiling
 from adapters.errors import AdaptersError, CompositionError
 
@@ -235,14 +235,26 @@ class Positions:
         flat = getattr(self, which)
         return flat // self.length, flat % self.length
 
-    def rows(self, rows: slice) -> Positions:
-        """The positions of examples ``rows``, renumbered from 0 (for `BatchSplit` slices)."""
-        low, high = rows.start * self.length, rows.stop * self.length
+    def rows(self, rows: Rows, batch: int) -> Positions:
+        """The positions of examples ``rows`` of a batch of ``batch``, renumbered from 0 in the
+        order of ``rows`` (a `BatchSplit` slice or the example indices of `PerExample`)."""
+        if isinstance(rows, slice):
+            low, high = rows.start * self.length, rows.stop * self.length
 
-        def keep(flat: torch.Tensor) -> torch.Tensor:
-            return flat[(flat >= low) & (flat < high)] - low
+            def keep(flat: torch.Tensor) -> torch.Tensor:
+                return flat[(flat >= low) & (flat < high)] - low
 
-        return Positions(keep(self.prefix), keep(self.suffix), self.length)
+            return Positions(keep(self.prefix), keep(self.suffix), self.length)
+        rows = rows.to(self.both.device)
+        local = torch.full((batch,), -1, dtype=torch.long, device=rows.device)
+        local[rows] = torch.arange(rows.numel(), device=rows.device)
+
+        def renumber(flat: torch.Tensor) -> torch.Tensor:
+            new_row = local[flat // self.length]
+            kept = new_row >= 0
+            return (new_row * self.length + flat % self.length)[kept]
+
+        return Positions(renumber(self.prefix), renumber(self.suffix), self.length)
 
 
 def select_positions(
@@ -372,10 +384,10 @@ class ReftHost(nn.Module):
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
     def _apply_one(
-        self, ctx: ForwardContext, full_batch: int, name: str, hidden: torch.Tensor, rows: slice
+        self, ctx: ForwardContext, full_batch: int, name: str, hidden: torch.Tensor, rows: Rows
     ) -> torch.Tensor:
         intervention = self.interventions[name]
-        whole = rows.start == 0 and rows.stop == full_batch
+        whole = isinstance(rows, slice) and rows.start == 0 and rows.stop == full_batch
         compiling = is_compiling()
         selected = self._positions(
             ctx,
@@ -390,9 +402,11 @@ class ReftHost(nn.Module):
             # Static shapes under torch.compile: every position computed, the chosen ones kept.
             if selected is None:
                 return hidden
-            prefix, suffix = selected if whole else (selected[0][rows], selected[1][rows])
+            prefix, suffix = selected
+            if not whole:
+                prefix, suffix = select_rows(prefix, rows), select_rows(suffix, rows)
             return intervention.edit_masked(hidden, prefix, suffix)
-        positions = selected if whole else selected.rows(rows)
+        positions = selected if whole else selected.rows(rows, full_batch)
         if positions.count == 0:
             return hidden
         return intervention.edit(hidden, positions)
