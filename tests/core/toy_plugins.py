@@ -20,6 +20,7 @@ from torch import nn
 from adapters import AdapterConfig, Average, BatchSplit, MethodSpec, Stack, hookimpl
 from adapters.composition import apply_setup
 from adapters.context import context_for
+from adapters.hosts import AdapterHost
 
 
 def _setup_for(model):
@@ -53,13 +54,8 @@ class ToyLoRAUnit(nn.Module):
         return x @ self.A.t() @ self.B.t()
 
 
-class ToyLoRAHost(nn.Module):
+class ToyLoRAHost(AdapterHost):
     """Lives on a projection module; holds one unit per adapter and the forward hook."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.units = nn.ModuleDict()
-        self.__dict__["model"] = model  # not a submodule
 
     def hook(self, module, args, output):
         setup, _ = _setup_for(self.model)
@@ -106,13 +102,9 @@ class ToyLoRAPlugin:
             return None
         created = {}
         for site in self._targets(sites, config):
-            host = getattr(site.module, "toy_lora", None)
-            if host is None:
-                host = ToyLoRAHost(model)
-                site.module.toy_lora = host
-                host.handle = site.module.register_forward_hook(host.hook)
-            host.units[name] = ToyLoRAUnit(site.in_features, site.out_features, config.r)
-            created[site.path] = host.units[name]
+            host = ToyLoRAHost.attach(site.module, "toy_lora", model)
+            unit = ToyLoRAUnit(site.in_features, site.out_features, config.r)
+            created[site.path] = host.add_unit(name, unit)
         return created
 
     @hookimpl
@@ -121,10 +113,9 @@ class ToyLoRAPlugin:
             return None
         for site in self._targets(sites, config):
             host = site.module.toy_lora
-            del host.units[name]
-            if not host.units:
-                host.handle.remove()
-                del site.module.toy_lora
+            host.remove_unit(name)
+            if host.is_empty:
+                host.detach()
         return True
 
     @hookimpl
@@ -181,12 +172,7 @@ class ToyShiftUnit(nn.Module):
         self.prefix = prefix
 
 
-class ToyShiftHost(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.units = nn.ModuleDict()
-        self.__dict__["model"] = model
-
+class ToyShiftHost(AdapterHost):
     def hook(self, module, args, output):
         setup, ctx = _setup_for(self.model)
         if setup is None:
@@ -229,13 +215,9 @@ class ToyShiftPlugin:
         created = {}
         for layer in sites.layers:
             module = layer.layer.module
-            host = getattr(module, "toy_shift", None)
-            if host is None:
-                host = ToyShiftHost(model)
-                module.toy_shift = host
-                host.handle = module.register_forward_hook(host.hook)
-            host.units[name] = ToyShiftUnit(layer.hidden_size, config.prefix)
-            created[layer.layer.path] = host.units[name]
+            host = ToyShiftHost.attach(module, "toy_shift", model)
+            unit = ToyShiftUnit(layer.hidden_size, config.prefix)
+            created[layer.layer.path] = host.add_unit(name, unit)
         return created
 
     @hookimpl
@@ -244,10 +226,9 @@ class ToyShiftPlugin:
             return None
         for layer in sites.layers:
             host = layer.layer.module.toy_shift
-            del host.units[name]
-            if not len(host.units):
-                host.handle.remove()
-                del layer.layer.module.toy_shift
+            host.remove_unit(name)
+            if host.is_empty:
+                host.detach()
         return True
 
 
@@ -270,12 +251,17 @@ class ToyBottleneckUnit(nn.Module):
         nn.init.zeros_(self.up.bias)
 
 
-class ToyBottleneckHost(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.units = nn.ModuleDict()
-        self.__dict__["model"] = model
+class ToyBottleneckHost(AdapterHost):
+    """Hooks two modules: a pre-hook on the residual-input module and a hook on the output."""
+
+    def __init__(self, model, residual_module):
+        super().__init__(model)
+        self.__dict__["residual_module"] = residual_module  # a reference, not a submodule
         self.residual = None
+
+    def on_attach(self, module):
+        self.add_hook(self.__dict__["residual_module"], self.capture, pre=True)
+        self.add_hook(module, self.adjust)
 
     def capture(self, module, args):
         self.residual = args[0]
@@ -325,16 +311,9 @@ class ToyBottleneckPlugin:
         created = {}
         for layer in sites.layers:
             out = layer.output.module
-            host = getattr(out, "toy_bottleneck", None)
-            if host is None:
-                host = ToyBottleneckHost(model)
-                out.toy_bottleneck = host
-                host.handles = [
-                    layer.pre_ffn.module.register_forward_pre_hook(host.capture),
-                    out.register_forward_hook(host.adjust),
-                ]
-            host.units[name] = ToyBottleneckUnit(layer.hidden_size, config.size)
-            created[layer.output.path] = host.units[name]
+            host = ToyBottleneckHost.attach(out, "toy_bottleneck", model, layer.pre_ffn.module)
+            unit = ToyBottleneckUnit(layer.hidden_size, config.size)
+            created[layer.output.path] = host.add_unit(name, unit)
         return created
 
     @hookimpl
@@ -343,9 +322,7 @@ class ToyBottleneckPlugin:
             return None
         for layer in sites.layers:
             host = layer.output.module.toy_bottleneck
-            del host.units[name]
-            if not len(host.units):
-                for h in host.handles:
-                    h.remove()
-                del layer.output.module.toy_bottleneck
+            host.remove_unit(name)
+            if host.is_empty:
+                host.detach()
         return True

@@ -14,6 +14,7 @@ from torch import nn
 from adapters import AdapterConfig, Average, BatchSplit, ConfigError, MethodSpec, Stack, hookimpl
 from adapters.composition import apply_setup
 from adapters.context import context_for
+from adapters.hosts import AdapterHost
 
 #: The plugin contract version this plugin implements (see adapters.hookspecs).
 ADAPTERS_CONTRACT = "1.0"
@@ -50,25 +51,21 @@ class ScaleUnit(nn.Module):
         self.scale = nn.Parameter(torch.zeros(width))
 
 
-class ScaleHost(nn.Module):
-    """Lives on a layer; holds every hidden-scale adapter of that layer and its forward hook."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.units = nn.ModuleDict()
-        self.__dict__["model"] = model  # a plain reference, not a submodule
-        self.handle = None
+class ScaleHost(AdapterHost):
+    """Lives on a layer; holds every hidden-scale adapter of that layer (``units``) and its
+    forward hook. `AdapterHost` registers the hook, caches whether the setup concerns this
+    layer, and undoes everything if adding an adapter fails."""
 
     def hook(self, module: nn.Module, args: tuple, output: object) -> object:
         setup = context_for(self.model).setup
-        if setup is None:
-            return None  # nothing active: leave the output alone
+        if not self.is_active(setup):
+            return None  # none of this layer's adapters runs: leave the output alone
         hidden = output[0] if isinstance(output, tuple) else output
 
-        def scale(name: str, h: torch.Tensor, rows: slice) -> torch.Tensor:
+        def scale(name: str, h: torch.Tensor, rows: object) -> torch.Tensor:
             return h * (1 + self.units[name].scale.to(h.dtype))
 
-        new = apply_setup(setup, hidden, scale, owns=lambda name: name in self.units)
+        new = apply_setup(setup, hidden, scale, owns=self.owns)
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
 
@@ -97,13 +94,8 @@ def adapters_add_adapter(model, sites, name, config):
     created = {}
     for layer in _layers(sites, config):
         module = layer.layer.module
-        host = getattr(module, "hidden_scale", None)
-        if host is None:
-            host = ScaleHost(model)
-            module.hidden_scale = host  # registered as a submodule of the layer
-            host.handle = module.register_forward_hook(host.hook)
-        host.units[name] = ScaleUnit(layer.hidden_size)
-        created[layer.layer.path] = host.units[name]
+        host = ScaleHost.attach(module, "hidden_scale", model)  # child module + hook
+        created[layer.layer.path] = host.add_unit(name, ScaleUnit(layer.hidden_size))
     return created
 
 
@@ -114,8 +106,7 @@ def adapters_delete_adapter(model, sites, name, config):
     for layer in _layers(sites, config):
         module = layer.layer.module
         host = module.hidden_scale
-        del host.units[name]
-        if not len(host.units):
-            host.handle.remove()
-            del module.hidden_scale
+        host.remove_unit(name)
+        if host.is_empty:
+            host.detach()  # removes the hook and the host
     return True

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import averaging, fusion, saving, selection
+from . import averaging, fusion, rollback, saving, selection
 from . import context as ctx_mod
 from .composition import (
     AdapterCompositionBlock,
@@ -28,7 +28,6 @@ from .fusion_config import AdapterFusion
 from .interface import AdapterModelInterface
 from .plugins import MethodSpec, get_registry
 from .recompute import sync_layer_hooks
-from .rollback import Snapshot
 from .sites import ModelSites
 from .state import AdapterEntry, get_state
 
@@ -93,35 +92,34 @@ class ModelAdaptersMixin:
         config = self._default_config() if config is None else resolve_config(config)
         self._check_method_enabled(config)
         registry = get_registry()
-        snapshot = Snapshot(self)
         old_entry = state.adapters.get(adapter_name)
         old_active = state.active_setup
-        if old_entry is not None:
-            self.delete_adapter(adapter_name)
         entry = AdapterEntry(name=adapter_name, config=config)
         try:
-            for part in config_parts(config):
-                registry.method_of(part)
-                modules = registry.hook.adapters_add_adapter(
-                    model=self, sites=state.sites, name=adapter_name, config=part
-                )
-                if modules is None:
-                    raise ConfigError(
-                        f"no installed plugin created an adapter for {type(part).__name__}"
+            with rollback.operation(self) as log:
+                if old_entry is not None:
+                    self.delete_adapter(adapter_name)
+                for part in config_parts(config):
+                    registry.method_of(part)
+                    modules = registry.hook.adapters_add_adapter(
+                        model=self, sites=state.sites, name=adapter_name, config=part
                     )
-                prefix = f"{part.method}/" if isinstance(config, ConfigUnion) else ""
-                for key, module in modules.items():
-                    entry.modules[prefix + key] = module
-            self._check_registered(entry)
-            # Every module the plugin created (units and their hosts) follows the model's
-            # train/eval mode, so e.g. dropout stays off in a model loaded for inference.
-            known = {id(m) for m in snapshot.modules}
-            for module in self.modules():  # type: ignore[attr-defined]
-                if id(module) not in known:
-                    module.training = self.training  # type: ignore[attr-defined]
-            state.adapters[adapter_name] = entry
+                    if modules is None:
+                        raise ConfigError(
+                            f"no installed plugin created an adapter for {type(part).__name__}"
+                        )
+                    prefix = f"{part.method}/" if isinstance(config, ConfigUnion) else ""
+                    for key, module in modules.items():
+                        entry.modules[prefix + key] = module
+                self._check_registered(entry)
+                # Every module the plugin created (units and their hosts) follows the model's
+                # train/eval mode, so e.g. dropout stays off in a model loaded for inference.
+                for module in self.modules():  # type: ignore[attr-defined]
+                    if id(module) not in log.modules_before:
+                        module.training = self.training  # type: ignore[attr-defined]
+                state.adapters[adapter_name] = entry
         except BaseException:
-            snapshot.restore()
+            state.adapters.pop(adapter_name, None)
             if old_entry is not None:
                 state.adapters[adapter_name] = old_entry
                 state.active_setup = old_active

@@ -23,12 +23,12 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import nn
 
+from . import rollback
 from .composition import AdapterCompositionBlock, Fuse, find_blocks, parse_composition
 from .configs import config_parts
 from .errors import AdapterNotFoundError, CheckpointError, CompositionError, ConfigError
 from .fusion_config import AdapterFusionConfig, resolve_fusion_config
 from .plugins import get_registry
-from .rollback import Snapshot
 from .saving import _versions as versions_of
 from .saving import load_safetensors, read_json, write_directory_atomically
 from .state import AdaptersState, FusionEntry, get_state
@@ -159,40 +159,39 @@ def add_adapter_fusion(
             "it or name=... to add another"
         )
     registry = get_registry()
-    snapshot = Snapshot(model)
     old = state.fusions.get(name)
     old_active = state.active_setup
     try:
-        if old is not None:
-            delete_adapter_fusion(model, name)
-        modules = registry.hook.adapters_add_fusion(
-            model=model,
-            sites=state.sites,
-            name=name,
-            children=list(children),
-            config=config,
-            method=method,
-        )
-        if modules is None:
-            raise ConfigError(
-                f"the {method!r} plugin declares Fuse but created no fusion layer for {name!r} "
-                "(its adapters_add_fusion hook returned None)"
+        with rollback.operation(model) as log:
+            if old is not None:
+                delete_adapter_fusion(model, name)
+            modules = registry.hook.adapters_add_fusion(
+                model=model,
+                sites=state.sites,
+                name=name,
+                children=list(children),
+                config=config,
+                method=method,
             )
-        entry = FusionEntry(name, children, config, method, dict(modules))
-        inside = {id(m) for m in model.modules()}
-        for key, module in entry.modules.items():
-            if id(module) not in inside:
+            if modules is None:
                 raise ConfigError(
-                    f"plugin returned module {key!r} for fusion {name!r} that is not a "
-                    "submodule of the model; register it (e.g. in a ModuleDict on the site)"
+                    f"the {method!r} plugin declares Fuse but created no fusion layer for {name!r} "
+                    "(its adapters_add_fusion hook returned None)"
                 )
-        known = {id(m) for m in snapshot.modules}
-        for module in model.modules():
-            if id(module) not in known:
-                module.training = model.training
-        state.fusions[name] = entry
+            entry = FusionEntry(name, children, config, method, dict(modules))
+            inside = {id(m) for m in model.modules()}
+            for key, module in entry.modules.items():
+                if id(module) not in inside:
+                    raise ConfigError(
+                        f"plugin returned module {key!r} for fusion {name!r} that is not a "
+                        "submodule of the model; register it (e.g. in a ModuleDict on the site)"
+                    )
+            for module in model.modules():
+                if id(module) not in log.modules_before:
+                    module.training = model.training
+            state.fusions[name] = entry
     except BaseException:
-        snapshot.restore()
+        state.fusions.pop(name, None)
         if old is not None:
             state.fusions[name] = old
             state.active_setup = old_active
@@ -310,14 +309,13 @@ def load_adapter_fusion(
         raise CheckpointError(f"{path!r} has {FUSION_CONFIG_NAME} but no {FUSION_WEIGHTS_NAME}")
     tensors = load_safetensors(weights)
     name = load_as or meta.get("name") or ",".join(children)
-    snapshot = Snapshot(model)
     old = state.fusions.get(name)
     old_active = state.active_setup
     try:
-        add_adapter_fusion(model, children, config, name=name, overwrite_ok=overwrite_ok)
-        _copy_tensors(state.fusions[name], tensors, source=path)
+        with rollback.operation(model):
+            add_adapter_fusion(model, children, config, name=name, overwrite_ok=overwrite_ok)
+            _copy_tensors(state.fusions[name], tensors, source=path)
     except BaseException:
-        snapshot.restore()
         state.fusions.pop(name, None)
         if old is not None:
             state.fusions[name] = old

@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from . import rollback
 from .api import GenerateMixin, ModelAdaptersMixin
 from .composition import setup_from_dict
 from .errors import CheckpointError, InterfaceError
@@ -23,7 +24,6 @@ from .forward import ForwardHooks
 from .interface import INTERFACE_FILENAME, AdapterModelInterface
 from .plugins import distribution_for, get_registry
 from .recompute import sync_layer_hooks
-from .rollback import Snapshot
 from .saving import ADAPTERS_SUBDIR, SETUP_NAME, load_adapter, load_safetensors, read_json
 from .sites import resolve_sites
 from .state import STATE_ATTR, AdaptersState, get_state, is_initialized
@@ -104,28 +104,30 @@ def init(
     original_class = type(model)
     state = AdaptersState(interface=interface, sites=sites)
     hooks = ForwardHooks()
-    snapshot = Snapshot(model)
     try:
-        model.__class__ = _adapter_class(original_class)
-        model.__dict__[STATE_ATTR] = state
-        state.hook_handles.append(
-            model.register_forward_pre_hook(hooks.pre_forward, with_kwargs=True, prepend=True)
-        )
-        state.hook_handles.append(
-            model.register_forward_hook(hooks.post_forward, with_kwargs=True, always_call=True)
-        )
-        sync_layer_hooks(model, model.training)
-        enabled = {
-            spec.plugin for m, spec in registry.methods.items() if m in interface.adapter_methods
-        }
-        others = [p for n, p in registry.pm.list_name_plugin() if n not in enabled]
-        registry.pm.subset_hook_caller("adapters_init_model", remove_plugins=others)(
-            model=model, sites=sites
-        )
-        if adapters_config:
-            _add_adapters(model, adapters_config)
+        with rollback.operation(model):
+            model.__class__ = _adapter_class(original_class)
+            model.__dict__[STATE_ATTR] = state
+            for handle in (
+                model.register_forward_pre_hook(hooks.pre_forward, with_kwargs=True, prepend=True),
+                model.register_forward_hook(hooks.post_forward, with_kwargs=True, always_call=True),
+            ):
+                state.hook_handles.append(handle)
+                rollback.record_undo(model, handle.remove)
+            sync_layer_hooks(model, model.training)
+            rollback.record_undo(model, lambda: sync_layer_hooks(model, False))
+            enabled = {
+                spec.plugin
+                for m, spec in registry.methods.items()
+                if m in interface.adapter_methods
+            }
+            others = [p for n, p in registry.pm.list_name_plugin() if n not in enabled]
+            registry.pm.subset_hook_caller("adapters_init_model", remove_plugins=others)(
+                model=model, sites=sites
+            )
+            if adapters_config:
+                _add_adapters(model, adapters_config)
     except BaseException:
-        snapshot.restore()  # modules and hooks a plugin or an adapter added
         model.__dict__.pop(STATE_ATTR, None)
         model.__class__ = original_class
         raise

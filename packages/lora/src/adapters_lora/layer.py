@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.composition import AdapterCompositionBlock, Rows, Stack, apply_setup, select_rows
-from adapters.context import context_for, is_compiling
+from adapters.composition import Rows, Stack, apply_setup, select_rows
+from adapters.context import context_for
+from adapters.hosts import AdapterHost
 
 from .config import LoRAConfig
 
@@ -256,32 +257,14 @@ class LoRAUnit(nn.Module):
         return bias * self._output_factor(dtype, bias.device) if self.scales_bias else bias
 
 
-class LoRAHost(nn.Module):
+class LoRAHost(AdapterHost):
     """Attached to one projection module (as its child ``adapters_lora``): holds the units of
     every LoRA adapter on that projection and the one forward hook applying them.
 
-    The hook returns at once (no allocation) when the effective setup names none of this host's
-    unmerged adapters; that answer is cached per setup object.
+    Hooks, activity cache, merge bookkeeping and rollback come from `adapters.hosts.AdapterHost`:
+    the hook returns at once (no allocation) when the effective setup names none of this host's
+    unmerged adapters.
     """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.units = nn.ModuleDict()
-        self.__dict__["model"] = model  # not a submodule
-        self.merged: list[str] = []
-        self.register_buffer("original_weight", None, persistent=False)
-        self.register_buffer("original_bias", None, persistent=False)
-        # (setup, any of this host's unmerged adapters in it): one tuple, replaced as a whole,
-        # so threads running different AdapterSetups never read a mixed pair.
-        self._activity: tuple[object, bool] = (None, False)
-
-    def invalidate(self) -> None:
-        """Forget the cached activity answer (units were added, removed, merged or reset)."""
-        self._activity = (None, False)
-
-    def _owns(self, name: str) -> bool:
-        unit = self.units[name] if name in self.units else None
-        return unit is not None and not unit.merged
 
     def _apply_one(
         self, x: torch.Tensor, module: nn.Module, name: str, h: torch.Tensor, rows: Rows
@@ -291,17 +274,7 @@ class LoRAHost(nn.Module):
     def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         """Forward hook on the projection: apply the active adapters to its output."""
         setup = context_for(self.model).setup
-        if setup is None:
-            return None
-        if is_compiling():
-            # Traced once per setup (Dynamo guards on it): no identity cache in the graph.
-            active = any(self._owns(n) for n in _names(setup))
-        else:
-            cached_setup, active = self._activity
-            if setup is not cached_setup:
-                active = any(self._owns(n) for n in _names(setup))
-                self._activity = (setup, active)
-        if not active:
+        if not self.is_active(setup):
             return None
         x = args[0]
         if (
@@ -310,37 +283,30 @@ class LoRAHost(nn.Module):
             and isinstance(setup.children[0], str)
         ):
             return self.units[setup.children[0]].edit(output, x, module)
-        return apply_setup(setup, output, partial(self._apply_one, x, module), self._owns)
+        return apply_setup(setup, output, partial(self._apply_one, x, module), self.owns)
 
     # -- merging ------------------------------------------------------------------------------
     def merge(self, name: str, module: nn.Module) -> None:
         """Fold unit ``name`` into ``module``'s weight and bias (the originals are kept for
         reset)."""
         unit = self.units[name]
+        self.keep_original(module)
         with torch.no_grad():
-            if self.original_weight is None:
-                self.original_weight = module.weight.detach().clone()
-                bias = getattr(module, "bias", None)
-                self.original_bias = None if bias is None else bias.detach().clone()
             _fold(module, unit)
         unit.merged = True
-        self.merged.append(name)
-        self.invalidate()
+        self.mark_merged(name)
 
     def reset(self, name: str, module: nn.Module) -> None:
         """Undo the merge of ``name``: restore the original weight and bias (bit-exactly) and
         re-merge the others."""
-        self.merged.remove(name)
+        self.unmark_merged(name)
         self.units[name].merged = False
+        self.restore_original(module)
         with torch.no_grad():
-            module.weight.copy_(self.original_weight)
-            if self.original_bias is not None:
-                module.bias.copy_(self.original_bias)
             for other in self.merged:
                 _fold(module, self.units[other])
         if not self.merged:
-            self.original_weight = self.original_bias = None
-        self.invalidate()
+            self.drop_original()
 
     def forget(self, name: str, module: nn.Module) -> None:
         """Unit ``name`` is deleted: merged weights stay merged, and the weight and bias a later
@@ -356,9 +322,8 @@ class LoRAHost(nn.Module):
                     self.original_bias = bias.to(self.original_bias.dtype)
             self.merged.remove(name)
             if not self.merged:
-                self.original_weight = self.original_bias = None
-        del self.units[name]
-        self.invalidate()
+                self.drop_original()
+        self.remove_unit(name)
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -382,7 +347,3 @@ def _fold(module: nn.Module, unit: LoRAUnit) -> None:
     bias = getattr(module, "bias", None)
     if unit.scales_bias and bias is not None:
         bias.copy_(unit.merged_bias(bias).to(bias.dtype))
-
-
-def _names(setup: AdapterCompositionBlock | str) -> list[str]:
-    return [setup] if isinstance(setup, str) else setup.flatten()

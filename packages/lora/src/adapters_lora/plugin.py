@@ -194,7 +194,7 @@ def _output_projection_of(sites: ModelSites, qkv: ModuleSite) -> ModuleSite | No
 
 def host_of(module: nn.Module) -> LoRAHost | None:
     """The LoRA host attached to ``module``, if any."""
-    host = module._modules.get(HOST_ATTR)
+    host = getattr(module, HOST_ATTR, None)
     return host if isinstance(host, LoRAHost) else None
 
 
@@ -264,13 +264,8 @@ def adapters_add_adapter(
             scale_input=target.role in config.scale_inputs,
         )
         unit.to(device=module.weight.device)
-        host = host_of(module)
-        if host is None:
-            host = LoRAHost(model)
-            module.add_module(HOST_ATTR, host)
-            module.register_forward_hook(host.hook)
-        host.units[name] = unit
-        host.invalidate()
+        host = LoRAHost.attach(module, HOST_ATTR, model)
+        host.add_unit(name, unit)
         created[target.site.path] = unit
     return created
 
@@ -288,11 +283,8 @@ def adapters_delete_adapter(
         if host is None or name not in host.units:
             continue
         host.forget(name, module)
-        if not len(host.units):
-            for key, hook in list(module._forward_hooks.items()):
-                if getattr(hook, "__self__", None) is host:
-                    del module._forward_hooks[key]
-            del module._modules[HOST_ATTR]
+        if host.is_empty:
+            host.detach()
     return True
 
 

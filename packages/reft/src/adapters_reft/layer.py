@@ -29,6 +29,7 @@ from torch import nn
 from adapters.composition import Rows, apply_setup, select_rows
 from adapters.context import ForwardContext, context_for, is_compiling
 from adapters.errors import AdaptersError, CompositionError
+from adapters.hosts import AdapterHost
 
 from .config import ReftConfig
 
@@ -327,25 +328,16 @@ def select_position_masks(
     return prefix, suffix
 
 
-class ReftHost(nn.Module):
-    """Lives on one layer module; holds each adapter's `ReftIntervention` for that layer and
-    edits the layer's output in its forward hook."""
+class ReftHost(AdapterHost):
+    """Lives on one layer module; holds each adapter's `ReftIntervention` for that layer (in
+    ``interventions``) and edits the layer's output in its forward hook. Hooks, activity cache
+    and rollback come from `adapters.hosts.AdapterHost`."""
+
+    units_attr = "interventions"
 
     def __init__(self, model: nn.Module, layer_path: str) -> None:
-        super().__init__()
-        self.interventions = nn.ModuleDict()
-        self.__dict__["model"] = model  # a reference, not a submodule
+        super().__init__(model)
         self.layer_path = layer_path
-        # (setup, whether it names one of this layer's adapters): one tuple, replaced as a whole,
-        # so threads running different AdapterSetups never read a mixed pair.
-        self._activity: tuple[Any, bool] = (None, False)
-
-    def forget_setup(self) -> None:
-        """Drop the cached "is any of my adapters in the setup" answer (adapters changed)."""
-        self._activity = (None, False)
-
-    def _owns(self, name: str) -> bool:
-        return name in self.interventions
 
     def hook(self, module: nn.Module, args: Any, output: Any) -> Any:
         """Forward hook of the layer: apply the active ReFT adapters to its output."""
@@ -354,16 +346,7 @@ class ReftHost(nn.Module):
         ctx = context_for(self.model)
         hidden = output[0] if isinstance(output, tuple) else output
         setup = ctx.setup
-        if setup is None:
-            return None
-        if is_compiling():
-            relevant = any(n in self.interventions for n in setup.flatten())
-        else:
-            seen_setup, relevant = self._activity
-            if setup is not seen_setup:
-                relevant = any(n in self.interventions for n in setup.flatten())
-                self._activity = (setup, relevant)
-        if not relevant:
+        if not self.is_active(setup):
             return None
         if ctx.parallel_branches > 1 and ctx.prompt_length is not None:
             raise CompositionError(
@@ -380,7 +363,7 @@ class ReftHost(nn.Module):
                 "model_layers must name the transformer layers"
             )
         apply_one = functools.partial(self._apply_one, ctx, hidden.shape[0])
-        new = apply_setup(setup, hidden, apply_one, owns=self._owns)
+        new = apply_setup(setup, hidden, apply_one, owns=self.owns)
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
     def _apply_one(

@@ -105,17 +105,12 @@ def adapters_add_adapter(
     created: dict[str, nn.Module] = {}
     for layer, hidden_size in plan:
         module = layer.layer.module
-        host = getattr(module, HOST_ATTR, None)
-        if host is None:
-            host = ReftHost(model, layer.layer.path)
-            module.add_module(HOST_ATTR, host)
-            module.register_forward_hook(host.hook)
+        host = ReftHost.attach(module, HOST_ATTR, model, layer.layer.path)
         device, layer_dtype = _placement_of(module)
         # dtype=None: float32, or float64 in a float64 model (never half precision).
         dtype = chosen_dtype or torch.promote_types(layer_dtype or torch.float32, torch.float32)
         intervention = ReftIntervention(hidden_size, config, dtype, device)
-        host.interventions[name] = intervention
-        host.forget_setup()
+        host.add_unit(name, intervention)
         created[intervention_key(layer)] = intervention
     return created
 
@@ -132,24 +127,15 @@ def adapters_delete_adapter(
         host = getattr(module, HOST_ATTR, None)
         if not isinstance(host, ReftHost) or name not in host.interventions:
             continue
-        del host.interventions[name]
-        host.forget_setup()
-        if not len(host.interventions):
-            _remove_hook(module, host)
-            delattr(module, HOST_ATTR)
+        host.remove_unit(name)
+        if host.is_empty:
+            host.detach()
     return True
 
 
 @hookimpl
 def adapters_setup_changed(model: nn.Module, sites: ModelSites, setup: object) -> None:
     """Nothing to do: the hooks read the setup from the forward context on every call."""
-
-
-def _remove_hook(module: nn.Module, host: ReftHost) -> None:
-    # Found by identity rather than through a stored handle, so it also works on a deep copy.
-    for key, hook in list(module._forward_hooks.items()):
-        if getattr(hook, "__self__", None) is host:
-            del module._forward_hooks[key]
 
 
 def _placement_of(module: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:

@@ -1,0 +1,309 @@
+"""`AdapterHost`: the base class of the modules that hold a method's adapters at one site.
+
+A host is a child module of the site it adapts (``q_proj.adapters_lora``, a layer's
+``adapters_reft``); it holds one unit per adapter in a ``ModuleDict`` and owns everything a
+method would otherwise re-implement:
+
+- **hooks**: `add_hook` registers a forward hook or pre-hook on any module and keeps its handle;
+  `detach` removes them all (through the handles: copies and pickles of the model keep working,
+  because torch re-binds a handle to the copied model's hook dictionaries);
+- **activity**: `owns` (this host holds the adapter and it is not merged) and `is_active` (the
+  setup names one of them), cached per setup object in eager mode so an added but inactive
+  adapter costs one hook call that returns at once; under ``torch.compile`` the answer is folded
+  into the graph (Dynamo guards on the setup) and nothing is cached;
+- **merge bookkeeping**: `merged` (names merged into the site's weights), `keep_original` /
+  `restore_original` (the original weight and bias, kept once for a bit-exact reset);
+- **rollback**: every change it makes during a core operation (attaching, hooks, units,
+  parametrisations, `protect`-ed tensors) is recorded in the operation's undo log
+  (`adapters.rollback`), so a failed ``add_adapter`` leaves the model exactly as it was.
+
+Minimal use (the example plugin, ``examples/adapters-hidden-scale``)::
+
+    class ScaleHost(AdapterHost):
+        def hook(self, module, args, output):
+            setup = context_for(self.model).setup
+            if not self.is_active(setup):
+                return None
+            return apply_setup(setup, output, self.scale_one, owns=self.owns)
+
+    host = ScaleHost.attach(layer_module, "hidden_scale", model)  # hook registered, recorded
+    host.add_unit(name, ScaleUnit(width))                          # recorded
+    ...
+    host.remove_unit(name)
+    if host.is_empty:
+        host.detach()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.utils.hooks import RemovableHandle
+
+from .composition import AdapterCompositionBlock
+from .context import is_compiling
+from .errors import ConfigError
+from .rollback import record_undo
+
+H = TypeVar("H", bound="AdapterHost")
+
+
+class AdapterHost(nn.Module):
+    """Holds the adapters of one method at one site; see the module docstring.
+
+    Subclasses implement `hook` (registered on the site by `attach`) and may rename the units
+    dict with ``units_attr`` (e.g. ``"interventions"``; it is part of the model's parameter
+    names). ``model`` is a plain reference to the top-level model, not a submodule.
+    """
+
+    units_attr: ClassVar[str] = "units"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.add_module(self.units_attr, nn.ModuleDict())
+        self.__dict__["model"] = model  # not a submodule
+        self.merged: list[str] = []
+        self._handles: list[RemovableHandle] = []
+        # (site, attribute name) this host is attached as; the site is a plain reference
+        self.__dict__["_site"] = None
+        self.attr_name: str | None = None
+        self.register_buffer("original_weight", None, persistent=False)
+        self.register_buffer("original_bias", None, persistent=False)
+        # (setup, any of this host's adapters active in it): one tuple, replaced as a whole, so
+        # threads running different AdapterSetups never read a mixed pair.
+        self._activity: tuple[object, bool] = (None, False)
+
+    # -- attaching ----------------------------------------------------------------------------
+    @classmethod
+    def attach(cls: type[H], module: nn.Module, attr: str, *args: Any, **kwargs: Any) -> H:
+        """The host of this class at ``module.<attr>``, created, attached and hooked (with
+        `on_attach`) if there is none yet. ``args`` / ``kwargs`` go to the constructor (the
+        model first).
+
+        Raises:
+            ConfigError: ``module`` already has an attribute ``attr`` that is not such a host.
+        """
+        existing = getattr(module, attr, None)
+        if isinstance(existing, cls):
+            return existing
+        if existing is not None:
+            raise ConfigError(
+                f"{type(module).__name__} already has an attribute {attr!r} "
+                f"({type(existing).__name__}); {cls.__name__} cannot attach there"
+            )
+        host = cls(*args, **kwargs)
+        module.add_module(attr, host)
+        host.__dict__["_site"] = module
+        host.attr_name = attr
+        record_undo(host.model, host.detach)
+        host.on_attach(module)
+        return host
+
+    def on_attach(self, module: nn.Module) -> None:
+        """Register this host's hooks once it is attached to ``module``; default: `hook` as a
+        forward hook of ``module``. Override to hook other modules too (with `add_hook`)."""
+        self.add_hook(module, self.hook)
+
+    @property
+    def site_module(self) -> nn.Module | None:
+        """The module this host is attached to (None once detached)."""
+        return self.__dict__.get("_site")
+
+    def detach(self) -> None:
+        """Remove this host's hooks and the host itself from its site (inside a core operation,
+        recorded: a rollback attaches it again)."""
+        self.remove_hooks()
+        module, attr = self.site_module, self.attr_name
+        if module is not None and attr is not None and getattr(module, attr, None) is self:
+            delattr(module, attr)
+        self.__dict__["_site"] = None
+        if module is not None and attr is not None:
+            record_undo(self.model, lambda: self._reattach(module, attr))
+
+    def _reattach(self, module: nn.Module, attr: str) -> None:
+        module.add_module(attr, self)
+        self.__dict__["_site"] = module
+        self.on_attach(module)
+
+    # -- hooks --------------------------------------------------------------------------------
+    def hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        """The forward hook `attach` registers on the site: return the edited output, or None
+        to leave it unchanged. Subclasses implement it."""
+        raise NotImplementedError(f"{type(self).__name__} must implement hook()")
+
+    def add_hook(
+        self,
+        module: nn.Module,
+        hook: Callable[..., Any],
+        *,
+        pre: bool = False,
+        with_kwargs: bool = False,
+        prepend: bool = False,
+        always_call: bool = False,
+    ) -> RemovableHandle:
+        """Register ``hook`` on ``module`` (a forward pre-hook with ``pre=True``) and keep the
+        handle; `detach` and a rollback remove it."""
+        if pre:
+            handle = module.register_forward_pre_hook(
+                hook, with_kwargs=with_kwargs, prepend=prepend
+            )
+        else:
+            handle = module.register_forward_hook(
+                hook, with_kwargs=with_kwargs, prepend=prepend, always_call=always_call
+            )
+        self._handles.append(handle)
+        record_undo(self.model, handle.remove)
+        return handle
+
+    def remove_hooks(self) -> None:
+        """Remove every hook this host registered."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # -- units --------------------------------------------------------------------------------
+    @property
+    def adapter_units(self) -> nn.ModuleDict:
+        """The units, by adapter name (the ``ModuleDict`` named ``units_attr``)."""
+        return getattr(self, self.units_attr)
+
+    @property
+    def is_empty(self) -> bool:
+        """Whether no adapter is left on this host."""
+        return len(self.adapter_units) == 0
+
+    def add_unit(self, name: str, unit: nn.Module) -> nn.Module:
+        """Hold ``unit`` as adapter ``name``'s (recorded for rollback); returns ``unit``."""
+        units = self.adapter_units
+        previous = units[name] if name in units else None
+        units[name] = unit
+        self.invalidate()
+
+        def undo() -> None:
+            if previous is None:
+                if name in units:
+                    del units[name]
+            else:
+                units[name] = previous
+            self.invalidate()
+
+        record_undo(self.model, undo)
+        return unit
+
+    def remove_unit(self, name: str) -> None:
+        """Drop adapter ``name``'s unit (and its merged mark); inside a core operation,
+        recorded: a rollback puts it back."""
+        units = self.adapter_units
+        unit = units[name]
+        was_merged = name in self.merged
+        del units[name]
+        if was_merged:
+            self.merged.remove(name)
+        self.invalidate()
+
+        def undo() -> None:
+            units[name] = unit
+            if was_merged:
+                self.merged.append(name)
+            self.invalidate()
+
+        record_undo(self.model, undo)
+
+    # -- activity -----------------------------------------------------------------------------
+    def owns(self, name: str) -> bool:
+        """Whether adapter ``name`` runs at this host: held here and not merged."""
+        return name in self.adapter_units and name not in self.merged
+
+    def is_active(self, setup: AdapterCompositionBlock | str | None) -> bool:
+        """Whether ``setup`` runs one of this host's adapters (cached per setup object)."""
+        if setup is None:
+            return False
+        if is_compiling():  # folded into the graph; Dynamo guards on the setup
+            return any(self.owns(n) for n in _names(setup))
+        cached_setup, active = self._activity
+        if setup is not cached_setup:
+            active = any(self.owns(n) for n in _names(setup))
+            self._activity = (setup, active)
+        return active
+
+    def invalidate(self) -> None:
+        """Forget the cached activity answer (call after changing units or merges)."""
+        self._activity = (None, False)
+
+    # -- base tensors -------------------------------------------------------------------------
+    def keep_original(self, module: nn.Module) -> None:
+        """Keep a copy of ``module``'s weight and bias (once, before the first merge)."""
+        if self.original_weight is not None:
+            return
+        with torch.no_grad():
+            self.original_weight = module.weight.detach().clone()
+            bias = getattr(module, "bias", None)
+            self.original_bias = None if bias is None else bias.detach().clone()
+
+    def restore_original(self, module: nn.Module) -> None:
+        """Copy the kept weight and bias back into ``module`` (bit-exact)."""
+        with torch.no_grad():
+            module.weight.copy_(self.original_weight)
+            if self.original_bias is not None:
+                module.bias.copy_(self.original_bias)
+
+    def drop_original(self) -> None:
+        """Forget the kept weight and bias (nothing is merged any more)."""
+        self.original_weight = self.original_bias = None
+
+    def mark_merged(self, name: str) -> None:
+        """Record that adapter ``name`` is merged into the site's weights (it stops running)."""
+        self.merged.append(name)
+        self.invalidate()
+
+    def unmark_merged(self, name: str) -> None:
+        """Record that adapter ``name`` is no longer merged."""
+        self.merged.remove(name)
+        self.invalidate()
+
+    def protect(self, module: nn.Module, tensor_name: str) -> None:
+        """Keep a copy of ``module.<tensor_name>`` that a rollback writes back, for a plugin
+        that edits a base tensor in place while adding an adapter."""
+        tensor = getattr(module, tensor_name, None)
+        if not isinstance(tensor, torch.Tensor):
+            raise ConfigError(
+                f"protect({type(module).__name__}, {tensor_name!r}): the module has no tensor "
+                f"{tensor_name!r} (found {type(tensor).__name__})"
+            )
+        saved = tensor.detach().clone()
+
+        def undo() -> None:
+            with torch.no_grad():
+                getattr(module, tensor_name).copy_(saved)
+
+        record_undo(self.model, undo)
+
+    def parametrize(self, module: nn.Module, tensor_name: str, parametrization: nn.Module) -> None:
+        """``torch.nn.utils.parametrize.register_parametrization`` recorded for rollback: a
+        failed operation removes it again, which gives ``module`` back its class and its
+        original tensor object (unchanged)."""
+        parametrize.register_parametrization(module, tensor_name, parametrization)
+        record_undo(self.model, lambda: unparametrize(module, tensor_name, parametrization))
+
+
+def unparametrize(module: nn.Module, tensor_name: str, parametrization: nn.Module) -> None:
+    """Remove ``parametrization`` from ``module.<tensor_name>``; when it was the last one the
+    original tensor comes back unchanged and ``module`` gets its class back."""
+    if not parametrize.is_parametrized(module, tensor_name):
+        return
+    chain = module.parametrizations[tensor_name]
+    if len(chain) == 1 and chain[0] is parametrization:
+        parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+        return
+    for index, item in enumerate(chain):
+        if item is parametrization:
+            del chain[index]
+            return
+
+
+def _names(setup: AdapterCompositionBlock | str) -> list[str]:
+    return [setup] if isinstance(setup, str) else setup.flatten()
