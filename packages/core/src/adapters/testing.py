@@ -286,15 +286,19 @@ class AdapterMethodConformance:
             self.randomize_adapter(model, name, seed=seed)
         return model
 
-    def declared_blocks(self, config: Any) -> set[type]:
-        """The composition blocks every method of ``config`` declares (``Parallel`` comes with
-        ``BatchSplit``)."""
+    def method_specs(self, config: Any) -> list[Any]:
+        """The `adapters.MethodSpec` of every method of ``config``."""
         from adapters.plugins import get_registry
 
         methods = get_registry().methods
+        return [methods[part.method] for part in config_parts(resolve_config(config))]
+
+    def declared_blocks(self, config: Any) -> set[type]:
+        """The composition blocks every method of ``config`` declares (``Parallel`` comes with
+        ``BatchSplit``)."""
         supported: set[type] | None = None
-        for part in config_parts(resolve_config(config)):
-            blocks = set(methods[part.method].compositions)
+        for spec in self.method_specs(config):
+            blocks = set(spec.compositions)
             if BatchSplit in blocks:
                 blocks.add(Parallel)
             supported = blocks if supported is None else supported & blocks
@@ -367,6 +371,52 @@ class AdapterMethodConformance:
         model.add_adapter(SECOND, config=adapter_config)
         self.randomize_adapter(model, SECOND, seed=2)
         assert torch.equal(self._outputs_with(model, FIRST, inputs), alone)
+
+    def test_new_adapter_modules_follow_the_model_mode(
+        self, adapter_config: Any, tmp_path: Any
+    ) -> None:
+        """Modules created by ``add_adapter`` and ``load_adapter`` take the model's train/eval
+        mode (a model loaded for inference stays deterministic), and follow ``train()`` /
+        ``eval()`` afterwards."""
+        model = self.initialised_model()
+        inputs = self.make_inputs(model)
+        model.add_adapter(FIRST, config=adapter_config)
+        self.randomize_adapter(model, FIRST)
+        training = sorted(n for n, m in model.named_modules() if m.training)
+        assert not training, f"modules in train mode in an eval model: {training}"
+        model.set_active_adapters(FIRST)
+        assert torch.equal(self.run(model, inputs), self.run(model, inputs))
+        directory = os.path.join(str(tmp_path), "adapter")
+        model.save_adapter(directory, FIRST)
+        model.load_adapter(directory, load_as=SECOND)
+        training = sorted(n for n, m in model.named_modules() if m.training)
+        assert not training, f"modules in train mode after load_adapter: {training}"
+        model.train()
+        evaluating = sorted(n for n, m in model.named_modules() if not m.training)
+        assert not evaluating, f"modules left in eval mode by model.train(): {evaluating}"
+
+    def test_merge_gives_the_unmerged_outputs_and_reset_restores_the_base(
+        self, adapter_config: Any
+    ) -> None:
+        """For methods that declare ``can_merge``: merged outputs equal the active unmerged
+        adapter's, with no adapter compute left; ``reset_adapter`` restores the base weights."""
+        if not all(spec.can_merge for spec in self.method_specs(adapter_config)):
+            pytest.skip("the method does not declare can_merge")
+        model = self.with_adapters(adapter_config)
+        inputs = self.make_inputs(model)
+        base = self.run(model, inputs)
+        base_state = {k: v.clone() for k, v in model.state_dict().items()}
+        active = self._outputs_with(model, FIRST, inputs)
+        model.merge_adapter(FIRST)
+        assert model.is_merged(FIRST)
+        self._close(self.run(model, inputs), active, "merged, still active: ")
+        self._close(self._outputs_with(model, None, inputs), active, "merged, inactive: ")
+        model.reset_adapter(FIRST)
+        assert not model.is_merged(FIRST)
+        self._close(self.run(model, inputs), base, "after reset_adapter: ")
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(value, base_state[key], atol=self.atol, rtol=0)
+        self._close(self._outputs_with(model, FIRST, inputs), active, "unmerged again: ")
 
     # -- training ----------------------------------------------------------------------------
     def test_train_adapter_trains_only_its_parameters(self, adapter_config: Any) -> None:
