@@ -39,11 +39,12 @@ from adapters.composition import (
     BatchSplit,
     Fuse,
     Parallel,
+    PerExample,
     Split,
     Stack,
 )
 from adapters.configs import AdapterConfig, config_parts, resolve_config
-from adapters.errors import CompositionError, ConfigError
+from adapters.errors import AdapterNotFoundError, CompositionError, ConfigError
 from adapters.interface import AdapterModelInterface
 
 __all__ = ["TINY_LLAMA", "AdapterMethodConformance", "llama_interface", "model_fingerprint"]
@@ -294,13 +295,13 @@ class AdapterMethodConformance:
         return [methods[part.method] for part in config_parts(resolve_config(config))]
 
     def declared_blocks(self, config: Any) -> set[type]:
-        """The composition blocks every method of ``config`` declares (``Parallel`` comes with
-        ``BatchSplit``)."""
+        """The composition blocks every method of ``config`` declares (``Parallel`` and
+        ``PerExample``, i.e. ``adapter_names=``, come with ``BatchSplit``)."""
         supported: set[type] | None = None
         for spec in self.method_specs(config):
             blocks = set(spec.compositions)
             if BatchSplit in blocks:
-                blocks.add(Parallel)
+                blocks.update((Parallel, PerExample))
             supported = blocks if supported is None else supported & blocks
         return supported or set()
 
@@ -526,6 +527,23 @@ class AdapterMethodConformance:
         self._close(both[:rows], first, "Parallel branch a: ")
         self._close(both[rows:], second, "Parallel branch b: ")
 
+    def test_per_example_adapter_names(self, adapter_config: Any) -> None:
+        """``model(**inputs, adapter_names=[a, None, b])``: each example equals a run of its
+        adapter alone (``None``: the base model); an unknown name raises
+        `AdapterNotFoundError`."""
+        model = self._composition_model(adapter_config, PerExample)
+        inputs = self.make_inputs(model, batch_size=3)
+        base = self.run(model, inputs)
+        first = self._outputs_with(model, FIRST, inputs)
+        second = self._outputs_with(model, SECOND, inputs)
+        model.set_active_adapters(None)
+        mixed = self.run(model, {**inputs, "adapter_names": [FIRST, None, SECOND]})
+        self._close(mixed[0], first[0], "adapter_names example 0 (a): ")
+        self._close(mixed[1], base[1], "adapter_names example 1 (None): ")
+        self._close(mixed[2], second[2], "adapter_names example 2 (b): ")
+        with pytest.raises(AdapterNotFoundError):
+            self.run(model, {**inputs, "adapter_names": [FIRST, "no_such_adapter", None]})
+
     def test_average_composition(self, adapter_config: Any) -> None:
         """``Average(a, b, weights=w)`` is ``h + sum w_i delta_i``: weights (1, 0) give ``a``,
         (0, 1) give ``b``, ``Average(a, a)`` gives ``a``; equal weights differ from both."""
@@ -555,6 +573,7 @@ class AdapterMethodConformance:
             Parallel(FIRST, SECOND),
             Fuse(FIRST, SECOND),
             Split(FIRST, SECOND, splits=[2, 2]),
+            PerExample([FIRST, SECOND]),
         ]
         model.set_active_adapters(FIRST)
         expected = model.active_adapters
@@ -565,6 +584,10 @@ class AdapterMethodConformance:
             with pytest.raises(CompositionError):
                 model.train_adapter(block)
             assert model.active_adapters == expected, f"a refused {block!r} changed the setup"
+        if PerExample not in declared:
+            inputs = self.make_inputs(model, batch_size=2)
+            with pytest.raises(CompositionError):
+                self.run(model, {**inputs, "adapter_names": [FIRST, SECOND]})
         if not refused:
             pytest.skip("the method declares every composition block")
 
@@ -697,6 +720,35 @@ class AdapterMethodConformance:
         )
         self._differ(
             torch.stack(cached.scores), torch.stack(base.scores), "generate ignores the adapter"
+        )
+
+    def test_generate_with_adapter_names_equals_each_adapter_alone(
+        self, adapter_config: Any
+    ) -> None:
+        """``generate(..., adapter_names=[a, None])``: each example's tokens and scores equal
+        those of generating with its adapter alone (``None``: the base model)."""
+        model = self._composition_model(adapter_config, PerExample)
+        if not (callable(getattr(model, "generate", None)) and _can_generate(model)):
+            pytest.skip("the model does not generate")
+        inputs = self.make_inputs(model)
+        kwargs = {
+            **inputs,
+            **self.generation_kwargs(model),
+            "return_dict_in_generate": True,
+            "output_scores": True,
+        }
+        base = model.generate(**kwargs)
+        with adapters.AdapterSetup(FIRST):
+            first = model.generate(**kwargs)
+        mixed = model.generate(**kwargs, adapter_names=[FIRST, None])
+        assert torch.equal(mixed.sequences[0], first.sequences[0])
+        assert torch.equal(mixed.sequences[1], base.sequences[1])
+        scores = torch.stack(mixed.scores)
+        torch.testing.assert_close(
+            scores[:, 0], torch.stack(first.scores)[:, 0], atol=1e-4, rtol=1e-4
+        )
+        torch.testing.assert_close(
+            scores[:, 1], torch.stack(base.scores)[:, 1], atol=1e-4, rtol=1e-4
         )
 
 
