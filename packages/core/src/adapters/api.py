@@ -563,12 +563,19 @@ class ModelAdaptersMixin:
         normalize_weights: bool = True,
         overwrite_ok: bool = False,
         set_active: bool = False,
+        svd_rank: int | None = None,
         **options: Any,
     ) -> None:
         """Add ``adapter_name`` as a weighted combination of ``adapter_list``.
 
-        ``combine_strategy="linear"`` takes the weighted sum of every parameter (all sources must
-        have the same config); methods may offer others (LoRA: ``"lora_delta_w_svd"``)."""
+        ``combine_strategy="linear"`` takes the weighted sum of every parameter (the sources'
+        configs must be equal except for ``dropout`` and ``init_weights``; the new adapter gets
+        the first source's config); methods may offer others (LoRA: ``"lora_delta_w_svd"``,
+        ``"lora_linear_only_negate_b"``). ``weights=None``: equal weights ``1/n``.
+        ``svd_rank`` is passed to strategies that take it (None: the strategy's default), as
+        are further ``options``."""
+        if svd_rank is not None:
+            options = {**options, "svd_rank": svd_rank}
         averaging.average_adapter(
             self,
             adapter_name,
