@@ -24,6 +24,11 @@ from .errors import (
     MethodNotInstalledError,
     NotInitializedError,
 )
+from .fusion_config import (
+    AdapterFusionConfig,
+    DynamicAdapterFusionConfig,
+    StaticAdapterFusionConfig,
+)
 from .initialization import init, load_model
 from .interface import AdapterModelInterface
 from .plugins import CheckpointFormat, MethodSpec, hookimpl
@@ -83,6 +88,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AdapterConfig",
+    "AdapterFusionConfig",
     "AdapterMethod",
     "AdapterModelInterface",
     "AdapterNotFoundError",
@@ -95,6 +101,7 @@ __all__ = [
     "CompositionError",
     "ConfigError",
     "ConfigUnion",
+    "DynamicAdapterFusionConfig",
     "ForwardContext",
     "Fuse",
     "InterfaceError",
@@ -106,6 +113,7 @@ __all__ = [
     "Parallel",
     "Split",
     "Stack",
+    "StaticAdapterFusionConfig",
     "current_context",
     "hookimpl",
     "init",
