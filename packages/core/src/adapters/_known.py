@@ -1,7 +1,8 @@
 """Which first-party distribution provides which method, preset and config class.
 
-Data for error messages only ("install adapters-lora"): core never branches on a method name.
-Third-party methods need no entry here; their distribution is assumed to be
+Data only: for error messages ("install adapters-lora") and for the order in which
+``adapters demo`` picks a default among installed methods. Core never branches on a method
+name. Third-party methods need no entry here; their distribution is assumed to be
 ``adapters-<method>``.
 """
 
