@@ -32,6 +32,11 @@ FIRST_PARTY: dict[str, dict[str, tuple[str, ...]]] = {
             "adapterplus",
             "seq_bn_inv",
             "double_seq_bn_inv",
+            "scaled_par_bn",
+            "pfeiffer+inv",
+            "houlsby+inv",
+            "compacter",
+            "compacter++",
         ),
         "classes": (
             "BnConfig",
@@ -44,6 +49,8 @@ FIRST_PARTY: dict[str, dict[str, tuple[str, ...]]] = {
             "PfeifferConfig",
             "HoulsbyConfig",
             "ParallelConfig",
+            "CompacterConfig",
+            "CompacterPlusPlusConfig",
         ),
     },
 }
