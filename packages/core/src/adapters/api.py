@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -46,6 +47,13 @@ class ModelAdaptersMixin:
     def adapter_sites(self) -> ModelSites:
         """The resolved sites (what plugins attach to)."""
         return get_state(self).sites
+
+    def iter_layers(self) -> Iterator[tuple[int, nn.Module]]:
+        """``(index, layer module)`` for every layer the interface names, in order (AdapterHub's
+        ``iter_layers``); with several ``model_layers`` stacks the index runs over all of them,
+        as in ``leave_out``."""
+        for layer in get_state(self).sites.layers:
+            yield layer.index, layer.layer.module
 
     @property
     def adapters_config(self) -> dict[str, AdapterConfig]:
@@ -525,12 +533,18 @@ class ModelAdaptersMixin:
         config: Any = None,
         load_as: str | None = None,
         set_active: bool = False,
+        loading_info: dict[str, list[str]] | None = None,
         **kwargs: Any,
     ) -> str:
         """Load an adapter directory (this library's format, or a foreign one a plugin reads,
         such as PEFT or AdapterHub); returns the adapter's name. ``config`` overrides the saved
-        config (for ambiguous foreign checkpoints); ``load_as`` renames it."""
-        return saving.load_adapter(
+        config (for ambiguous foreign checkpoints); ``load_as`` renames it.
+
+        ``loading_info``: a dict that gets the lists ``"missing_keys"`` and
+        ``"unexpected_keys"`` (created if absent, extended otherwise), as in AdapterHub. Loading
+        is strict here, so after a successful load both are empty: a checkpoint with missing
+        or unexpected tensors raises `CheckpointError` and leaves the model unchanged."""
+        name = saving.load_adapter(
             self,
             adapter_name_or_path,
             config=config,
@@ -538,6 +552,10 @@ class ModelAdaptersMixin:
             set_active=set_active,
             **kwargs,
         )
+        if loading_info is not None:
+            loading_info.setdefault("missing_keys", [])
+            loading_info.setdefault("unexpected_keys", [])
+        return name
 
     def save_all_adapters(self, save_directory: str, **kwargs: Any) -> None:
         """Save every adapter into ``save_directory/<name>``."""
@@ -563,12 +581,19 @@ class ModelAdaptersMixin:
         normalize_weights: bool = True,
         overwrite_ok: bool = False,
         set_active: bool = False,
+        svd_rank: int | None = None,
         **options: Any,
     ) -> None:
         """Add ``adapter_name`` as a weighted combination of ``adapter_list``.
 
-        ``combine_strategy="linear"`` takes the weighted sum of every parameter (all sources must
-        have the same config); methods may offer others (LoRA: ``"lora_delta_w_svd"``)."""
+        ``combine_strategy="linear"`` takes the weighted sum of every parameter (the sources'
+        configs must be equal except for ``dropout`` and ``init_weights``; the new adapter gets
+        the first source's config); methods may offer others (LoRA: ``"lora_delta_w_svd"``,
+        ``"lora_linear_only_negate_b"``). ``weights=None``: equal weights ``1/n``.
+        ``svd_rank`` is passed to strategies that take it (None: the strategy's default), as
+        are further ``options``."""
+        if svd_rank is not None:
+            options = {**options, "svd_rank": svd_rank}
         averaging.average_adapter(
             self,
             adapter_name,
