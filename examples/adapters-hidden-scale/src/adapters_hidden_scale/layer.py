@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adapters.composition import apply_setup
+from adapters.composition import Rows, apply_setup
 from adapters.context import context_for
 
 
@@ -33,7 +33,7 @@ class ScaleHost(nn.Module):
             return None  # nothing active: leave the output alone
         hidden = output[0] if isinstance(output, tuple) else output
 
-        def scale(name: str, h: torch.Tensor, rows: slice) -> torch.Tensor:
+        def scale(name: str, h: torch.Tensor, rows: Rows) -> torch.Tensor:
             return h * (1 + self.units[name].scale.to(h.dtype))
 
         new = apply_setup(setup, hidden, scale, owns=lambda name: name in self.units)

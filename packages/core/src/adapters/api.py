@@ -567,10 +567,12 @@ class ModelAdaptersMixin:
 
     def save_pretrained(self, save_directory: str, *args: Any, **kwargs: Any) -> None:
         """The base model's ``save_pretrained`` without adapter tensors, plus
-        ``adapter_interface.json``, the active setup and every adapter in ``adapters/<name>``;
+        ``adapter_interface.json``, the active setup, every adapter in ``adapters/<name>`` and
+        every fusion layer in ``adapter_fusions/<name>``;
         ``adapters.load_model(save_directory, ModelClass)`` restores all of it."""
         parent_save = getattr(super(), "save_pretrained", None)
         saving.save_pretrained(self, save_directory, parent_save, *args, **kwargs)
+        fusion.save_pretrained_fusions(self, save_directory)
 
     def average_adapter(
         self,

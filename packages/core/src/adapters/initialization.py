@@ -20,6 +20,7 @@ from .api import GenerateMixin, ModelAdaptersMixin
 from .composition import setup_from_dict
 from .errors import CheckpointError, InterfaceError
 from .forward import ForwardHooks
+from .fusion import FUSIONS_SUBDIR, load_all_adapter_fusions
 from .interface import INTERFACE_FILENAME, AdapterModelInterface
 from .plugins import distribution_for, get_registry
 from .recompute import sync_layer_hooks
@@ -182,6 +183,7 @@ def load_model(
     adapters_dir = os.path.join(path, ADAPTERS_SUBDIR)
     for name in setup_meta.get("adapters", []):
         load_adapter(model, os.path.join(adapters_dir, name), load_as=name)
+    load_all_adapter_fusions(model, os.path.join(path, FUSIONS_SUBDIR))
     active = setup_from_dict(setup_meta.get("active"))
     if active is not None:
         model.set_active_adapters(active)  # type: ignore[attr-defined]

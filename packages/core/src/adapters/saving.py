@@ -339,6 +339,9 @@ def _adapter_key_prefixes(model: nn.Module) -> tuple[str, ...]:
     for name in model.adapters_config:  # type: ignore[attr-defined]
         for module in model._entry(name).modules.values():  # type: ignore[operator]
             prefixes.append(names[id(module)] + ".")
+    for name in model.adapter_fusions:  # type: ignore[attr-defined]
+        for module in model.get_adapter_fusion(name).values():  # type: ignore[operator]
+            prefixes.append(names[id(module)] + ".")
     return tuple(prefixes)
 
 
