@@ -8,12 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import averaging, fusion, saving, selection
+from . import averaging, fusion, multitask, saving, selection
 from . import context as ctx_mod
 from .composition import (
     AdapterCompositionBlock,
     BatchSplit,
     Fuse,
+    MultiTask,
     Parallel,
     PerExample,
     SetupLike,
@@ -208,6 +209,11 @@ class ModelAdaptersMixin:
         state = get_state(self)
         registry = get_registry()
         expand_parallel(setup)  # raises for Parallel in unsupported places
+        if not isinstance(setup, MultiTask) and find_blocks(setup, MultiTask):
+            raise CompositionError(
+                f"MultiTask is supported at the top of a setup only; found it nested in "
+                f"{setup.name}"
+            )
         for name, blocks in blocks_used_by(setup).items():
             if name not in state.adapters:
                 known = ", ".join(state.adapters) or "(none)"
@@ -219,7 +225,7 @@ class ModelAdaptersMixin:
                 supported = set(spec.compositions)
                 if BatchSplit in supported:
                     # core serves both by batch replication / row selection over BatchSplit
-                    supported.update((Parallel, PerExample))
+                    supported.update((Parallel, PerExample, MultiTask))
                 unsupported = sorted(b.__name__ for b in blocks - supported)
                 if unsupported:
                     allowed = sorted(b.__name__ for b in supported) or ["a single adapter"]
@@ -632,6 +638,17 @@ class GenerateMixin:
         example for every step, as in a forward call."""
         names = kwargs.pop(selection.KWARG, None)
         setup = ctx_mod.effective_setup(self)  # type: ignore[arg-type]
+        if isinstance(setup, MultiTask) or (
+            multitask.KWARG in kwargs and not multitask.forward_takes_task_ids(self)  # type: ignore[arg-type]
+        ):
+            kwargs, task_names = multitask.take_task_ids(
+                self,  # type: ignore[arg-type]
+                kwargs,
+                setup,
+                names is not None,
+                _prompt_count(args, kwargs),
+            )
+            names = task_names if task_names is not None else names
         if names is None and setup is not None and expand_parallel(setup) is not None:
             raise CompositionError(
                 f"generate() cannot run the Parallel setup {setup.name}; generate once per "
@@ -659,6 +676,14 @@ class GenerateMixin:
                 )
         with ctx_mod.generation_scope(prompt), selection.generation_names(names):
             return super().generate(*args, **kwargs)  # type: ignore[misc]
+
+
+def _prompt_count(args: tuple, kwargs: dict) -> int | None:
+    inputs = kwargs.get(
+        "input_ids",
+        args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("inputs_embeds"),
+    )
+    return int(inputs.shape[0]) if isinstance(inputs, torch.Tensor) and inputs.ndim >= 1 else None
 
 
 def _format_summary(rows: list[dict[str, Any]]) -> str:
