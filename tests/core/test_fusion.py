@@ -253,6 +253,22 @@ def test_train_adapter_with_a_fuse_does_not_unfreeze_the_fused_adapters(model):
     assert not rows["Full model"]["train"]
 
 
+def test_fusion_regularization_loss_sums_the_methods_terms_of_training_fusions(model):
+    model.add_adapter_fusion(Fuse("a", "b"))  # dynamic: regularization=True
+    model.add_adapter_fusion(Fuse("b", "c"), config="static")  # regularization=False
+    set_logits(model, "a,b", [1.0, 2.0])
+    set_logits(model, "b,c", [3.0, 3.0])
+    model.train_adapter("c")
+    assert model.get_fusion_regularization_loss() is None  # no fusion trains
+    model.train_adapter_fusion(Stack(Fuse("a", "b"), Fuse("b", "c")))
+    loss = model.get_fusion_regularization_loss()
+    torch.testing.assert_close(loss, torch.tensor(0.01 * 2 * (1.0 + 4.0)))
+    loss.backward()
+    assert model.get_adapter_fusion("a,b")["model.layers.0"].logits.grad.tolist() == pytest.approx(
+        [0.02, 0.04]
+    )
+
+
 def test_freeze_model_leaves_fusion_layers_alone(model):
     model.add_adapter_fusion(Fuse("a", "b"))
     model.train_adapter_fusion(Fuse("a", "b"))
@@ -329,6 +345,22 @@ def test_load_adapter_fusion_needs_its_adapters_and_its_tensors(model, tmp_path)
         fresh.load_adapter_fusion(str(tmp_path))
 
 
+def test_fusion_layers_in_a_plugins_foreign_format_round_trip(fusable_plugins, tmp_path, ids):
+    model = build()
+    model.add_adapter_fusion(Fuse("a", "b"), config="static")
+    set_logits(model, "a,b", [0.4, -1.1])
+    expected = run(model, Fuse("a", "b"), ids)
+    model.save_adapter_fusion(str(tmp_path / "f"), "a,b", format="toy_fusion_files")
+    assert sorted(os.listdir(tmp_path / "f")) == ["toy_fusion.json", "toy_fusion.safetensors"]
+    model.delete_adapter_fusion("a,b")
+    assert model.load_adapter_fusion(str(tmp_path / "f"), set_active=True) == "a,b"
+    assert model.adapter_fusions["a,b"].config == StaticAdapterFusionConfig()
+    torch.testing.assert_close(model(ids).logits, expected)
+    with pytest.raises(CheckpointError, match="cannot write fusion layers in format 'nope'"):
+        model.save_adapter_fusion(str(tmp_path / "g"), "a,b", format="nope")
+    assert not (tmp_path / "g").exists()
+
+
 def test_save_all_adapter_fusions(model, tmp_path):
     model.add_adapter_fusion(["a", "b"])
     model.add_adapter_fusion(["b", "c"], name="bc")
@@ -375,3 +407,22 @@ def test_fusion_configs_refuse_unknown_or_ill_typed_options():
         AdapterFusionConfig(temperature=1)
     with pytest.raises(ConfigError, match="dropout_prob=1.5"):
         resolve_fusion_config({"dropout_prob": 1.5})
+
+
+def test_save_pretrained_and_load_model_keep_fusions(fusable_plugins, tmp_path, ids):
+    import adapters
+
+    model = build()
+    model.add_adapter_fusion(Fuse("a", "b"), set_active=True)
+    set_logits(model, "a,b", [1.2, -0.3])
+    expected = model(ids).logits
+    model.save_pretrained(str(tmp_path / "full"))
+    weights = (tmp_path / "full" / "model.safetensors").read_bytes()
+    assert b"fusions" not in weights  # fusion tensors stay out of the base weights
+    loaded = adapters.load_model(str(tmp_path / "full"), type(llama()))
+    assert loaded.active_adapters == Fuse("a", "b")
+    torch.testing.assert_close(loaded(ids).logits, expected)
+
+    model.delete_adapter_fusion("a,b")
+    model.save_pretrained(str(tmp_path / "full"))
+    assert adapters.load_model(str(tmp_path / "full"), type(llama())).adapter_fusions == {}

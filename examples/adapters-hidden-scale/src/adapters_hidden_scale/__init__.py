@@ -1,112 +1,25 @@
 """A complete, minimal adapters plugin: ``hidden_scale`` multiplies each layer's output hidden
 state by ``1 + s``, with ``s`` a learned vector per layer (zero at start, so a new adapter
 changes nothing until trained). It is the worked example of docs/writing-a-plugin.md.
+
+Installed, it registers the ``hidden_scale`` method (preset ``"hidden_scale"``) through the
+``adapters.methods`` entry point, which names `adapters_hidden_scale.plugin`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from .config import HiddenScaleConfig
 
-import torch
-from torch import nn
+# Transitional: an install made before the entry point moved to adapters_hidden_scale.plugin
+# still names this package as the plugin; it gets the same plugin until it is reinstalled
+# (pip install -e examples/adapters-hidden-scale). Remove these names with the next release.
+from .plugin import (  # noqa: F401
+    ADAPTERS_CONTRACT,
+    adapters_add_adapter,
+    adapters_delete_adapter,
+    adapters_register_methods,
+)
 
-from adapters import AdapterConfig, Average, BatchSplit, ConfigError, MethodSpec, Stack, hookimpl
-from adapters.composition import apply_setup
-from adapters.context import context_for
-from adapters.hosts import AdapterHost
+__version__ = "0.1.0"
 
-#: The plugin contract version this plugin implements (see adapters.hookspecs).
-ADAPTERS_CONTRACT = "1.0"
-
-
-@dataclass(frozen=True)
-class HiddenScaleConfig(AdapterConfig):
-    """Config of a hidden-scale adapter.
-
-    Args:
-        layers: indices of the layers to adapt, or "all".
-    """
-
-    method: ClassVar[str] = "hidden_scale"
-    layers: str | tuple[int, ...] = "all"
-
-    def __post_init__(self) -> None:
-        if self.layers == "all":
-            return
-        if not isinstance(self.layers, list | tuple) or not all(
-            isinstance(i, int) and not isinstance(i, bool) for i in self.layers
-        ):
-            raise ConfigError(f"layers must be 'all' or a tuple of ints, got {self.layers!r}")
-        # A list (from JSON or a config string) becomes a tuple: configs compare equal after a
-        # save/load round trip and stay hashable.
-        object.__setattr__(self, "layers", tuple(self.layers))
-
-
-class ScaleUnit(nn.Module):
-    """The parameters of one adapter at one layer."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.zeros(width))
-
-
-class ScaleHost(AdapterHost):
-    """Lives on a layer; holds every hidden-scale adapter of that layer (``units``) and its
-    forward hook. `AdapterHost` registers the hook, caches whether the setup concerns this
-    layer, and undoes everything if adding an adapter fails."""
-
-    def hook(self, module: nn.Module, args: tuple, output: object) -> object:
-        setup = context_for(self.model).setup
-        if not self.is_active(setup):
-            return None  # none of this layer's adapters runs: leave the output alone
-        hidden = output[0] if isinstance(output, tuple) else output
-
-        def scale(name: str, h: torch.Tensor, rows: object) -> torch.Tensor:
-            return h * (1 + self.units[name].scale.to(h.dtype))
-
-        new = apply_setup(setup, hidden, scale, owns=self.owns)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
-
-
-def _layers(sites, config: HiddenScaleConfig):
-    for layer in sites.layers:
-        if config.layers == "all" or layer.index in config.layers:
-            yield layer
-
-
-@hookimpl
-def adapters_register_methods(register) -> None:
-    register(
-        MethodSpec(
-            name="hidden_scale",
-            config_classes=(HiddenScaleConfig,),
-            presets={"hidden_scale": HiddenScaleConfig()},
-            compositions=(Stack, BatchSplit, Average),
-        )
-    )
-
-
-@hookimpl
-def adapters_add_adapter(model, sites, name, config):
-    if not isinstance(config, HiddenScaleConfig):
-        return None
-    created = {}
-    for layer in _layers(sites, config):
-        module = layer.layer.module
-        host = ScaleHost.attach(module, "hidden_scale", model)  # child module + hook
-        created[layer.layer.path] = host.add_unit(name, ScaleUnit(layer.hidden_size))
-    return created
-
-
-@hookimpl
-def adapters_delete_adapter(model, sites, name, config):
-    if not isinstance(config, HiddenScaleConfig):
-        return None
-    for layer in _layers(sites, config):
-        module = layer.layer.module
-        host = module.hidden_scale
-        host.remove_unit(name)
-        if host.is_empty:
-            host.detach()  # removes the hook and the host
-    return True
+__all__ = ["HiddenScaleConfig"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .api import ModelAdaptersMixin
-from .composition import Average, BatchSplit, Fuse, Parallel, Split, Stack
+from .composition import Average, BatchSplit, Fuse, MultiTask, Parallel, Split, Stack
 from .configs import AdapterConfig, ConfigUnion
 from .context import AdapterSetup, ForwardContext, current_context
 from .errors import (
@@ -23,6 +23,11 @@ from .errors import (
     InterfacePathError,
     MethodNotInstalledError,
     NotInitializedError,
+)
+from .fusion_config import (
+    AdapterFusionConfig,
+    DynamicAdapterFusionConfig,
+    StaticAdapterFusionConfig,
 )
 from .initialization import init, load_model
 from .interface import AdapterModelInterface
@@ -88,6 +93,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AdapterConfig",
+    "AdapterFusionConfig",
     "AdapterMethod",
     "AdapterModelInterface",
     "AdapterNotFoundError",
@@ -100,6 +106,7 @@ __all__ = [
     "CompositionError",
     "ConfigError",
     "ConfigUnion",
+    "DynamicAdapterFusionConfig",
     "ForwardContext",
     "Fuse",
     "InterfaceError",
@@ -107,10 +114,12 @@ __all__ = [
     "MethodNotInstalledError",
     "MethodSpec",
     "ModelAdaptersMixin",
+    "MultiTask",
     "NotInitializedError",
     "Parallel",
     "Split",
     "Stack",
+    "StaticAdapterFusionConfig",
     "current_context",
     "hookimpl",
     "init",

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import averaging, fusion, rollback, saving, selection
+from . import averaging, embeddings, fusion, multitask, rollback, saving, selection
 from . import context as ctx_mod
 from .composition import (
     AdapterCompositionBlock,
     BatchSplit,
     Fuse,
+    MultiTask,
     Parallel,
     PerExample,
     SetupLike,
@@ -45,6 +47,13 @@ class ModelAdaptersMixin:
     def adapter_sites(self) -> ModelSites:
         """The resolved sites (what plugins attach to)."""
         return get_state(self).sites
+
+    def iter_layers(self) -> Iterator[tuple[int, nn.Module]]:
+        """``(index, layer module)`` for every layer the interface names, in order (AdapterHub's
+        ``iter_layers``); with several ``model_layers`` stacks the index runs over all of them,
+        as in ``leave_out``."""
+        for layer in get_state(self).sites.layers:
+            yield layer.index, layer.layer.module
 
     @property
     def adapters_config(self) -> dict[str, AdapterConfig]:
@@ -198,6 +207,11 @@ class ModelAdaptersMixin:
         state = get_state(self)
         registry = get_registry()
         expand_parallel(setup)  # raises for Parallel in unsupported places
+        if not isinstance(setup, MultiTask) and find_blocks(setup, MultiTask):
+            raise CompositionError(
+                f"MultiTask is supported at the top of a setup only; found it nested in "
+                f"{setup.name}"
+            )
         for name, blocks in blocks_used_by(setup).items():
             if name not in state.adapters:
                 known = ", ".join(state.adapters) or "(none)"
@@ -209,7 +223,7 @@ class ModelAdaptersMixin:
                 supported = set(spec.compositions)
                 if BatchSplit in supported:
                     # core serves both by batch replication / row selection over BatchSplit
-                    supported.update((Parallel, PerExample))
+                    supported.update((Parallel, PerExample, MultiTask))
                 unsupported = sorted(b.__name__ for b in blocks - supported)
                 if unsupported:
                     allowed = sorted(b.__name__ for b in supported) or ["a single adapter"]
@@ -402,6 +416,51 @@ class ModelAdaptersMixin:
             return rows
         return _format_summary(rows)
 
+    # -- embeddings for new vocabularies (see adapters.embeddings) -------------------------
+    def add_embeddings(
+        self,
+        name: str,
+        tokenizer: Any,
+        reference_embedding: str | None = None,
+        reference_tokenizer: Any = None,
+        embedding_dim: int | None = None,
+    ) -> None:
+        """Add an input embedding for ``tokenizer``'s vocabulary and make it active.
+
+        Rows are drawn from ``N(0, 0.02)``; with ``reference_embedding`` (an embedding's name,
+        e.g. ``"default"``, the model's own) and its ``reference_tokenizer``, the rows of the
+        tokens both vocabularies share are copied from it. The new embedding is frozen;
+        ``train_adapter(..., train_embeddings=True)`` trains the active one. An LM head tied to
+        the input embedding switches with it. ``embedding_dim`` must equal the model's width.
+        """
+        embeddings.add_embeddings(
+            self, name, tokenizer, reference_embedding, reference_tokenizer, embedding_dim
+        )
+
+    def set_active_embeddings(self, name: str) -> None:
+        """Make embedding ``name`` the model's input embedding (``"default"``: the original);
+        sets ``config.vocab_size`` to its number of rows, as AdapterHub does."""
+        embeddings.set_active_embeddings(self, name)
+
+    @property
+    def active_embeddings(self) -> str:
+        """The name of the active embedding (``"default"`` until another is activated)."""
+        return embeddings.active_embeddings(self)
+
+    def delete_embeddings(self, name: str) -> None:
+        """Delete embedding ``name``; if it is active, ``"default"`` becomes active."""
+        embeddings.delete_embeddings(self, name)
+
+    def save_embeddings(self, path: str, name: str, tokenizer: Any = None) -> None:
+        """Save embedding ``name`` into directory ``path`` (``embedding.safetensors``, and
+        ``tokenizer/`` when ``tokenizer`` is given)."""
+        embeddings.save_embeddings(self, path, name, tokenizer)
+
+    def load_embeddings(self, path: str, name: str) -> Any:
+        """Load an embedding saved by ``save_embeddings`` (or AdapterHub's ``embedding.pt``) as
+        ``name`` and make it active; returns the tokenizer saved with it, or None."""
+        return embeddings.load_embeddings(self, path, name)
+
     # -- fusion (see adapters.fusion) ------------------------------------------------------
     @property
     def adapter_fusions(self) -> dict[str, AdapterFusion]:
@@ -469,6 +528,17 @@ class ModelAdaptersMixin:
         self._set_setup(setup)
         self.train()  # type: ignore[attr-defined]
 
+    def get_fusion_regularization_loss(self) -> torch.Tensor | None:
+        """The sum of the regularisation terms of the fusion layers that train and whose config
+        has ``regularization=True`` (the ``"dynamic"`` default), as their method defines it;
+        None when there is none. Add it to the loss while training a fusion::
+
+            loss = model(**batch).loss
+            reg = model.get_fusion_regularization_loss()
+            (loss if reg is None else loss + reg).backward()
+        """
+        return fusion.fusion_regularization_loss(self)
+
     def get_adapter_fusion(self, adapter_names: Fuse | list[str] | str) -> dict[str, nn.Module]:
         """The modules of a fusion layer under their name-independent keys."""
         return dict(fusion.fusion_entry(self, adapter_names).modules)
@@ -484,12 +554,16 @@ class ModelAdaptersMixin:
             module.to(device=device, dtype=dtype)
 
     def save_adapter_fusion(
-        self, save_directory: str, adapter_names: Fuse | list[str] | str
+        self,
+        save_directory: str,
+        adapter_names: Fuse | list[str] | str,
+        format: str | None = None,
     ) -> None:
         """Save a fusion layer into ``save_directory`` (created or replaced atomically):
         ``fusion_config.json`` + ``fusion_model.safetensors``. The fused adapters are saved
-        separately (``save_adapter``)."""
-        fusion.save_adapter_fusion(self, save_directory, adapter_names)
+        separately (``save_adapter``). ``format=`` a plugin's checkpoint format that writes
+        fusion layers (e.g. AdapterHub's) writes that format instead."""
+        fusion.save_adapter_fusion(self, save_directory, adapter_names, format=format)
 
     def load_adapter_fusion(
         self,
@@ -498,8 +572,9 @@ class ModelAdaptersMixin:
         set_active: bool = False,
         overwrite_ok: bool = False,
     ) -> str:
-        """Load a fusion layer saved by ``save_adapter_fusion``; the adapters it fuses must be
-        added already. Returns its name (``load_as`` renames it)."""
+        """Load a fusion layer saved by ``save_adapter_fusion`` (or in a foreign format a plugin
+        reads, such as AdapterHub's); the adapters it fuses must be added already. Returns its
+        name (``load_as`` renames it)."""
         return fusion.load_adapter_fusion(
             self, adapter_fusion_name_or_path, load_as, set_active, overwrite_ok
         )
@@ -523,12 +598,18 @@ class ModelAdaptersMixin:
         config: Any = None,
         load_as: str | None = None,
         set_active: bool = False,
+        loading_info: dict[str, list[str]] | None = None,
         **kwargs: Any,
     ) -> str:
         """Load an adapter directory (this library's format, or a foreign one a plugin reads,
         such as PEFT or AdapterHub); returns the adapter's name. ``config`` overrides the saved
-        config (for ambiguous foreign checkpoints); ``load_as`` renames it."""
-        return saving.load_adapter(
+        config (for ambiguous foreign checkpoints); ``load_as`` renames it.
+
+        ``loading_info``: a dict that gets the lists ``"missing_keys"`` and
+        ``"unexpected_keys"`` (created if absent, extended otherwise), as in AdapterHub. Loading
+        is strict here, so after a successful load both are empty: a checkpoint with missing
+        or unexpected tensors raises `CheckpointError` and leaves the model unchanged."""
+        name = saving.load_adapter(
             self,
             adapter_name_or_path,
             config=config,
@@ -536,6 +617,10 @@ class ModelAdaptersMixin:
             set_active=set_active,
             **kwargs,
         )
+        if loading_info is not None:
+            loading_info.setdefault("missing_keys", [])
+            loading_info.setdefault("unexpected_keys", [])
+        return name
 
     def save_all_adapters(self, save_directory: str, **kwargs: Any) -> None:
         """Save every adapter into ``save_directory/<name>``."""
@@ -547,10 +632,18 @@ class ModelAdaptersMixin:
 
     def save_pretrained(self, save_directory: str, *args: Any, **kwargs: Any) -> None:
         """The base model's ``save_pretrained`` without adapter tensors, plus
-        ``adapter_interface.json``, the active setup and every adapter in ``adapters/<name>``;
+        ``adapter_interface.json``, the active setup, every adapter in ``adapters/<name>`` and
+        every fusion layer in ``adapter_fusions/<name>``;
         ``adapters.load_model(save_directory, ModelClass)`` restores all of it."""
+        if embeddings.active_embeddings(self) != embeddings.DEFAULT:
+            raise ConfigError(
+                f"save_pretrained with embedding {embeddings.active_embeddings(self)!r} active "
+                "would save it as the model's own; call set_active_embeddings('default') first "
+                "and keep the embedding with save_embeddings"
+            )
         parent_save = getattr(super(), "save_pretrained", None)
         saving.save_pretrained(self, save_directory, parent_save, *args, **kwargs)
+        fusion.save_pretrained_fusions(self, save_directory)
 
     def average_adapter(
         self,
@@ -561,12 +654,19 @@ class ModelAdaptersMixin:
         normalize_weights: bool = True,
         overwrite_ok: bool = False,
         set_active: bool = False,
+        svd_rank: int | None = None,
         **options: Any,
     ) -> None:
         """Add ``adapter_name`` as a weighted combination of ``adapter_list``.
 
-        ``combine_strategy="linear"`` takes the weighted sum of every parameter (all sources must
-        have the same config); methods may offer others (LoRA: ``"lora_delta_w_svd"``)."""
+        ``combine_strategy="linear"`` takes the weighted sum of every parameter (the sources'
+        configs must be equal except for ``dropout`` and ``init_weights``; the new adapter gets
+        the first source's config); methods may offer others (LoRA: ``"lora_delta_w_svd"``,
+        ``"lora_linear_only_negate_b"``). ``weights=None``: equal weights ``1/n``.
+        ``svd_rank`` is passed to strategies that take it (None: the strategy's default), as
+        are further ``options``."""
+        if svd_rank is not None:
+            options = {**options, "svd_rank": svd_rank}
         averaging.average_adapter(
             self,
             adapter_name,
@@ -592,6 +692,17 @@ class GenerateMixin:
         example for every step, as in a forward call."""
         names = kwargs.pop(selection.KWARG, None)
         setup = ctx_mod.effective_setup(self)  # type: ignore[arg-type]
+        if isinstance(setup, MultiTask) or (
+            multitask.KWARG in kwargs and not multitask.forward_takes_task_ids(self)  # type: ignore[arg-type]
+        ):
+            kwargs, task_names = multitask.take_task_ids(
+                self,  # type: ignore[arg-type]
+                kwargs,
+                setup,
+                names is not None,
+                _prompt_count(args, kwargs),
+            )
+            names = task_names if task_names is not None else names
         if names is None and setup is not None and expand_parallel(setup) is not None:
             raise CompositionError(
                 f"generate() cannot run the Parallel setup {setup.name}; generate once per "
@@ -619,6 +730,14 @@ class GenerateMixin:
                 )
         with ctx_mod.generation_scope(prompt), selection.generation_names(names):
             return super().generate(*args, **kwargs)  # type: ignore[misc]
+
+
+def _prompt_count(args: tuple, kwargs: dict) -> int | None:
+    inputs = kwargs.get(
+        "input_ids",
+        args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("inputs_embeds"),
+    )
+    return int(inputs.shape[0]) if isinstance(inputs, torch.Tensor) and inputs.ndim >= 1 else None
 
 
 def _format_summary(rows: list[dict[str, Any]]) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +38,7 @@ FUSION_CONFIG_NAME = "fusion_config.json"
 FUSION_WEIGHTS_NAME = "fusion_model.safetensors"
 FUSION_FORMAT = "adapters-fusion"
 FUSION_FORMAT_VERSION = 1
+FUSIONS_SUBDIR = "adapter_fusions"  # in a directory written by save_pretrained
 
 FuseLike = Fuse | Sequence[str] | str
 
@@ -219,6 +221,27 @@ def delete_adapter_fusion(model: nn.Module, adapter_names: FuseLike) -> None:
         model._set_setup(None)  # type: ignore[operator]
 
 
+def fusion_regularization_loss(model: nn.Module) -> Any:
+    """See `ModelAdaptersMixin.get_fusion_regularization_loss`."""
+    state = get_state(model)
+    registry = get_registry()
+    total = None
+    for entry in state.fusions.values():
+        if not entry.config.regularization or not any(p.requires_grad for p in entry.parameters()):
+            continue
+        loss = registry.hook.adapters_fusion_regularization_loss(
+            model=model,
+            sites=state.sites,
+            name=entry.name,
+            children=list(entry.children),
+            config=entry.config,
+            method=entry.method,
+        )
+        if loss is not None:
+            total = loss if total is None else total + loss
+    return total
+
+
 def fusion_setup(model: nn.Module, adapter_setup: Any) -> AdapterCompositionBlock:
     """What ``train_adapter_fusion`` trains: a setup with at least one `Fuse`. A list of names
     is their fusion (``["a", "b"]`` → ``Fuse("a", "b")``) and a string a fusion's name."""
@@ -249,10 +272,36 @@ def fusion_parameters(state: AdaptersState, setup: AdapterCompositionBlock | Non
     return params
 
 
-def save_adapter_fusion(model: nn.Module, save_directory: str, adapter_names: FuseLike) -> None:
+def save_adapter_fusion(
+    model: nn.Module, save_directory: str, adapter_names: FuseLike, format: str | None = None
+) -> None:
     """See `ModelAdaptersMixin.save_adapter_fusion`."""
     entry = fusion_entry(model, adapter_names)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in entry.state_dict().items()}
+    if format not in (None, FUSION_FORMAT):
+        fmt = get_registry().formats.get(format)
+        if fmt is None or fmt.write_fusion is None:
+            writable = sorted(
+                n for n, f in get_registry().formats.items() if f.write_fusion is not None
+            )
+            raise CheckpointError(
+                f"cannot write fusion layers in format {format!r}; fusion formats: "
+                f"{[*writable, FUSION_FORMAT]}"
+            )
+
+        def write_foreign(tmp: str) -> None:
+            fmt.write_fusion(
+                path=tmp,
+                model=model,
+                sites=model.adapter_sites,  # type: ignore[attr-defined]
+                name=entry.name,
+                children=list(entry.children),
+                config=entry.config,
+                state_dict=tensors,
+            )
+
+        write_directory_atomically(save_directory, write_foreign)
+        return
     meta = {
         "format": FUSION_FORMAT,
         "format_version": FUSION_FORMAT_VERSION,
@@ -272,21 +321,37 @@ def save_adapter_fusion(model: nn.Module, save_directory: str, adapter_names: Fu
     write_directory_atomically(save_directory, write)
 
 
-def load_adapter_fusion(
-    model: nn.Module,
-    path: str,
-    load_as: str | None = None,
-    set_active: bool = False,
-    overwrite_ok: bool = False,
-) -> str:
-    """See `ModelAdaptersMixin.load_adapter_fusion`. Atomic: on error the model is unchanged."""
-    path = os.fspath(path)
+def read_fusion_checkpoint(
+    model: nn.Module, path: str
+) -> tuple[str | None, list[str], AdapterFusionConfig, dict[str, Any]]:
+    """(saved name or None, fused adapter names, config, tensors under name-independent keys)
+    of a fusion directory in this library's format, or in a foreign one whose
+    `CheckpointFormat` reads fusion layers (``detect_fusion`` / ``read_fusion``)."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path!r} is not a directory; load_adapter_fusion reads one")
     meta = read_json(os.path.join(path, FUSION_CONFIG_NAME))
     if meta is None or meta.get("format") != FUSION_FORMAT:
-        raise CheckpointError(
-            f"{path!r} is not an adapter fusion saved by save_adapter_fusion (expected "
-            f"{FUSION_CONFIG_NAME} with format {FUSION_FORMAT!r} and {FUSION_WEIGHTS_NAME})"
+        registry = get_registry()
+        claims = [
+            f
+            for f in registry.formats.values()
+            if f.detect_fusion is not None and f.read_fusion is not None and f.detect_fusion(path)
+        ]
+        if len(claims) > 1:
+            names = ", ".join(f"{f.name!r} ({f.plugin})" for f in claims)
+            raise CheckpointError(f"{path!r} is claimed by several fusion formats: {names}")
+        if not claims:
+            raise CheckpointError(
+                f"{path!r} is not an adapter fusion saved by save_adapter_fusion (expected "
+                f"{FUSION_CONFIG_NAME} with format {FUSION_FORMAT!r} and {FUSION_WEIGHTS_NAME}) "
+                "nor one an installed plugin's checkpoint format reads"
+            )
+        name, children, config, tensors = claims[0].read_fusion(
+            path=path,
+            model=model,
+            sites=model.adapter_sites,  # type: ignore[attr-defined]
         )
+        return name, list(children), resolve_fusion_config(config), dict(tensors)
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FUSION_FORMAT_VERSION:
         raise CheckpointError(
@@ -296,19 +361,31 @@ def load_adapter_fusion(
     children = meta.get("adapter_names")
     if not isinstance(children, list) or not all(isinstance(c, str) for c in children):
         raise CheckpointError(f"{path!r}: 'adapter_names' must be a list of adapter names")
-    state = get_state(model)
-    missing = [c for c in children if c not in state.adapters]
-    if missing:
-        raise CheckpointError(
-            f"fusion {meta.get('name')!r} in {path!r} fuses {children}, but {missing} are not "
-            "added; load those adapters first (model.load_adapter(...))"
-        )
     config = AdapterFusionConfig.from_dict(meta.get("config") or {})
     weights = os.path.join(path, FUSION_WEIGHTS_NAME)
     if not os.path.isfile(weights):
         raise CheckpointError(f"{path!r} has {FUSION_CONFIG_NAME} but no {FUSION_WEIGHTS_NAME}")
-    tensors = load_safetensors(weights)
-    name = load_as or meta.get("name") or ",".join(children)
+    return meta.get("name"), children, config, load_safetensors(weights)
+
+
+def load_adapter_fusion(
+    model: nn.Module,
+    path: str,
+    load_as: str | None = None,
+    set_active: bool = False,
+    overwrite_ok: bool = False,
+) -> str:
+    """See `ModelAdaptersMixin.load_adapter_fusion`. Atomic: on error the model is unchanged."""
+    path = os.fspath(path)
+    saved_name, children, config, tensors = read_fusion_checkpoint(model, path)
+    state = get_state(model)
+    missing = [c for c in children if c not in state.adapters]
+    if missing:
+        raise CheckpointError(
+            f"fusion {saved_name!r} in {path!r} fuses {children}, but {missing} are not "
+            "added; load those adapters first (model.load_adapter(...))"
+        )
+    name = load_as or saved_name or ",".join(children)
     old = state.fusions.get(name)
     old_active = state.active_setup
     try:
@@ -354,3 +431,30 @@ def save_all_adapter_fusions(model: nn.Module, save_directory: str) -> None:
     """See `ModelAdaptersMixin.save_all_adapter_fusions`."""
     for name in get_state(model).fusions:
         save_adapter_fusion(model, os.path.join(save_directory, name), name)
+
+
+def save_pretrained_fusions(model: nn.Module, save_directory: str) -> None:
+    """``save_pretrained``'s part: every fusion layer into ``adapter_fusions/<name>``, and
+    fusion directories a previous save left there that the model no longer has removed (so
+    that ``load_model`` restores exactly this model's fusions)."""
+    directory = os.path.join(save_directory, FUSIONS_SUBDIR)
+    fusions = get_state(model).fusions
+    if os.path.isdir(directory):
+        for entry in os.listdir(directory):
+            stale = os.path.join(directory, entry)
+            if entry not in fusions and os.path.isfile(os.path.join(stale, FUSION_CONFIG_NAME)):
+                shutil.rmtree(stale)
+    if fusions:
+        save_all_adapter_fusions(model, directory)
+
+
+def load_all_adapter_fusions(model: nn.Module, directory: str) -> list[str]:
+    """Load every fusion directory saved by `save_all_adapter_fusions` (none if ``directory``
+    does not exist); returns their names."""
+    if not os.path.isdir(directory):
+        return []
+    return [
+        load_adapter_fusion(model, os.path.join(directory, entry))
+        for entry in sorted(os.listdir(directory))
+        if not entry.startswith(".") and os.path.isdir(os.path.join(directory, entry))
+    ]

@@ -44,8 +44,11 @@ The life of an adapter, as core drives it:
    saving and loading (``state_dict`` of the returned modules), atomicity, train/eval mode.
 4. During a forward call, a method's layers read `adapters.context.current_context()` for the
    effective setup, the attention mask and per-example positions, and compose with
-   `adapters.composition.apply_setup`.
+   `adapters.composition.apply_setup` (with ``handlers=`` for blocks the method evaluates
+   itself, such as ``Fuse`` and ``Split``).
 5. ``merge_adapter``, ``reset_adapter`` and ``delete_adapter`` call the matching hooks.
+6. For a method that declares ``Fuse``: ``add_adapter_fusion`` / ``delete_adapter_fusion`` call
+   `adapters_add_fusion` / `adapters_delete_fusion`.
 
 Implementations return ``None`` for configs that are not theirs; for the ``firstresult`` hooks
 core takes the first non-``None`` answer.
@@ -238,6 +241,27 @@ def adapters_delete_fusion(
 ) -> bool | None:
     """Remove fusion layer ``name`` (its modules and any hooks only it needed) if ``method`` is
     yours (``model.delete_adapter_fusion``). Return True, or None if not yours.
+
+    .. versionadded:: 1.0
+    """
+
+
+@hookspec(firstresult=True)
+def adapters_fusion_regularization_loss(
+    model: nn.Module,
+    sites: ModelSites,
+    name: str,
+    children: list[str],
+    config: AdapterFusionConfig,
+    method: str,
+) -> Any:
+    """The regularisation term of fusion layer ``name`` if ``method`` is yours: a scalar
+    tensor the user adds to the training loss (AdapterHub's fusion pulls each value matrix
+    towards the identity, ``0.01 * ||I - V||^2`` summed over layers).
+
+    Core calls it from ``model.get_fusion_regularization_loss()`` for every fusion layer whose
+    ``config.regularization`` is True and whose parameters train, and sums the answers. Return
+    None if ``method`` is not yours or the layer has nothing to regularise.
 
     .. versionadded:: 1.0
     """

@@ -339,6 +339,9 @@ def _adapter_key_prefixes(model: nn.Module) -> tuple[str, ...]:
     for name in model.adapters_config:  # type: ignore[attr-defined]
         for module in model._entry(name).modules.values():  # type: ignore[operator]
             prefixes.append(names[id(module)] + ".")
+    for name in model.adapter_fusions:  # type: ignore[attr-defined]
+        for module in model.get_adapter_fusion(name).values():  # type: ignore[operator]
+            prefixes.append(names[id(module)] + ".")
     return tuple(prefixes)
 
 
@@ -388,7 +391,20 @@ def save_pretrained(
         )  # type: ignore
 
 
+#: Config fields that do not change an adapter's parameters: adapters differing only in these
+#: can be averaged linearly (AdapterHub ignores the same two).
+AVERAGE_IGNORED_FIELDS = ("dropout", "init_weights")
+
+
 def configs_equal_for_average(configs: list[AdapterConfig]) -> bool:
-    """Whether adapters with these configs have identical parameter layouts."""
-    first = [c.to_dict() for c in config_parts(configs[0])]
-    return all([c.to_dict() for c in config_parts(other)] == first for other in configs[1:])
+    """Whether adapters with these configs have identical parameter layouts: equal configs
+    except for `AVERAGE_IGNORED_FIELDS` (dropout and initialisation)."""
+
+    def key(config: AdapterConfig) -> list[dict[str, Any]]:
+        return [
+            {k: v for k, v in part.to_dict().items() if k not in AVERAGE_IGNORED_FIELDS}
+            for part in config_parts(config)
+        ]
+
+    first = key(configs[0])
+    return all(key(other) == first for other in configs[1:])
