@@ -8,12 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import averaging, fusion, saving, selection
+from . import averaging, embeddings, fusion, multitask, saving, selection
 from . import context as ctx_mod
 from .composition import (
     AdapterCompositionBlock,
     BatchSplit,
     Fuse,
+    MultiTask,
     Parallel,
     PerExample,
     SetupLike,
@@ -208,6 +209,11 @@ class ModelAdaptersMixin:
         state = get_state(self)
         registry = get_registry()
         expand_parallel(setup)  # raises for Parallel in unsupported places
+        if not isinstance(setup, MultiTask) and find_blocks(setup, MultiTask):
+            raise CompositionError(
+                f"MultiTask is supported at the top of a setup only; found it nested in "
+                f"{setup.name}"
+            )
         for name, blocks in blocks_used_by(setup).items():
             if name not in state.adapters:
                 known = ", ".join(state.adapters) or "(none)"
@@ -219,7 +225,7 @@ class ModelAdaptersMixin:
                 supported = set(spec.compositions)
                 if BatchSplit in supported:
                     # core serves both by batch replication / row selection over BatchSplit
-                    supported.update((Parallel, PerExample))
+                    supported.update((Parallel, PerExample, MultiTask))
                 unsupported = sorted(b.__name__ for b in blocks - supported)
                 if unsupported:
                     allowed = sorted(b.__name__ for b in supported) or ["a single adapter"]
@@ -412,6 +418,51 @@ class ModelAdaptersMixin:
             return rows
         return _format_summary(rows)
 
+    # -- embeddings for new vocabularies (see adapters.embeddings) -------------------------
+    def add_embeddings(
+        self,
+        name: str,
+        tokenizer: Any,
+        reference_embedding: str | None = None,
+        reference_tokenizer: Any = None,
+        embedding_dim: int | None = None,
+    ) -> None:
+        """Add an input embedding for ``tokenizer``'s vocabulary and make it active.
+
+        Rows are drawn from ``N(0, 0.02)``; with ``reference_embedding`` (an embedding's name,
+        e.g. ``"default"``, the model's own) and its ``reference_tokenizer``, the rows of the
+        tokens both vocabularies share are copied from it. The new embedding is frozen;
+        ``train_adapter(..., train_embeddings=True)`` trains the active one. An LM head tied to
+        the input embedding switches with it. ``embedding_dim`` must equal the model's width.
+        """
+        embeddings.add_embeddings(
+            self, name, tokenizer, reference_embedding, reference_tokenizer, embedding_dim
+        )
+
+    def set_active_embeddings(self, name: str) -> None:
+        """Make embedding ``name`` the model's input embedding (``"default"``: the original);
+        sets ``config.vocab_size`` to its number of rows, as AdapterHub does."""
+        embeddings.set_active_embeddings(self, name)
+
+    @property
+    def active_embeddings(self) -> str:
+        """The name of the active embedding (``"default"`` until another is activated)."""
+        return embeddings.active_embeddings(self)
+
+    def delete_embeddings(self, name: str) -> None:
+        """Delete embedding ``name``; if it is active, ``"default"`` becomes active."""
+        embeddings.delete_embeddings(self, name)
+
+    def save_embeddings(self, path: str, name: str, tokenizer: Any = None) -> None:
+        """Save embedding ``name`` into directory ``path`` (``embedding.safetensors``, and
+        ``tokenizer/`` when ``tokenizer`` is given)."""
+        embeddings.save_embeddings(self, path, name, tokenizer)
+
+    def load_embeddings(self, path: str, name: str) -> Any:
+        """Load an embedding saved by ``save_embeddings`` (or AdapterHub's ``embedding.pt``) as
+        ``name`` and make it active; returns the tokenizer saved with it, or None."""
+        return embeddings.load_embeddings(self, path, name)
+
     # -- fusion (see adapters.fusion) ------------------------------------------------------
     @property
     def adapter_fusions(self) -> dict[str, AdapterFusion]:
@@ -581,6 +632,12 @@ class ModelAdaptersMixin:
         ``adapter_interface.json``, the active setup, every adapter in ``adapters/<name>`` and
         every fusion layer in ``adapter_fusions/<name>``;
         ``adapters.load_model(save_directory, ModelClass)`` restores all of it."""
+        if embeddings.active_embeddings(self) != embeddings.DEFAULT:
+            raise ConfigError(
+                f"save_pretrained with embedding {embeddings.active_embeddings(self)!r} active "
+                "would save it as the model's own; call set_active_embeddings('default') first "
+                "and keep the embedding with save_embeddings"
+            )
         parent_save = getattr(super(), "save_pretrained", None)
         saving.save_pretrained(self, save_directory, parent_save, *args, **kwargs)
         fusion.save_pretrained_fusions(self, save_directory)
@@ -632,6 +689,17 @@ class GenerateMixin:
         example for every step, as in a forward call."""
         names = kwargs.pop(selection.KWARG, None)
         setup = ctx_mod.effective_setup(self)  # type: ignore[arg-type]
+        if isinstance(setup, MultiTask) or (
+            multitask.KWARG in kwargs and not multitask.forward_takes_task_ids(self)  # type: ignore[arg-type]
+        ):
+            kwargs, task_names = multitask.take_task_ids(
+                self,  # type: ignore[arg-type]
+                kwargs,
+                setup,
+                names is not None,
+                _prompt_count(args, kwargs),
+            )
+            names = task_names if task_names is not None else names
         if names is None and setup is not None and expand_parallel(setup) is not None:
             raise CompositionError(
                 f"generate() cannot run the Parallel setup {setup.name}; generate once per "
@@ -659,6 +727,14 @@ class GenerateMixin:
                 )
         with ctx_mod.generation_scope(prompt), selection.generation_names(names):
             return super().generate(*args, **kwargs)  # type: ignore[misc]
+
+
+def _prompt_count(args: tuple, kwargs: dict) -> int | None:
+    inputs = kwargs.get(
+        "input_ids",
+        args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("inputs_embeds"),
+    )
+    return int(inputs.shape[0]) if isinstance(inputs, torch.Tensor) and inputs.ndim >= 1 else None
 
 
 def _format_summary(rows: list[dict[str, Any]]) -> str:
