@@ -32,6 +32,7 @@ from adapters.composition import (
     Average,
     BatchSplit,
     Compose,
+    Fuse,
     PerExample,
     Rows,
     Split,
@@ -68,6 +69,7 @@ class SubBlockHost(nn.Module):
     def __init__(self, model: nn.Module, location: str, path: str, site: SubBlockSite) -> None:
         super().__init__()
         self.adapters = nn.ModuleDict()
+        self.fusions = nn.ModuleDict()
         self.location = location
         self.path = path
         # References, not submodules: the site's modules are the model's own.
@@ -197,10 +199,52 @@ class SubBlockHost(nn.Module):
                 pieces.append(torch.full_like(packed[..., -1:], flag))
             return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
 
-        handlers = {Split: functools.partial(_split_positions, self.path)}
+        handlers = {
+            Split: functools.partial(_split_positions, self.path),
+            Fuse: functools.partial(self._fuse, width, has_residual, flagged),
+        }
         out = apply_setup(setup, state, apply_one, self.adapters.__contains__, handlers=handlers)
         replaced = out[..., -1:] > 0.5 if flagged else None
         return out[..., :width], replaced
+
+    def _fuse(
+        self,
+        width: int,
+        has_residual: bool,
+        flagged: bool,
+        block: Fuse,
+        packed: torch.Tensor,
+        rows: Rows,
+        compose: Compose,
+    ) -> torch.Tensor:
+        """``Fuse``: the last child prepares the input (and the query) as it would alone; each
+        child's scaled up-projection of that input is attended over by the fusion layer."""
+        names = [c for c in block.children if isinstance(c, str)]
+        if len(names) != len(block.children):
+            raise CompositionError(
+                f"{block!r}: bottleneck fusion fuses adapters, not nested blocks; fuse names"
+            )
+        if not any(n in self.adapters for n in names):
+            return packed
+        fusion = self.fusions[block.name] if block.name in self.fusions else None
+        if fusion is None:
+            # Not every fused adapter sits at this sub-block (e.g. seq_bn with double_seq_bn):
+            # the ones that do run in order, as a Stack.
+            for name in names:
+                packed = compose(name, packed, rows)
+            return packed
+        h = packed[..., :width]
+        r = packed[..., width : 2 * width] if has_residual else None
+        last = self.adapters[names[-1]]
+        x, adapter_residual = last.prepare(h, r, self.norm)
+        query = h.to(x.dtype) if fusion.config.query_before_ln else x
+        ups = torch.stack([self.adapters[n].up(x) for n in names], dim=2)
+        new = fusion(query, ups, adapter_residual).to(h.dtype)
+        pieces = [new] + ([r] if r is not None else [])
+        if flagged:
+            flag = 0.0 if last.original_ln_after else 1.0
+            pieces.append(torch.full_like(packed[..., -1:], flag))
+        return torch.cat(pieces, dim=-1) if len(pieces) > 1 else new
 
 
 def _split_positions(

@@ -8,14 +8,23 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from adapters import Average, BatchSplit, CheckpointFormat, MethodSpec, Split, Stack, hookimpl
+from adapters import (
+    Average,
+    BatchSplit,
+    CheckpointFormat,
+    Fuse,
+    MethodSpec,
+    Split,
+    Stack,
+    hookimpl,
+)
 from adapters.configs import AdapterConfig
 from adapters.errors import ConfigError
 from adapters.sites import LayerSite, ModelSites, ModuleSite, SubBlockSite
 
 from . import interop
 from .config import CONFIG_CLASSES, PRESETS, BnConfig
-from .layer import BottleneckAdapter, PHMShared, invertible_adapter
+from .layer import BottleneckAdapter, BottleneckFusion, PHMShared, invertible_adapter
 from .placement import (
     HOST_NAMES,
     INV_HOST,
@@ -83,7 +92,7 @@ def adapters_register_methods(register: Callable[[MethodSpec], None]) -> None:
             name="bottleneck",
             config_classes=CONFIG_CLASSES,
             presets=dict(PRESETS),
-            compositions=(Stack, BatchSplit, Average, Split),
+            compositions=(Stack, BatchSplit, Average, Split, Fuse),
             can_merge=False,
         )
     )
@@ -275,6 +284,90 @@ def adapters_delete_adapter(
         if not len(holder):
             delattr(sites.base_model.module, SHARED_HOST)
     return True
+
+
+def _fusion_hosts(sites: ModelSites, children: list[str]) -> list[tuple[str, SubBlockHost]]:
+    """(key prefix, host) of every sub-block where all ``children`` have an adapter."""
+    found = []
+    for layer in sites.layers:
+        for location, host_name in HOST_NAMES.items():
+            host = getattr(layer.layer.module, host_name, None)
+            if isinstance(host, SubBlockHost) and all(c in host.adapters for c in children):
+                found.append((adapter_key(layer, location), host))
+    return found
+
+
+@hookimpl
+def adapters_add_fusion(
+    model: nn.Module,
+    sites: ModelSites,
+    name: str,
+    children: list[str],
+    config: object,
+    method: str,
+) -> dict[str, nn.Module] | None:
+    """Create an AdapterFusion layer at every sub-block where all ``children`` sit."""
+    if method != "bottleneck":
+        return None
+    hosts = _fusion_hosts(sites, children)
+    if not hosts:
+        raise ConfigError(
+            f"adapters {children} share no sub-block (each needs an adapter at the same "
+            "attention or feed-forward sub-block of some layer); nothing to fuse"
+        )
+    for _, host in hosts:
+        parallel = [c for c in children if host.adapters[c].is_parallel]
+        if parallel:
+            raise ConfigError(
+                f"AdapterFusion of parallel bottleneck adapters ({parallel}) is not supported; "
+                "fuse sequential adapters"
+            )
+    created: dict[str, nn.Module] = {}
+    for key, host in hosts:
+        fusion = BottleneckFusion(host.adapters[children[-1]].hidden, config)
+        _place_like(fusion, host.adapters[children[-1]])
+        host.fusions[name] = fusion
+        host.forget_setup()
+        created[f"{key}.fusion"] = fusion
+    return created
+
+
+@hookimpl
+def adapters_delete_fusion(
+    model: nn.Module, sites: ModelSites, name: str, children: list[str], method: str
+) -> bool | None:
+    """Remove fusion layer ``name`` from every sub-block."""
+    if method != "bottleneck":
+        return None
+    for layer in sites.layers:
+        for host_name in HOST_NAMES.values():
+            host = getattr(layer.layer.module, host_name, None)
+            if isinstance(host, SubBlockHost) and name in host.fusions:
+                del host.fusions[name]
+    return True
+
+
+@hookimpl
+def adapters_fusion_regularization_loss(
+    model: nn.Module,
+    sites: ModelSites,
+    name: str,
+    children: list[str],
+    config: object,
+    method: str,
+) -> object:
+    """``0.01 * ||I - V||^2`` summed over the fusion layer's sub-blocks."""
+    if method != "bottleneck":
+        return None
+    total = None
+    for layer in sites.layers:
+        for host_name in HOST_NAMES.values():
+            host = getattr(layer.layer.module, host_name, None)
+            if isinstance(host, SubBlockHost) and name in host.fusions:
+                term = host.fusions[name].regularization()
+                if term is not None:
+                    total = term if total is None else total + term
+    return total
 
 
 @hookimpl
