@@ -25,8 +25,9 @@ from torch import nn
 from .errors import InterfaceError, InterfacePathError
 from .interface import AdapterModelInterface
 
-#: Positional kinds a model may use (`ModelSites.positional`); ``None`` there means unknown.
-POSITIONAL_KINDS = ("rotary", "absolute", "relative", "none")
+#: Positional kinds `ModelSites.positional` reports; ``None`` there means that neither the
+#: config nor the modules tell (a model without positions looks the same as an unknown one).
+POSITIONAL_KINDS = ("rotary", "absolute", "relative")
 
 
 @dataclass(eq=False)
