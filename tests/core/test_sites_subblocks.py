@@ -220,6 +220,7 @@ def test_self_and_cross_attention_are_distinct_sub_blocks():
             "layer_pre_ffn": "fc1",
             "layer_ln_1": "self_attn_layer_norm",
             "layer_ln_2": "final_layer_norm",
+            "layer_ln_cross_attn": "encoder_attn_layer_norm",
         }
     )
     decoder = resolve_sites(model, interface).layers[2]
@@ -228,7 +229,8 @@ def test_self_and_cross_attention_are_distinct_sub_blocks():
     assert own.output.module is block.self_attn.out_proj
     assert cross.output.module is block.encoder_attn.out_proj
     assert cross.residual.module is block.encoder_attn
-    assert own.norm.module is block.self_attn_layer_norm and cross.norm is None
+    assert own.norm.module is block.self_attn_layer_norm
+    assert cross.norm.module is block.encoder_attn_layer_norm and cross.can_replace_add
 
 
 def test_sandwich_norms_of_gemma2():
