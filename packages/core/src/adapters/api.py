@@ -556,12 +556,16 @@ class ModelAdaptersMixin:
             module.to(device=device, dtype=dtype)
 
     def save_adapter_fusion(
-        self, save_directory: str, adapter_names: Fuse | list[str] | str
+        self,
+        save_directory: str,
+        adapter_names: Fuse | list[str] | str,
+        format: str | None = None,
     ) -> None:
         """Save a fusion layer into ``save_directory`` (created or replaced atomically):
         ``fusion_config.json`` + ``fusion_model.safetensors``. The fused adapters are saved
-        separately (``save_adapter``)."""
-        fusion.save_adapter_fusion(self, save_directory, adapter_names)
+        separately (``save_adapter``). ``format=`` a plugin's checkpoint format that writes
+        fusion layers (e.g. AdapterHub's) writes that format instead."""
+        fusion.save_adapter_fusion(self, save_directory, adapter_names, format=format)
 
     def load_adapter_fusion(
         self,
@@ -570,8 +574,9 @@ class ModelAdaptersMixin:
         set_active: bool = False,
         overwrite_ok: bool = False,
     ) -> str:
-        """Load a fusion layer saved by ``save_adapter_fusion``; the adapters it fuses must be
-        added already. Returns its name (``load_as`` renames it)."""
+        """Load a fusion layer saved by ``save_adapter_fusion`` (or in a foreign format a plugin
+        reads, such as AdapterHub's); the adapters it fuses must be added already. Returns its
+        name (``load_as`` renames it)."""
         return fusion.load_adapter_fusion(
             self, adapter_fusion_name_or_path, load_as, set_active, overwrite_ok
         )
