@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .api import ModelAdaptersMixin
 from .composition import Average, BatchSplit, Fuse, Parallel, Split, Stack
 from .configs import AdapterConfig, ConfigUnion
 from .context import AdapterSetup, ForwardContext, current_context
@@ -23,10 +24,10 @@ from .errors import (
     MethodNotInstalledError,
     NotInitializedError,
 )
+from .initialization import init, load_model
 from .interface import AdapterModelInterface
-from .model import ModelAdaptersMixin, init, is_initialized
 from .plugins import CheckpointFormat, MethodSpec, hookimpl
-from .saving import load_model
+from .state import is_initialized
 
 __version__ = "0.1.0"
 

@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
-from .composition import AdapterCompositionBlock, SetupLike, parse_composition
+from .composition import AdapterCompositionBlock, SetupLike, expand_parallel, parse_composition
+from .errors import CompositionError
+from .state import STATE_ATTR, get_state
 
 _FORWARD: contextvars.ContextVar[ForwardContext | None] = contextvars.ContextVar(
     "adapters_forward_context", default=None
@@ -110,24 +112,28 @@ def context_for(model: Any) -> ForwardContext:
     if ctx is not None and ctx.model is model:
         return ctx
     if ctx is None and getattr(model, "training", False) and torch.is_grad_enabled():
-        state = model.__dict__.get("_adapters_state")
+        state = model.__dict__.get(STATE_ATTR)
         recomputed = getattr(state, "recompute_context", None) or getattr(
             state, "last_training_context", None
         )
         if recomputed is not None:
             return recomputed
-    from .composition import expand_parallel
-    from .model import effective_setup
-
     setup = effective_setup(model)
     if setup is not None and expand_parallel(setup) is not None:
-        from .errors import CompositionError
-
         raise CompositionError(
             "a Parallel setup needs the model to be called as a whole (core replicates the batch "
             "at the model input); a submodule was called on its own"
         )
     return ForwardContext(model=model, setup=setup)
+
+
+def effective_setup(model: Any) -> AdapterCompositionBlock | None:
+    """The setup a forward call of ``model`` runs with: the innermost open `AdapterSetup`, else
+    the model's active setup. Merged adapters are skipped by their plugins, not here."""
+    overrides = _SETUP.get()
+    if overrides:
+        return overrides[-1]
+    return get_state(model).active_setup
 
 
 def push_context(ctx: ForwardContext) -> None:

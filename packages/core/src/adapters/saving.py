@@ -26,10 +26,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .composition import setup_from_dict, setup_to_dict
+from .composition import setup_to_dict
 from .configs import AdapterConfig, config_parts, resolve_config
 from .errors import CheckpointError
-from .interface import INTERFACE_FILENAME, AdapterModelInterface
 from .plugins import get_registry
 
 CONFIG_NAME = "adapter_config.json"
@@ -165,13 +164,13 @@ def read_checkpoint(
             "(this library's, PEFT's or AdapterHub's format)"
         )
     override = resolve_config(config) if config is not None else None
-    meta = _read_json(os.path.join(path, CONFIG_NAME))
+    meta = read_json(os.path.join(path, CONFIG_NAME))
     if meta is not None and meta.get("format") == FORMAT:
         weights = os.path.join(path, WEIGHTS_NAME)
         if not os.path.isfile(weights):
             raise CheckpointError(f"{path!r} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
         saved = override or AdapterConfig.from_dict(meta["config"])
-        return meta.get("name"), saved, _load_safetensors(weights)
+        return meta.get("name"), saved, load_safetensors(weights)
     registry = get_registry()
     claims = [fmt for fmt in registry.formats.values() if fmt.detect(path)]
     if len(claims) > 1:
@@ -214,7 +213,7 @@ def load_tensor_file(path: str) -> dict[str, torch.Tensor]:
     objects. Anything else (corrupt, unsafe, not a flat dict of tensors) raises
     `CheckpointError`. For plugins reading foreign checkpoints."""
     if path.endswith(".safetensors"):
-        return _load_safetensors(path)
+        return load_safetensors(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for unsafe or corrupt files
@@ -227,7 +226,7 @@ def load_tensor_file(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _read_json(path: str) -> dict[str, Any] | None:
+def read_json(path: str) -> dict[str, Any] | None:
     if not os.path.isfile(path):
         return None
     try:
@@ -240,7 +239,7 @@ def _read_json(path: str) -> dict[str, Any] | None:
     return data
 
 
-def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
+def load_safetensors(path: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as error:
@@ -349,8 +348,15 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
 
 
-def save_pretrained(model: nn.Module, save_directory: str, *args: Any, **kwargs: Any) -> None:
-    """See `ModelAdaptersMixin.save_pretrained`."""
+def save_pretrained(
+    model: nn.Module,
+    save_directory: str,
+    parent_save: Any,
+    *args: Any,
+    **kwargs: Any,
+) -> None:
+    """See `adapters.api.ModelAdaptersMixin.save_pretrained`; ``parent_save`` is the model
+    class's own ``save_pretrained`` (None for a plain ``nn.Module``)."""
     merged = [n for n in model.adapters_config if model.is_merged(n)]  # type: ignore[attr-defined]
     if merged:
         raise CheckpointError(
@@ -359,9 +365,6 @@ def save_pretrained(model: nn.Module, save_directory: str, *args: Any, **kwargs:
         )
     os.makedirs(save_directory, exist_ok=True)
     state = base_state_dict(model)
-    from .model import ModelAdaptersMixin
-
-    parent_save = getattr(super(ModelAdaptersMixin, model), "save_pretrained", None)
     if parent_save is not None:
         kwargs.setdefault("state_dict", state)
         parent_save(save_directory, *args, **kwargs)
@@ -383,37 +386,6 @@ def save_pretrained(model: nn.Module, save_directory: str, *args: Any, **kwargs:
             f,
             indent=2,
         )  # type: ignore
-
-
-def load_model(path: str, model_class: Any, **kwargs: Any) -> nn.Module:
-    """Load a model saved with ``save_pretrained`` of an initialised model: the base model
-    (``model_class.from_pretrained(path, **kwargs)``; for a plain ``nn.Module`` class,
-    ``model_class(**kwargs)`` and ``model.safetensors``), its interface, its adapters and its
-    active setup."""
-    from .model import init
-
-    interface_path = os.path.join(path, INTERFACE_FILENAME)
-    if not os.path.isfile(interface_path):
-        raise CheckpointError(
-            f"{path!r} has no {INTERFACE_FILENAME}; was it saved from a model prepared with "
-            "adapters.init? For a plain transformers checkpoint use from_pretrained + init"
-        )
-    interface = AdapterModelInterface.load(interface_path)
-    if hasattr(model_class, "from_pretrained"):
-        model = model_class.from_pretrained(path, **kwargs)
-    else:
-        model = model_class(**kwargs)
-        weights = _load_safetensors(os.path.join(path, "model.safetensors"))
-        model.load_state_dict(weights)
-    init(model, interface=interface)
-    setup_meta = _read_json(os.path.join(path, SETUP_NAME)) or {}
-    adapters_dir = os.path.join(path, ADAPTERS_SUBDIR)
-    for name in setup_meta.get("adapters", []):
-        load_adapter(model, os.path.join(adapters_dir, name), load_as=name)
-    active = setup_from_dict(setup_meta.get("active"))
-    if active is not None:
-        model.set_active_adapters(active)  # type: ignore[attr-defined]
-    return model
 
 
 def configs_equal_for_average(configs: list[AdapterConfig]) -> bool:

@@ -1,0 +1,490 @@
+"""The adapter API that ``adapters.init`` gives a model (names as in AdapterHub ``adapters``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import averaging, saving
+from . import context as ctx_mod
+from .composition import (
+    AdapterCompositionBlock,
+    BatchSplit,
+    Parallel,
+    SetupLike,
+    blocks_used_by,
+    expand_parallel,
+    parse_composition,
+)
+from .configs import AdapterConfig, ConfigUnion, config_parts, resolve_config
+from .errors import AdapterNotFoundError, CompositionError, ConfigError, InterfaceError
+from .interface import AdapterModelInterface
+from .plugins import MethodSpec, get_registry
+from .recompute import sync_layer_hooks
+from .rollback import Snapshot
+from .sites import ModelSites
+from .state import AdapterEntry, get_state
+
+
+class ModelAdaptersMixin:
+    """The adapter API ``adapters.init`` gives a model (names as in AdapterHub ``adapters``)."""
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    @property
+    def adapter_interface(self) -> AdapterModelInterface:
+        """The interface this model was initialised with."""
+        return get_state(self).interface
+
+    @property
+    def adapter_sites(self) -> ModelSites:
+        """The resolved sites (what plugins attach to)."""
+        return get_state(self).sites
+
+    @property
+    def adapters_config(self) -> dict[str, AdapterConfig]:
+        """``{name: config}`` of every added adapter."""
+        return {n: e.config for n, e in get_state(self).adapters.items()}
+
+    def has_adapters(self) -> bool:
+        """Whether any adapter has been added."""
+        return bool(get_state(self).adapters)
+
+    def _entry(self, name: str) -> AdapterEntry:
+        entries = get_state(self).adapters
+        if name not in entries:
+            known = ", ".join(entries) or "(none)"
+            raise AdapterNotFoundError(f"no adapter named {name!r}; added adapters: {known}")
+        return entries[name]
+
+    # -- add / delete ---------------------------------------------------------------------------
+    def add_adapter(
+        self,
+        adapter_name: str,
+        config: Any = None,
+        overwrite_ok: bool = False,
+        set_active: bool = False,
+    ) -> None:
+        """Add a new adapter called ``adapter_name``.
+
+        Args:
+            config: a config object, dict, preset string (``"lora[r=16]"``), union
+                (``"lora|loreft"``) or JSON path; default: the first method of the interface's
+                default preset (e.g. ``"lora"``).
+            overwrite_ok: replace an existing adapter of that name instead of raising.
+            set_active: make it the active setup.
+        """
+        state = get_state(self)
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ConfigError(
+                f"adapter name {adapter_name!r} must be a non-empty string without '.'"
+            )
+        if adapter_name in state.adapters and not overwrite_ok:
+            raise ConfigError(
+                f"an adapter named {adapter_name!r} already exists; pass overwrite_ok=True to "
+                "replace it or choose another name"
+            )
+        config = self._default_config() if config is None else resolve_config(config)
+        self._check_method_enabled(config)
+        registry = get_registry()
+        snapshot = Snapshot(self)
+        old_entry = state.adapters.get(adapter_name)
+        old_active = state.active_setup
+        if old_entry is not None:
+            self.delete_adapter(adapter_name)
+        entry = AdapterEntry(name=adapter_name, config=config)
+        try:
+            for part in config_parts(config):
+                registry.method_of(part)
+                modules = registry.hook.adapters_add_adapter(
+                    model=self, sites=state.sites, name=adapter_name, config=part
+                )
+                if modules is None:
+                    raise ConfigError(
+                        f"no installed plugin created an adapter for {type(part).__name__}"
+                    )
+                prefix = f"{part.method}/" if isinstance(config, ConfigUnion) else ""
+                for key, module in modules.items():
+                    entry.modules[prefix + key] = module
+            self._check_registered(entry)
+            # Every module the plugin created (units and their hosts) follows the model's
+            # train/eval mode, so e.g. dropout stays off in a model loaded for inference.
+            known = {id(m) for m in snapshot.modules}
+            for module in self.modules():  # type: ignore[attr-defined]
+                if id(module) not in known:
+                    module.training = self.training  # type: ignore[attr-defined]
+            state.adapters[adapter_name] = entry
+        except BaseException:
+            snapshot.restore()
+            if old_entry is not None:
+                state.adapters[adapter_name] = old_entry
+                state.active_setup = old_active
+            raise
+        if set_active:
+            self.set_active_adapters(adapter_name)
+
+    def _default_config(self) -> AdapterConfig:
+        registry = get_registry()
+        for method in get_state(self).interface.adapter_methods:
+            spec = registry.methods.get(method)
+            if spec is not None and spec.presets:
+                return next(iter(spec.presets.values()))
+        raise ConfigError("add_adapter needs config=... (no installed method has a default preset)")
+
+    def _check_method_enabled(self, config: AdapterConfig) -> None:
+        state = get_state(self)
+        registry = get_registry()
+        for part in config_parts(config):
+            if part.method not in state.interface.adapter_methods:
+                raise ConfigError(
+                    f"{type(part).__name__} is a {part.method!r} adapter but the interface enables "
+                    f"only {state.interface.adapter_methods}; add {part.method!r} to adapter_methods"
+                )
+            if part.method not in registry.methods:
+                raise registry.missing_method_error(part.method)
+
+    def _check_registered(self, entry: AdapterEntry) -> None:
+        inside = {id(m) for m in self.modules()}  # type: ignore[attr-defined]
+        for key, module in entry.modules.items():
+            if id(module) not in inside:
+                raise ConfigError(
+                    f"plugin returned module {key!r} for adapter {entry.name!r} that is not a "
+                    "submodule of the model; register it (e.g. in a ModuleDict on the site)"
+                )
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter, its modules and hooks. A merged adapter's weights stay merged."""
+        state = get_state(self)
+        entry = self._entry(adapter_name)
+        registry = get_registry()
+        for part in config_parts(entry.config):
+            registry.hook.adapters_delete_adapter(
+                model=self, sites=state.sites, name=adapter_name, config=part
+            )
+        del state.adapters[adapter_name]
+        if state.active_setup is not None and adapter_name in state.active_setup.flatten():
+            self._set_setup(None)
+
+    # -- activation ---------------------------------------------------------------------------
+    def set_active_adapters(self, adapter_setup: SetupLike, skip_layers: Any = None) -> None:
+        """Make ``adapter_setup`` (a name, list of names, composition block, or None) the setup
+        every forward call uses. Validated here: unknown adapters, blocks a method does not
+        support and bad nesting raise `CompositionError`."""
+        if skip_layers is not None:
+            raise CompositionError("skip_layers is not supported; use leave_out in the config")
+        setup = parse_composition(adapter_setup)
+        if setup is not None:
+            self.validate_setup(setup)
+        self._set_setup(setup)
+
+    def _set_setup(self, setup: AdapterCompositionBlock | None) -> None:
+        state = get_state(self)
+        state.active_setup = setup
+        get_registry().hook.adapters_setup_changed(model=self, sites=state.sites, setup=setup)
+
+    def validate_setup(self, setup: AdapterCompositionBlock) -> None:
+        """Raise `CompositionError` if ``setup`` cannot run on this model."""
+        state = get_state(self)
+        registry = get_registry()
+        expand_parallel(setup)  # raises for Parallel in unsupported places
+        for name, blocks in blocks_used_by(setup).items():
+            if name not in state.adapters:
+                known = ", ".join(state.adapters) or "(none)"
+                raise CompositionError(
+                    f"setup uses adapter {name!r}, which is not added; added: {known}"
+                )
+            for part in config_parts(state.adapters[name].config):
+                spec: MethodSpec = registry.method_of(part)
+                supported = set(spec.compositions)
+                if BatchSplit in supported:
+                    supported.add(Parallel)
+                unsupported = sorted(b.__name__ for b in blocks - supported)
+                if unsupported:
+                    allowed = sorted(b.__name__ for b in supported) or ["a single adapter"]
+                    raise CompositionError(
+                        f"adapter {name!r} ({spec.name}) cannot be used in {', '.join(unsupported)}; "
+                        f"the {spec.name} method supports {', '.join(allowed)}"
+                    )
+
+    @property
+    def active_adapters(self) -> AdapterCompositionBlock | None:
+        """The active setup (a composition block) or None."""
+        return get_state(self).active_setup
+
+    @active_adapters.setter
+    def active_adapters(self, setup: SetupLike) -> None:
+        self.set_active_adapters(setup)
+
+    # -- training ---------------------------------------------------------------------------
+    def _adapter_param_ids(self) -> set[int]:
+        return {id(p) for e in get_state(self).adapters.values() for p in e.parameters()}
+
+    def freeze_model(self, freeze: bool = True) -> None:
+        """Freeze (or unfreeze) every parameter of the base model, heads included; adapter
+        parameters are left as they are."""
+        adapter_ids = self._adapter_param_ids()
+        for p in self.parameters():  # type: ignore[attr-defined]
+            if id(p) not in adapter_ids:
+                p.requires_grad_(not freeze)
+
+    def train(self, mode: bool = True) -> Any:
+        """``nn.Module.train``; also attaches (train) or removes (eval) the per-layer pre-hooks
+        that keep activation checkpointing exact, so that inference does not pay for them."""
+        result = super().train(mode)  # type: ignore[misc]
+        sync_layer_hooks(self, mode)  # type: ignore[arg-type]
+        return result
+
+    def train_adapter(self, adapter_setup: SetupLike, train_embeddings: bool = False) -> None:
+        """Train only the adapters in ``adapter_setup``: everything else (base model, heads,
+        other adapters) is frozen; the setup becomes active and the model goes to train mode."""
+        setup = parse_composition(adapter_setup)
+        if setup is None:
+            raise CompositionError("train_adapter needs at least one adapter name")
+        self.validate_setup(setup)
+        for p in self.parameters():  # type: ignore[attr-defined]
+            p.requires_grad_(False)
+        for name in setup.flatten():
+            for p in self._entry(name).parameters():
+                p.requires_grad_(True)
+        if train_embeddings:
+            embeddings = get_state(self).sites.embeddings
+            if embeddings is None:
+                raise InterfaceError(
+                    "train_embeddings=True needs model_embeddings in the interface"
+                )
+            for p in embeddings.module.parameters():
+                p.requires_grad_(True)
+        self._set_setup(setup)
+        self.train()  # type: ignore[attr-defined]
+
+    # -- merging ---------------------------------------------------------------------------
+    def merge_adapter(self, name: str) -> None:
+        """Fold adapter ``name`` into the base weights. The forward pass then gives the same
+        outputs as the unmerged, active adapter; the merged adapter adds no compute."""
+        entry = self._entry(name)
+        if entry.merged:
+            raise ConfigError(f"adapter {name!r} is already merged; reset_adapter({name!r}) first")
+        registry = get_registry()
+        state = get_state(self)
+        for part in config_parts(entry.config):
+            spec = registry.method_of(part)
+            if not spec.can_merge:
+                raise ConfigError(
+                    f"adapter {name!r} is a {spec.name!r} adapter, which cannot be merged into the "
+                    "base weights"
+                )
+        for part in config_parts(entry.config):
+            done = registry.hook.adapters_merge_adapter(
+                model=self, sites=state.sites, name=name, config=part
+            )
+            if not done:
+                raise ConfigError(f"no plugin merged adapter {name!r} ({part.method})")
+        entry.merged = True
+
+    def reset_adapter(self, name: str | None = None) -> None:
+        """Undo merging: restore the original base weights (all merged adapters if ``name`` is
+        None). The adapter stays added and can be used unmerged again."""
+        state = get_state(self)
+        names = [name] if name is not None else [n for n, e in state.adapters.items() if e.merged]
+        registry = get_registry()
+        for n in names:
+            entry = self._entry(n)
+            if not entry.merged:
+                raise ConfigError(f"adapter {n!r} is not merged; nothing to reset")
+            for part in reversed(config_parts(entry.config)):
+                registry.hook.adapters_reset_adapter(
+                    model=self, sites=state.sites, name=n, config=part
+                )
+            entry.merged = False
+
+    def merge_and_unload(self, name: str | None = None) -> None:
+        """Merge adapter ``name`` (default: every adapter of the active setup) and remove the
+        adapter machinery, leaving a plain model with updated weights, for deployment."""
+        state = get_state(self)
+        if name is not None:
+            names = [name]
+        elif state.active_setup is not None:
+            names = state.active_setup.flatten()
+        else:
+            raise ConfigError("merge_and_unload needs an adapter name or an active setup")
+        for n in names:
+            if not self._entry(n).merged:
+                self.merge_adapter(n)
+            self.delete_adapter(n)
+
+    def is_merged(self, name: str) -> bool:
+        """Whether adapter ``name`` is merged into the base weights."""
+        return self._entry(name).merged
+
+    # -- access ---------------------------------------------------------------------------
+    def get_adapter(self, name: str) -> dict[str, nn.Module]:
+        """The modules of adapter ``name`` under their name-independent keys."""
+        return dict(self._entry(name).modules)
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors of adapter ``name`` under name-independent keys (what is saved)."""
+        return self._entry(name).state_dict()
+
+    def adapter_to(self, name: str, device: Any = None, dtype: torch.dtype | None = None) -> None:
+        """Move adapter ``name``'s modules to ``device`` and/or ``dtype``."""
+        for module in self._entry(name).modules.values():
+            module.to(device=device, dtype=dtype)
+
+    def adapter_summary(self, as_dict: bool = False) -> str | list[dict[str, Any]]:
+        """A table of the adapters: name, architecture, #param, %param, active, train, and a
+        "Full model" row. ``as_dict=True`` returns the rows as dicts (exact integer #param)."""
+        state = get_state(self)
+        adapter_ids = self._adapter_param_ids()
+        base_params = [p for p in self.parameters() if id(p) not in adapter_ids]  # type: ignore
+        total_base = sum(p.numel() for p in base_params)
+        active = set(state.active_setup.flatten()) if state.active_setup else set()
+        rows = []
+        for name, entry in state.adapters.items():
+            params = list(entry.parameters())
+            count = sum(p.numel() for p in params)
+            rows.append(
+                {
+                    "name": name,
+                    "architecture": "union"
+                    if isinstance(entry.config, ConfigUnion)
+                    else entry.config.method,
+                    "#param": count,
+                    "%param": 100.0 * count / total_base if total_base else 0.0,
+                    "active": name in active,
+                    "train": any(p.requires_grad for p in params),
+                }
+            )
+        rows.append(
+            {
+                "name": "Full model",
+                "architecture": "",
+                "#param": total_base,
+                "%param": 100.0,
+                "active": True,
+                "train": any(p.requires_grad for p in base_params),
+            }
+        )
+        if as_dict:
+            return rows
+        return _format_summary(rows)
+
+    # -- saving / loading (see adapters.saving) ---------------------------------------------
+    def save_adapter(
+        self, save_directory: str, adapter_name: str, format: str | None = None, **kwargs: Any
+    ) -> None:
+        """Save adapter ``adapter_name`` into ``save_directory`` (created or replaced
+        atomically): ``adapter_config.json`` + ``adapter_model.safetensors``. ``format="peft"``
+        (or another registered foreign format) writes that format instead."""
+        saving.save_adapter(self, save_directory, adapter_name, format=format, **kwargs)
+
+    def load_adapter(
+        self,
+        adapter_name_or_path: str,
+        config: Any = None,
+        load_as: str | None = None,
+        set_active: bool = False,
+        **kwargs: Any,
+    ) -> str:
+        """Load an adapter directory (this library's format, or a foreign one a plugin reads,
+        such as PEFT or AdapterHub); returns the adapter's name. ``config`` overrides the saved
+        config (for ambiguous foreign checkpoints); ``load_as`` renames it."""
+        return saving.load_adapter(
+            self,
+            adapter_name_or_path,
+            config=config,
+            load_as=load_as,
+            set_active=set_active,
+            **kwargs,
+        )
+
+    def save_all_adapters(self, save_directory: str, **kwargs: Any) -> None:
+        """Save every adapter into ``save_directory/<name>``."""
+        saving.save_all_adapters(self, save_directory, **kwargs)
+
+    def load_all_adapters(self, directory: str, set_active: bool = False) -> list[str]:
+        """Load every adapter directory saved by ``save_all_adapters``; returns their names."""
+        return saving.load_all_adapters(self, directory, set_active=set_active)
+
+    def save_pretrained(self, save_directory: str, *args: Any, **kwargs: Any) -> None:
+        """The base model's ``save_pretrained`` without adapter tensors, plus
+        ``adapter_interface.json``, the active setup and every adapter in ``adapters/<name>``;
+        ``adapters.load_model(save_directory, ModelClass)`` restores all of it."""
+        parent_save = getattr(super(), "save_pretrained", None)
+        saving.save_pretrained(self, save_directory, parent_save, *args, **kwargs)
+
+    def average_adapter(
+        self,
+        adapter_name: str,
+        adapter_list: list[str],
+        weights: list[float] | None = None,
+        combine_strategy: str = "linear",
+        normalize_weights: bool = True,
+        overwrite_ok: bool = False,
+        set_active: bool = False,
+        **options: Any,
+    ) -> None:
+        """Add ``adapter_name`` as a weighted combination of ``adapter_list``.
+
+        ``combine_strategy="linear"`` takes the weighted sum of every parameter (all sources must
+        have the same config); methods may offer others (LoRA: ``"lora_delta_w_svd"``)."""
+        averaging.average_adapter(
+            self,
+            adapter_name,
+            adapter_list,
+            weights,
+            combine_strategy,
+            normalize_weights,
+            overwrite_ok,
+            set_active,
+            options,
+        )
+
+
+class GenerateMixin:
+    """Added only for classes that have ``generate``."""
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``generate`` of the model's class, with the prompt length made known to methods that
+        treat prompt and generated tokens differently (ReFT). A ``Parallel`` setup is refused:
+        generation keeps one sequence per example, while Parallel multiplies the batch."""
+        setup = ctx_mod.effective_setup(self)  # type: ignore[arg-type]
+        if setup is not None and expand_parallel(setup) is not None:
+            raise CompositionError(
+                f"generate() cannot run the Parallel setup {setup.name}; generate once per "
+                "branch instead, e.g. `with AdapterSetup('a'): model.generate(...)`"
+            )
+        inputs = kwargs.get(
+            "input_ids",
+            args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("inputs_embeds"),
+        )
+        prompt = (
+            int(inputs.shape[1]) if isinstance(inputs, torch.Tensor) and inputs.ndim >= 2 else None
+        )
+        with ctx_mod.generation_scope(prompt):
+            return super().generate(*args, **kwargs)  # type: ignore[misc]
+
+
+def _format_summary(rows: list[dict[str, Any]]) -> str:
+    header = ["Name", "Architecture", "#Param", "%Param", "Active", "Train"]
+    table = [
+        [
+            r["name"],
+            r["architecture"],
+            f"{r['#param']:,}",
+            f"{r['%param']:.3f}",
+            "yes" if r["active"] else "no",
+            "yes" if r["train"] else "no",
+        ]
+        for r in rows
+    ]
+    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
+
+    def line(cells: list[str]) -> str:
+        return " | ".join(
+            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        )
+
+    rule = "-" * len(line(header))
+    body = [line(row) for row in table[:-1]]
+    return "\n".join([rule, line(header), rule, *body, rule, line(table[-1]), rule])

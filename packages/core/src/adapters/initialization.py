@@ -1,0 +1,172 @@
+"""`adapters.init`: prepare any model for adapters, and `load_model` for a saved one.
+
+``init`` gives the model's instance a subclass of its own class that adds
+`adapters.api.ModelAdaptersMixin` (the model's class itself is never modified), resolves the
+interface into sites, and registers two hooks on the model: a forward pre-hook that opens the
+forward context (and replicates the batch for ``Parallel``) and a forward hook that closes it.
+Base ``state_dict`` keys and the ``forward`` signature stay as they were.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from .api import GenerateMixin, ModelAdaptersMixin
+from .composition import setup_from_dict
+from .errors import CheckpointError, InterfaceError
+from .forward import ForwardHooks
+from .interface import INTERFACE_FILENAME, AdapterModelInterface
+from .plugins import distribution_for, get_registry
+from .recompute import sync_layer_hooks
+from .rollback import Snapshot
+from .saving import ADAPTERS_SUBDIR, SETUP_NAME, load_adapter, load_safetensors, read_json
+from .sites import resolve_sites
+from .state import STATE_ATTR, AdaptersState, get_state, is_initialized
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def _adapter_class(cls: type) -> type:
+    if issubclass(cls, ModelAdaptersMixin):
+        return cls
+    sub = _SUBCLASSES.get(cls)
+    if sub is None:
+        bases: tuple[type, ...] = (ModelAdaptersMixin,)
+        if callable(getattr(cls, "generate", None)):
+            bases = (GenerateMixin, *bases)
+        sub = type(
+            cls.__name__,
+            (*bases, cls),
+            {
+                "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__,
+                "__doc__": cls.__doc__,
+            },
+        )
+        _SUBCLASSES[cls] = sub
+    return sub
+
+
+def init(
+    model: nn.Module,
+    interface: AdapterModelInterface | Mapping[str, Any] | None = None,
+    adapters_config: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """Prepare ``model`` for adapters and return it.
+
+    Args:
+        model: any ``torch.nn.Module`` (a transformers model or your own).
+        interface: where the model keeps its parts (an `AdapterModelInterface` or its dict).
+            May be omitted when the model is already initialised.
+        adapters_config: optional ``{name: config}`` of adapters to add right away.
+
+    Idempotent (a second call returns the model unchanged) and atomic: if validation or a
+    plugin fails, the model is exactly as before (module tree, class, ``state_dict`` keys).
+    A method listed in the interface whose plugin is not installed gives a warning naming the
+    package to install.
+    """
+    if is_initialized(model):
+        state = get_state(model)
+        if interface is not None:
+            given = (
+                interface
+                if isinstance(interface, AdapterModelInterface)
+                else AdapterModelInterface.from_dict(dict(interface))
+            )
+            if given.to_dict() != state.interface.to_dict():
+                raise InterfaceError(
+                    "model is already initialised with a different interface; start from a "
+                    "fresh model to use another one"
+                )
+        if adapters_config:
+            _add_adapters(model, adapters_config)
+        return model
+    if interface is None:
+        raise InterfaceError(
+            f"adapters.init needs interface=AdapterModelInterface(...) describing where "
+            f"{type(model).__name__} keeps its layers and projections"
+        )
+    if isinstance(interface, Mapping):
+        interface = AdapterModelInterface.from_dict(dict(interface))
+    if not isinstance(interface, AdapterModelInterface):
+        raise InterfaceError(
+            f"interface must be an AdapterModelInterface, got {type(interface).__name__}"
+        )
+    sites = resolve_sites(model, interface)  # validates; touches nothing
+
+    registry = get_registry()
+    missing = [m for m in interface.adapter_methods if m not in registry.methods]
+    original_class = type(model)
+    state = AdaptersState(interface=interface, sites=sites)
+    hooks = ForwardHooks()
+    snapshot = Snapshot(model)
+    try:
+        model.__class__ = _adapter_class(original_class)
+        model.__dict__[STATE_ATTR] = state
+        state.hook_handles.append(
+            model.register_forward_pre_hook(hooks.pre_forward, with_kwargs=True, prepend=True)
+        )
+        state.hook_handles.append(
+            model.register_forward_hook(hooks.post_forward, with_kwargs=True, always_call=True)
+        )
+        sync_layer_hooks(model, model.training)
+        enabled = {
+            spec.plugin for m, spec in registry.methods.items() if m in interface.adapter_methods
+        }
+        others = [p for n, p in registry.pm.list_name_plugin() if n not in enabled]
+        registry.pm.subset_hook_caller("adapters_init_model", remove_plugins=others)(
+            model=model, sites=sites
+        )
+        if adapters_config:
+            _add_adapters(model, adapters_config)
+    except BaseException:
+        snapshot.restore()  # modules and hooks a plugin or an adapter added
+        model.__dict__.pop(STATE_ATTR, None)
+        model.__class__ = original_class
+        raise
+    for method in missing:
+        warnings.warn(
+            f"the interface enables adapter method {method!r} but its plugin is not installed; "
+            f"install it with: pip install {distribution_for(method=method)}",
+            stacklevel=2,
+        )
+    return model
+
+
+def _add_adapters(model: nn.Module, configs: Mapping[str, Any]) -> None:
+    for name, config in configs.items():
+        model.add_adapter(name, config=config)  # type: ignore[operator]
+
+
+def load_model(path: str, model_class: Any, **kwargs: Any) -> nn.Module:
+    """Load a model saved with ``save_pretrained`` of an initialised model: the base model
+    (``model_class.from_pretrained(path, **kwargs)``; for a plain ``nn.Module`` class,
+    ``model_class(**kwargs)`` and ``model.safetensors``), its interface, its adapters and its
+    active setup."""
+    interface_path = os.path.join(path, INTERFACE_FILENAME)
+    if not os.path.isfile(interface_path):
+        raise CheckpointError(
+            f"{path!r} has no {INTERFACE_FILENAME}; was it saved from a model prepared with "
+            "adapters.init? For a plain transformers checkpoint use from_pretrained + init"
+        )
+    interface = AdapterModelInterface.load(interface_path)
+    if hasattr(model_class, "from_pretrained"):
+        model = model_class.from_pretrained(path, **kwargs)
+    else:
+        model = model_class(**kwargs)
+        weights = load_safetensors(os.path.join(path, "model.safetensors"))
+        model.load_state_dict(weights)
+    init(model, interface=interface)
+    setup_meta = read_json(os.path.join(path, SETUP_NAME)) or {}
+    adapters_dir = os.path.join(path, ADAPTERS_SUBDIR)
+    for name in setup_meta.get("adapters", []):
+        load_adapter(model, os.path.join(adapters_dir, name), load_as=name)
+    active = setup_from_dict(setup_meta.get("active"))
+    if active is not None:
+        model.set_active_adapters(active)  # type: ignore[attr-defined]
+    return model
