@@ -17,14 +17,13 @@ from typing import Any
 from torch import nn
 
 from .api import GenerateMixin, ModelAdaptersMixin
-from .composition import setup_from_dict
 from .errors import CheckpointError, InterfaceError
 from .forward import ForwardHooks
 from .interface import INTERFACE_FILENAME, AdapterModelInterface
 from .plugins import distribution_for, get_registry
 from .recompute import sync_layer_hooks
 from .rollback import Snapshot
-from .saving import ADAPTERS_SUBDIR, SETUP_NAME, load_adapter, load_safetensors, read_json
+from .saving import active_setup_of, load_adapter, load_safetensors, read_saved_model_folder
 from .sites import resolve_sites
 from .state import STATE_ATTR, AdaptersState, get_state, is_initialized
 
@@ -147,13 +146,20 @@ def load_model(path: str, model_class: Any, **kwargs: Any) -> nn.Module:
     """Load a model saved with ``save_pretrained`` of an initialised model: the base model
     (``model_class.from_pretrained(path, **kwargs)``; for a plain ``nn.Module`` class,
     ``model_class(**kwargs)`` and ``model.safetensors``), its interface, its adapters and its
-    active setup."""
+    active setup.
+
+    The folder is checked first: a half-written folder (no ``adapter_setup.json`` or manifest),
+    a folder mixing files of different saves, a newer format version and adapter names that
+    are not plain names (paths) raise `CheckpointError` before anything is loaded. Adapters are
+    read from ``path/adapters`` only."""
+    path = os.fspath(path)
     interface_path = os.path.join(path, INTERFACE_FILENAME)
     if not os.path.isfile(interface_path):
         raise CheckpointError(
             f"{path!r} has no {INTERFACE_FILENAME}; was it saved from a model prepared with "
             "adapters.init? For a plain transformers checkpoint use from_pretrained + init"
         )
+    setup_meta, folders = read_saved_model_folder(path)
     interface = AdapterModelInterface.load(interface_path)
     if hasattr(model_class, "from_pretrained"):
         model = model_class.from_pretrained(path, **kwargs)
@@ -162,11 +168,9 @@ def load_model(path: str, model_class: Any, **kwargs: Any) -> nn.Module:
         weights = load_safetensors(os.path.join(path, "model.safetensors"))
         model.load_state_dict(weights)
     init(model, interface=interface)
-    setup_meta = read_json(os.path.join(path, SETUP_NAME)) or {}
-    adapters_dir = os.path.join(path, ADAPTERS_SUBDIR)
-    for name in setup_meta.get("adapters", []):
-        load_adapter(model, os.path.join(adapters_dir, name), load_as=name)
-    active = setup_from_dict(setup_meta.get("active"))
+    for name, folder in folders:
+        load_adapter(model, folder, load_as=name)
+    active = active_setup_of(setup_meta, repr(path))
     if active is not None:
         model.set_active_adapters(active)  # type: ignore[attr-defined]
     return model
