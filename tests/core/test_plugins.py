@@ -1,11 +1,16 @@
-import types
+import ast
+import pathlib
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 
 import adapters
-from adapters import cli, plugins
+from adapters import AdapterConfig, CheckpointFormat, MethodSpec, cli, hookimpl, hookspecs, plugins
+from adapters.errors import PluginConflictError, PluginContractError, PluginError
 
-from .conftest import ToyLoRAPlugin
+from .conftest import ToyLoRAPlugin, init_toy, llama
+from .toy_plugins import ToyLoRAConfig
 
 
 class FakeDist:
@@ -33,9 +38,7 @@ def _install(monkeypatch, entry_points):
 
 @pytest.fixture
 def fake_plugins(monkeypatch):
-    good = types.SimpleNamespace()
-    plugin = ToyLoRAPlugin()
-    good = plugin
+    good = ToyLoRAPlugin()
     eps = [
         FakeEntryPoint("toy_lora", good, ("adapters-toy-lora", "1.2.3")),
         FakeEntryPoint(
@@ -100,7 +103,384 @@ def test_plugins_command_exits_zero_when_all_load(monkeypatch, capsys):
         plugins.reload_plugins()
 
 
-def test_two_plugins_providing_one_method_is_an_error(toy_plugins):
-    with pytest.raises(adapters.ConfigError, match="provided twice"):
+# -- contract version -------------------------------------------------------------------------
+def _declaring(version):
+    """A working plugin (method ``toy_lora``) that declares ``version``."""
+    plugin = ToyLoRAPlugin()
+    plugin.ADAPTERS_CONTRACT = version
+    return plugin
+
+
+@pytest.mark.parametrize(
+    ("declared", "fix"),
+    [("2.0", "upgrade adapters-core"), ("1.1", "upgrade adapters-core"), ("0.9", "upgrade the")],
+)
+def test_an_incompatible_contract_is_refused_naming_both_versions_and_the_fix(
+    monkeypatch, declared, fix
+):
+    eps = [
+        FakeEntryPoint("newer", _declaring(declared), ("adapters-newer", "3.0")),
+        FakeEntryPoint("shift", ShiftPlugin(), ("adapters-shift", "1.0")),
+    ]
+    try:
+        registry = _install(monkeypatch, eps)
+        [error] = registry.load_errors
+        assert error.name == "newer" and error.kind == "contract"
+        assert error.error.startswith("PluginContractError: plugin 'newer' (adapters-newer 3.0)")
+        assert f"implements plugin contract {declared}" in error.error
+        assert "serves contract 1.0" in error.error and fix in error.error
+        assert list(registry.methods) == ["toy_shift"]  # the others still load
+        assert registry.pm.get_plugin("newer") is None
+    finally:
+        monkeypatch.undo()
+        plugins.reload_plugins()
+
+
+def test_an_older_minor_version_is_served(monkeypatch):
+    monkeypatch.setattr(hookspecs, "CONTRACT_VERSION", "1.3")
+    registry = plugins.Registry()
+    registry.register(_declaring("1.0"), "toy_lora")
+    registry.register(ShiftPlugin(), "toy_shift")  # declares 1.0 too
+    assert sorted(registry.methods) == ["toy_lora", "toy_shift"]
+    with pytest.raises(PluginContractError, match="implements plugin contract 1.4"):
+        plugins.Registry().register(_declaring("1.4"), "toy_lora")
+
+
+class UndeclaredPlugin:
+    """A 0.1-era plugin: hooks, but no ADAPTERS_CONTRACT."""
+
+    @hookimpl
+    def adapters_register_methods(self, register):
+        register(MethodSpec("old_method", (OldConfig,), {"old": OldConfig()}))
+
+
+@dataclass(frozen=True)
+class OldConfig(AdapterConfig):
+    method: ClassVar[str] = "old_method"
+
+
+def test_an_undeclared_plugin_is_refused_as_written_for_0_1():
+    registry = plugins.Registry()
+    with pytest.raises(PluginContractError) as caught:
+        registry.register(UndeclaredPlugin(), "old")
+    message = str(caught.value)
+    assert "plugin 'old' (in-process) declares no plugin contract version" in message
+    assert "adapters 0.1" in message and "serves contract 1.0" in message
+    assert 'ADAPTERS_CONTRACT = "1.0"' in message
+    assert registry.methods == {} and registry.presets == {}
+    assert registry.pm.get_plugin("old") is None
+
+
+@pytest.mark.parametrize("declared", [1.0, "1", "v1.0", "1.0.0"])
+def test_a_malformed_contract_declaration_is_refused(declared):
+    plugin = ToyLoRAPlugin()
+    plugin.ADAPTERS_CONTRACT = declared
+    with pytest.raises(PluginContractError, match=r'expected a string "MAJOR.MINOR"'):
+        plugins.Registry().register(plugin, "toy_lora")
+
+
+def test_every_first_party_plugin_declares_the_current_contract():
+    registry = plugins.get_registry()
+    for spec in registry.methods.values():
+        plugin = registry.pm.get_plugin(spec.plugin)
+        assert plugin.ADAPTERS_CONTRACT == hookspecs.CONTRACT_VERSION, spec.plugin
+
+
+# -- hook names -------------------------------------------------------------------------------
+class ShiftPlugin:
+    """A second, independent working plugin (method ``toy_shift``)."""
+
+    ADAPTERS_CONTRACT = "1.0"
+
+    @hookimpl
+    def adapters_register_methods(self, register):
+        from .toy_plugins import ToyShiftConfig
+
+        register(MethodSpec("toy_shift", (ToyShiftConfig,), {"toy_shift": ToyShiftConfig()}))
+
+
+class MisspelledPlugin(ShiftPlugin):
+    @hookimpl
+    def adapters_delete_adapterr(self, model, sites, name, config):
+        return True
+
+
+def test_a_misspelled_hook_is_refused_with_the_plugin_name():
+    registry = plugins.Registry()
+    with pytest.raises(
+        PluginError,
+        match="plugin 'typo' \\(in-process\\) implements "
+        "adapters_delete_adapterr, which no hook spec",
+    ) as caught:
+        registry.register(MisspelledPlugin(), "typo")
+    assert "adapters_delete_adapter," in str(caught.value)  # the known hooks are listed
+    assert registry.methods == {} and registry.presets == {}
+    assert registry.pm.get_plugin("typo") is None
+    registry.register(ShiftPlugin(), "typo")  # the registry is usable as before
+    assert list(registry.methods) == ["toy_shift"]
+
+
+def test_a_misspelled_hook_in_an_entry_point_is_a_load_error(monkeypatch):
+    eps = [
+        FakeEntryPoint("typo", MisspelledPlugin(), ("adapters-typo", "0.2")),
+        FakeEntryPoint("toy_lora", ToyLoRAPlugin()),
+    ]
+    try:
+        registry = _install(monkeypatch, eps)
+        [error] = registry.load_errors
+        assert error.name == "typo" and error.kind == "contract"
+        assert "plugin 'typo' (adapters-typo 0.2)" in error.error
+        assert "adapters_delete_adapterr" in error.error
+        assert list(registry.methods) == ["toy_lora"]
+    finally:
+        monkeypatch.undo()
+        plugins.reload_plugins()
+
+
+class UnmarkedPlugin(ShiftPlugin):
+    def adapters_delete_adapter(self, model, sites, name, config):  # no @hookimpl
+        return True
+
+
+def test_a_hook_function_without_hookimpl_is_refused():
+    registry = plugins.Registry()
+    with pytest.raises(PluginError, match="adapters_delete_adapter without @adapters.hookimpl"):
+        registry.register(UnmarkedPlugin(), "unmarked")
+    assert registry.methods == {}
+
+
+class WrongArgumentPlugin(ShiftPlugin):
+    @hookimpl
+    def adapters_delete_adapter(self, model, sites, adapter_name, config):
+        return True
+
+
+def test_a_hook_with_an_argument_its_spec_lacks_is_refused():
+    registry = plugins.Registry()
+    with pytest.raises(PluginError, match="plugin 'args' .*adapter_name"):
+        registry.register(WrongArgumentPlugin(), "args")
+    assert registry.methods == {} and registry.pm.get_plugin("args") is None
+
+
+def test_registration_hooks_run_once_per_plugin():
+    calls = []
+
+    class Counting(ShiftPlugin):
+        @hookimpl
+        def adapters_register_methods(self, register):
+            calls.append(self)
+            super().adapters_register_methods(register)
+
+    registry = plugins.Registry()
+    registry.register(ToyLoRAPlugin(), "toy_lora")
+    counting = Counting()
+    registry.register(counting, "counting")
+    assert calls == [counting]
+    assert sorted(registry.methods) == ["toy_lora", "toy_shift"]
+
+
+# -- ownership --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CopycatConfig(AdapterConfig):
+    method: ClassVar[str] = "copycat"
+
+
+class CopycatPlugin:
+    """Claims its own method, plus whatever names it is given."""
+
+    ADAPTERS_CONTRACT = "1.0"
+
+    def __init__(self, method="copycat", presets=("copycat",), formats=(), classes=()):
+        self.method, self.presets, self.formats = method, presets, formats
+        self.classes = classes or (CopycatConfig,)
+
+    @hookimpl
+    def adapters_register_methods(self, register):
+        register(
+            MethodSpec(
+                self.method,
+                tuple(self.classes),
+                {p: self.classes[0]() for p in self.presets},
+            )
+        )
+
+    @hookimpl
+    def adapters_register_checkpoint_formats(self, register):
+        for name in self.formats:
+            register(CheckpointFormat(name, detect=lambda path: False, read=None))
+
+
+def test_a_second_claimant_of_a_method_is_refused(toy_plugins):
+    with pytest.raises(
+        PluginConflictError,
+        match="method 'toy_lora' is already provided by "
+        "plugin 'toy_lora' \\(in-process\\); plugin 'another'",
+    ):
         toy_plugins.register(ToyLoRAPlugin(), "another")
     assert toy_plugins.pm.get_plugin("another") is None
+    assert toy_plugins.methods["toy_lora"].plugin == "toy_lora"
+
+
+def test_a_second_claimant_of_a_preset_is_refused_and_the_owner_keeps_it(toy_plugins):
+    # 0.1 regression: the rejected plugin's cleanup removed the owner's preset.
+    before = dict(toy_plugins.presets)
+    with pytest.raises(
+        PluginConflictError, match="preset 'toy_lora' is already provided by plugin 'toy_lora'"
+    ):
+        toy_plugins.register(CopycatPlugin(presets=("copycat", "toy_lora")), "copycat")
+    assert toy_plugins.presets == before
+    assert toy_plugins.presets["toy_lora"] is before["toy_lora"]
+    assert "copycat" not in toy_plugins.methods and "copycat" not in toy_plugins.presets
+    model = init_toy(llama())
+    model.add_adapter("a", config="toy_lora[r=3]")  # the owner works fully
+    assert model.adapters_config["a"] == ToyLoRAConfig(r=3)
+
+
+def test_a_second_claimant_of_a_checkpoint_format_is_refused(toy_plugins):
+    toy_plugins.register(CopycatPlugin(formats=("toyfmt",)), "first")
+    first = toy_plugins.formats["toyfmt"]
+    with pytest.raises(
+        PluginConflictError,
+        match="checkpoint format 'toyfmt' is already provided by plugin 'first'",
+    ):
+        toy_plugins.register(
+            CopycatPlugin(
+                method="copycat2",
+                presets=("copycat2",),
+                formats=("toyfmt",),
+                classes=(Copycat2Config,),
+            ),
+            "second",
+        )
+    assert toy_plugins.formats["toyfmt"] is first and first.plugin == "first"
+    assert "copycat2" not in toy_plugins.methods  # refused as a whole
+    toy_plugins.unregister("first")
+    assert "toyfmt" not in toy_plugins.formats
+
+
+@dataclass(frozen=True)
+class Copycat2Config(AdapterConfig):
+    method: ClassVar[str] = "copycat2"
+
+
+def test_a_second_claimant_of_a_config_class_name_is_refused(toy_plugins):
+    @dataclass(frozen=True)
+    class ToyLoRAConfig(AdapterConfig):  # same class name, another method
+        method: ClassVar[str] = "copycat"
+
+    with pytest.raises(PluginConflictError, match="config class 'ToyLoRAConfig'"):
+        toy_plugins.register(CopycatPlugin(classes=(ToyLoRAConfig,)), "copycat")
+    assert adapters.ToyLoRAConfig.method == "toy_lora"
+
+
+def test_a_plugin_claiming_one_name_twice_is_refused():
+    registry = plugins.Registry()
+    plugin = CopycatPlugin(formats=("fmt", "fmt"))
+    with pytest.raises(PluginConflictError, match="'fmt' is already provided by the same plugin"):
+        registry.register(plugin, "twice")
+    assert registry.methods == {} and registry.formats == {}
+
+
+def test_the_union_method_name_is_reserved():
+    @dataclass(frozen=True)
+    class UnionConfig(AdapterConfig):
+        method: ClassVar[str] = "union"
+
+    with pytest.raises(PluginConflictError, match="reserved by adapters-core"):
+        plugins.Registry().register(CopycatPlugin(method="union", classes=(UnionConfig,)), "union")
+
+
+def test_a_plugin_name_is_owned_too(toy_plugins):
+    with pytest.raises(PluginConflictError, match="plugin name 'toy_lora' is already taken"):
+        toy_plugins.register(CopycatPlugin(), "toy_lora")
+    assert "copycat" not in toy_plugins.methods
+
+
+def test_plugins_command_shows_a_conflict_and_exits_1(monkeypatch, capsys):
+    eps = [
+        FakeEntryPoint("toy_lora", ToyLoRAPlugin(), ("adapters-toy-lora", "1.2.3")),
+        FakeEntryPoint("zz_copycat", CopycatPlugin(presets=("toy_lora",)), ("adapters-cc", "1")),
+    ]
+    try:
+        _install(monkeypatch, eps)
+        code = cli.main(["plugins"])
+        out, err = capsys.readouterr()
+        assert code == 1
+        assert "toy_lora" in out and "copycat" not in out
+        assert (
+            "CONFLICT: plugin 'zz_copycat' (adapters-cc) was not loaded: PluginConflictError: "
+            "preset 'toy_lora' is already provided by plugin 'toy_lora' (adapters-toy-lora 1.2.3)"
+        ) in err
+        registry = plugins.get_registry()
+        assert registry.presets["toy_lora"] == ToyLoRAConfig()
+    finally:
+        monkeypatch.undo()
+        plugins.reload_plugins()
+
+
+# -- the spec module --------------------------------------------------------------------------
+def test_every_hook_spec_says_in_which_contract_version_it_appeared():
+    specs = [n for n in dir(hookspecs) if n.startswith("adapters_")]
+    assert "adapters_add_adapter" in specs
+    core = tuple(int(p) for p in hookspecs.CONTRACT_VERSION.split("."))
+    for name in specs:
+        doc = getattr(hookspecs, name).__doc__ or ""
+        versions = [
+            line.split("::")[1].strip()
+            for line in doc.splitlines()
+            if line.strip().startswith(".. versionadded::")
+        ]
+        assert len(versions) == 1, name
+        assert tuple(int(p) for p in versions[0].split(".")) <= core, name
+
+
+# -- core structure ---------------------------------------------------------------------------
+def _core_import_graph() -> dict[str, set[str]]:
+    """module -> the core modules it imports with ``from .x import`` / ``from . import x``,
+    anywhere in the file (module level, inside functions, under ``TYPE_CHECKING``)."""
+    source = pathlib.Path(adapters.__file__).parent
+    modules = {path.stem: path for path in source.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                targets = (
+                    [node.module.split(".")[0]] if node.module else [a.name for a in node.names]
+                )
+                edges.update(t for t in targets if t in modules and t != name)
+        graph[name] = edges
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                return [*path[path.index(target) :], target]
+            if target not in state and (found := visit(target)):
+                return found
+        state[node] = 2
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_core_has_no_import_cycle():
+    graph = _core_import_graph()
+    assert {"configs", "plugins", "hookspecs", "declarations"} <= set(graph)
+    assert "plugins" not in graph["configs"] and "plugins" not in graph["hookspecs"]
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]

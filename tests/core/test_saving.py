@@ -160,9 +160,16 @@ def test_save_pretrained_refuses_merged_adapters(model, tmp_path):
 class ForeignFormat:
     """A foreign format with a differently named weights file and config."""
 
+    ADAPTERS_CONTRACT = "1.0"
+
+    def __init__(self, format_name="foreign"):
+        self.format_name = format_name
+
     @hookimpl
     def adapters_register_checkpoint_formats(self, register):
-        register(CheckpointFormat("foreign", detect=self.detect, read=self.read, write=self.write))
+        register(
+            CheckpointFormat(self.format_name, detect=self.detect, read=self.read, write=self.write)
+        )
 
     def detect(self, path):
         return os.path.isfile(os.path.join(path, "foreign.json"))
@@ -299,13 +306,9 @@ def test_a_directory_claimed_by_two_formats_is_an_error(model, tmp_path):
 
     registry = get_registry()
     registry.register(ForeignFormat(), "foreign")
-    second = ForeignFormat()
-    registry.register(second, "foreign2")
+    registry.register(ForeignFormat("foreign2"), "foreign2")  # detects the same files
     try:
         model.save_adapter(str(tmp_path / "f"), "a", format="foreign")
-        registry.formats["foreign2"] = CheckpointFormat(
-            "foreign2", detect=second.detect, read=second.read, plugin="foreign2"
-        )
         with pytest.raises(CheckpointError, match="claimed by several checkpoint formats"):
             model.load_adapter(str(tmp_path / "f"), load_as="x")
     finally:

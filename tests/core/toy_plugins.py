@@ -75,6 +75,8 @@ class ToyLoRAHost(nn.Module):
 
 
 class ToyLoRAPlugin:
+    ADAPTERS_CONTRACT = "1.0"
+
     @hookimpl
     def adapters_register_methods(self, register):
         register(
@@ -207,6 +209,8 @@ class ToyShiftHost(nn.Module):
 
 
 class ToyShiftPlugin:
+    ADAPTERS_CONTRACT = "1.0"
+
     @hookimpl
     def adapters_register_methods(self, register):
         register(
@@ -293,6 +297,8 @@ class ToyBottleneckHost(nn.Module):
 
 
 class ToyBottleneckPlugin:
+    ADAPTERS_CONTRACT = "1.0"
+
     @hookimpl
     def adapters_register_methods(self, register):
         register(

@@ -42,10 +42,17 @@ def build_qwen2(seed: int = 0) -> nn.Module:
     return model
 
 
-def build_gpt2(seed: int = 0) -> nn.Module:
+def build_gpt2(seed: int = 0, biased: bool = False) -> nn.Module:
+    """Tiny GPT-2; ``biased``: non-zero projection biases (GPT-2 initialises them to zero)."""
     torch.manual_seed(seed)
     cfg = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=32)
-    return tf.GPT2LMHeadModel(cfg).eval()
+    model = tf.GPT2LMHeadModel(cfg).eval()
+    if biased:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(("c_attn.bias", "c_proj.bias", "c_fc.bias")):
+                    p.normal_(0.0, 0.3)
+    return model
 
 
 def build_bart(seed: int = 0) -> nn.Module:

@@ -121,7 +121,8 @@ def test_targets_follow_the_config_flags_and_leave_out(llama):
     ]
 
 
-def test_ia3_scales_w_x_but_not_the_bias_on_qwen2():
+def test_ia3_scales_the_whole_output_bias_included_on_qwen2():
+    # (W x + b) * s, as AdapterHub's forward and PEFT compute it (pitfall 5)
     model = init(build_qwen2(), LLAMA_INTERFACE)
     model.add_adapter("a", IA3Config(), set_active=True)
     randomise(model, "a", around_one=True)
@@ -130,8 +131,11 @@ def test_ia3_scales_w_x_but_not_the_bias_on_qwen2():
     x = torch.randn(2, 3, 32)
     with AdapterSetup("a"), torch.no_grad():
         got = proj(x)
-    expected = (x @ proj.weight.T) * unit.lora_B.view(-1) + proj.bias
+        factor = unit.lora_B.view(-1)
+        expected = (x @ proj.weight.T + proj.bias) * factor
+        bias_unscaled = (x @ proj.weight.T) * factor + proj.bias
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    assert (got - bias_unscaled).abs().max() > 0.05  # the bias matters here
 
 
 def test_ia3_fresh_adapter_is_identity():
@@ -332,7 +336,7 @@ def test_dora_on_a_fused_projection_raises():
 
 
 def test_gated_ia3_on_a_fused_projection_gates_each_slice():
-    model = init(build_gpt2(), GPT2_INTERFACE)
+    model = init(build_gpt2(biased=True), GPT2_INTERFACE)
     model.add_adapter("a", IA3Config(use_gating=True), set_active=True)
     randomise(model, "a", around_one=True)
     qkv = model.transformer.h[0].attn.c_attn
@@ -345,9 +349,7 @@ def test_gated_ia3_on_a_fused_projection_gates_each_slice():
     factor = unit.lora_B.detach().view(-1)
     torch.testing.assert_close(got[..., :32], plain[..., :32])
     for j, (a, b) in enumerate(unit.slices):
-        expected = (plain[..., a:b] - qkv.bias[a:b]) * factor[j * 32 : (j + 1) * 32] * gate[
-            ..., j : j + 1
-        ] + qkv.bias[a:b]
+        expected = plain[..., a:b] * factor[j * 32 : (j + 1) * 32] * gate[..., j : j + 1]
         torch.testing.assert_close(got[..., a:b], expected.detach())
 
 

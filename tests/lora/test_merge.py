@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
+import transformers as tf
 from conftest import (
     BERT_INTERFACE,
     GPT2_INTERFACE,
@@ -20,6 +23,25 @@ from conftest import (
 
 from adapters.errors import ConfigError
 from adapters_lora import DoRAConfig, IA3Config, LoRAConfig
+
+
+def build_bert(seed: int = 0):
+    """Tiny BERT with non-trivial biases on every projection."""
+    torch.manual_seed(seed)
+    config = tf.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=100,
+    )
+    bert = tf.BertModel(config, add_pooling_layer=False).eval()
+    with torch.no_grad():
+        for name, p in bert.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+    return bert
+
 
 CASES = {
     "lora-llama": (
@@ -48,7 +70,13 @@ CASES = {
         LoRAConfig(r=2, attn_matrices=("q", "v", "o"), intermediate_lora=True),
         False,
     ),
-    "ia3-gpt2-fused": (build_gpt2, GPT2_INTERFACE, IA3Config(), True),
+    "ia3-gpt2-fused-bias": (
+        partial(build_gpt2, biased=True),
+        GPT2_INTERFACE,
+        IA3Config(attn_matrices=("q", "v", "o"), output_lora=True),
+        True,
+    ),
+    "ia3-bert-bias": (build_bert, BERT_INTERFACE, IA3Config(output_lora=True), True),
     "dora-gpt2-conv1d": (
         build_gpt2,
         GPT2_INTERFACE,
@@ -139,30 +167,60 @@ def test_gated_adapter_cannot_merge():
     assert not model.is_merged("a")
 
 
-def test_bert_ia3_merge_with_bias_is_exact():
-    import transformers as tf
+def _weights_and_biases(model) -> dict[str, torch.Tensor]:
+    return {
+        k: v.detach().clone()
+        for k, v in model.named_parameters()
+        if "adapters_lora" not in k and k.endswith((".weight", ".bias"))
+    }
 
-    torch.manual_seed(0)
-    bert = tf.BertModel(
-        tf.BertConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            vocab_size=100,
-        ),
-        add_pooling_layer=False,
-    ).eval()
-    with torch.no_grad():
-        for name, p in bert.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_(0.0, 0.5)
-    model = init(bert, BERT_INTERFACE)
-    model.add_adapter("a", "ia3", set_active=True)
-    randomise(model, "a", around_one=True)
+
+@pytest.mark.parametrize("case", ["ia3-bert-bias", "ia3-qwen2-bias", "ia3-gpt2-fused-bias"])
+def test_ia3_merge_scales_the_bias_and_reset_restores_it_bit_exactly(case):
+    model, _ = _prepared(case)
+    before = _weights_and_biases(model)
     unmerged = logits(model)
     model.merge_adapter("a")
+    merged = _weights_and_biases(model)
+    changed = [k for k in before if not torch.equal(before[k], merged[k])]
+    assert any(k.endswith(".bias") for k in changed)  # the merge scales the bias
     torch.testing.assert_close(logits(model), unmerged, atol=1e-5, rtol=0)
+    model.reset_adapter("a")
+    after = _weights_and_biases(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_merging_ia3_twice_and_resetting_one_keeps_the_other():
+    model = init(build_bert(), BERT_INTERFACE)
+    base = _weights_and_biases(model)
+    for name, seed in (("a", 1), ("b", 2)):
+        model.add_adapter(name, IA3Config(output_lora=True))
+        randomise(model, name, seed, around_one=True)
+    model.set_active_adapters("b")
+    only_b = logits(model)
+    model.set_active_adapters(None)
+    model.merge_adapter("a")
+    model.merge_adapter("b")
+    model.reset_adapter("a")
+    torch.testing.assert_close(logits(model), only_b, atol=1e-5, rtol=0)
+    model.reset_adapter("b")
+    assert all(torch.equal(v, _weights_and_biases(model)[k]) for k, v in base.items())
+
+
+def test_deleting_a_merged_ia3_keeps_it_in_what_a_later_reset_restores():
+    model = init(build_bert(), BERT_INTERFACE)
+    model.add_adapter("a", IA3Config(output_lora=True))
+    randomise(model, "a", 1, around_one=True)
+    model.add_adapter("b", LoRAConfig(r=2, output_lora=True))
+    randomise(model, "b", 2)
+    model.set_active_adapters("a")
+    only_a = logits(model)
+    model.set_active_adapters(None)
+    model.merge_adapter("a")
+    model.merge_adapter("b")
+    model.delete_adapter("a")  # stays folded into the weights and biases
+    model.reset_adapter("b")
+    torch.testing.assert_close(logits(model), only_a, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(

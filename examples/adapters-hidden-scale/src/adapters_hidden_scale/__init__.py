@@ -15,6 +15,9 @@ from adapters import AdapterConfig, Average, BatchSplit, ConfigError, MethodSpec
 from adapters.composition import apply_setup
 from adapters.context import context_for
 
+#: The plugin contract version this plugin implements (see adapters.hookspecs).
+ADAPTERS_CONTRACT = "1.0"
+
 
 @dataclass(frozen=True)
 class HiddenScaleConfig(AdapterConfig):

@@ -13,7 +13,8 @@ COMMANDS_GROUP = "adapters.commands"
 
 
 def plugins_command(args: argparse.Namespace) -> int:
-    """Print installed methods (distribution, version, presets) and load errors."""
+    """Print installed methods (distribution, version, presets), load errors and conflicts;
+    exit status 1 if any plugin was not loaded."""
     registry = get_registry()
     if not registry.methods and not registry.load_errors:
         print("no adapter method plugins installed; e.g. pip install adapters-lora")
@@ -38,7 +39,11 @@ def plugins_command(args: argparse.Namespace) -> int:
         print(f"disabled by ADAPTERS_DISABLE_PLUGINS: {name}")
     for error in registry.load_errors:
         where = f" ({error.distribution})" if error.distribution else ""
-        print(f"FAILED to load plugin {error.name!r}{where}: {error.error}", file=sys.stderr)
+        if error.kind == "conflict":
+            line = f"CONFLICT: plugin {error.name!r}{where} was not loaded: {error.error}"
+        else:
+            line = f"FAILED to load plugin {error.name!r}{where}: {error.error}"
+        print(line, file=sys.stderr)
         if args.verbose:
             print(error.detail, file=sys.stderr)
     return 1 if registry.load_errors else 0

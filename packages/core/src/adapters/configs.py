@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
+from ._catalog import catalog
 from .errors import ConfigError, MethodNotInstalledError
 
 T = TypeVar("T", bound="AdapterConfig")
@@ -59,9 +60,7 @@ class AdapterConfig:
         if cls is AdapterConfig or (method and method != cls.method):
             if not method:
                 raise ConfigError(f"config dict has no 'method' key: {data!r}")
-            from .plugins import get_registry
-
-            registry = get_registry()
+            registry = catalog()
             target = registry.config_class_for_method(method)
             # Keep the saved class (IA3Config, not its base LoRAConfig) when it is installed.
             named = registry.config_class_named(class_name) if class_name else None
@@ -139,8 +138,6 @@ def resolve_config(config: Any) -> AdapterConfig:
 
 
 def _resolve(config: Any) -> AdapterConfig:
-    from .plugins import get_registry
-
     if isinstance(config, AdapterConfig):
         return config
     if isinstance(config, Mapping):
@@ -165,7 +162,7 @@ def _resolve(config: Any) -> AdapterConfig:
     if len(parts) > 1:
         return ConfigUnion(*[_resolve(p) for p in parts])
     name, overrides = parse_config_string(config)
-    registry = get_registry()
+    registry = catalog()
     preset = registry.presets.get(name)
     if preset is None:
         raise registry.missing_config_error(name)

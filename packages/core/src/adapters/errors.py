@@ -46,6 +46,21 @@ class MethodNotInstalledError(AdaptersError, ImportError):
     """A config or method needs a plugin distribution that is not installed."""
 
 
+class PluginError(AdaptersError):
+    """A plugin cannot be registered: it breaks the plugin contract (`adapters.hookspecs`).
+
+    The registry is left as it was before the plugin was offered."""
+
+
+class PluginContractError(PluginError):
+    """A plugin declares no contract version, or one this adapters-core cannot serve."""
+
+
+class PluginConflictError(PluginError):
+    """A plugin claims a method, preset, config class or checkpoint-format name that another
+    loaded plugin already owns."""
+
+
 class CompositionError(AdaptersError, ValueError):
     """An adapter setup cannot be run: unknown adapter, unsupported block or nesting."""
 

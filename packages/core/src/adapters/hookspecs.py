@@ -1,7 +1,16 @@
 """The hook specifications: the one contract between adapters-core and method plugins.
 
 A plugin is a module (or object) with functions decorated by ``@adapters.hookimpl`` whose names
-are the specs below, exposed through the entry-point group ``adapters.methods``::
+are the specs below, exposed through the entry-point group ``adapters.methods``, and which
+declares the contract version it implements::
+
+    # adapters_mymethod/plugin.py
+    from adapters import hookimpl
+
+    ADAPTERS_CONTRACT = "1.0"
+
+    @hookimpl
+    def adapters_register_methods(register): ...
 
     # pyproject.toml of adapters-mymethod
     [project.entry-points."adapters.methods"]
@@ -9,6 +18,18 @@ are the specs below, exposed through the entry-point group ``adapters.methods``:
 
 Core calls every hook with keyword arguments, so an implementation may accept just the
 arguments it uses, and new arguments can be added without breaking plugins.
+
+Loading is strict (`adapters.plugins`); a plugin is refused as a whole, and the others still
+load, when:
+
+- its ``ADAPTERS_CONTRACT`` is missing or not served by this core: the major version must be
+  `CONTRACT_VERSION`'s and the minor version at most its minor (`PluginContractError`);
+- it implements a hook that no spec below names (a misspelling), or a function named
+  ``adapters_*`` lacks ``@hookimpl`` (`PluginError`);
+- it claims a method, preset, config-class or checkpoint-format name that another plugin
+  already owns (`PluginConflictError`).
+
+Each spec says in which contract version it appeared (``versionadded``) or changed.
 
 The life of an adapter, as core drives it:
 
@@ -41,8 +62,14 @@ if TYPE_CHECKING:
     from torch import nn
 
     from .configs import AdapterConfig
-    from .plugins import CheckpointFormat, MethodSpec
+    from .declarations import CheckpointFormat, MethodSpec
     from .sites import ModelSites
+
+#: The version of this contract. A plugin declares the version it implements as
+#: ``ADAPTERS_CONTRACT = "MAJOR.MINOR"`` on its plugin object (module or instance); core serves
+#: it when the majors are equal and the plugin's minor is at most this minor. A minor release
+#: only adds (hooks, keyword arguments, fields); a major release may change or remove.
+CONTRACT_VERSION = "1.0"
 
 hookspec = pluggy.HookspecMarker("adapters")
 
@@ -54,7 +81,11 @@ def adapters_register_methods(register: Callable[[MethodSpec], None]) -> None:
     Called once per plugin when plugins are loaded. Call ``register(MethodSpec(...))`` for each
     method: its name (as listed in ``AdapterModelInterface.adapter_methods``), its config
     classes, named presets (``{"lora": LoRAConfig(), "ia3": IA3Config()}``), the composition
-    blocks it supports, and whether it can merge into the base weights.
+    blocks it supports, and whether it can merge into the base weights. Method, preset and
+    config-class names are owned: one already declared by another plugin (or twice by this
+    one) gets this whole plugin refused, and the registry stays as it was.
+
+    .. versionadded:: 1.0
     """
 
 
@@ -65,7 +96,9 @@ def adapters_register_checkpoint_formats(register: Callable[[CheckpointFormat], 
     Called once per plugin when plugins are loaded. Call ``register(CheckpointFormat(...))``
     for each format. ``model.load_adapter(path)`` asks each format's ``detect`` whether it reads
     a directory that is not in this library's own format; ``save_adapter(..., format=name)``
-    uses its ``write``.
+    uses its ``write``. Format names are owned like method names.
+
+    .. versionadded:: 1.0
     """
 
 
@@ -76,6 +109,8 @@ def adapters_init_model(model: nn.Module, sites: ModelSites) -> None:
     Called once per model, after validation, for every plugin whose method the interface lists.
     Use it to check that the sites have what the method needs; raise an
     `adapters.errors.InterfaceError` to abort ``init`` (the model is then left as it was).
+
+    .. versionadded:: 1.0
     """
 
 
@@ -97,6 +132,8 @@ def adapters_add_adapter(
     Core saves ``{key}.{param}`` tensors from them, moves them, freezes/unfreezes them and puts
     them in the model's train/eval mode. Return ``None`` if ``config`` is not yours.
     Raise `adapters.errors.ConfigError` for options the model cannot support.
+
+    .. versionadded:: 1.0
     """
 
 
@@ -105,7 +142,10 @@ def adapters_delete_adapter(
     model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
 ) -> bool | None:
     """Remove adapter ``name``: its modules and hooks. If it is merged, the base weights stay
-    merged (this is how ``merge_and_unload`` is done). Return True, or None if not yours."""
+    merged (this is how ``merge_and_unload`` is done). Return True, or None if not yours.
+
+    .. versionadded:: 1.0
+    """
 
 
 @hookspec(firstresult=True)
@@ -114,7 +154,10 @@ def adapters_merge_adapter(
 ) -> bool | None:
     """Fold adapter ``name`` into the base weights so that the model computes the same outputs
     with the adapter inactive. Return True when merged; None if not yours. Methods that cannot
-    merge declare ``MethodSpec(can_merge=False)`` and core raises before calling this."""
+    merge declare ``MethodSpec(can_merge=False)`` and core raises before calling this.
+
+    .. versionadded:: 1.0
+    """
 
 
 @hookspec(firstresult=True)
@@ -122,7 +165,10 @@ def adapters_reset_adapter(
     model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
 ) -> bool | None:
     """Undo ``adapters_merge_adapter`` for ``name``: restore the original base weights.
-    Return True, or None if not yours."""
+    Return True, or None if not yours.
+
+    .. versionadded:: 1.0
+    """
 
 
 @hookspec(firstresult=True)
@@ -142,6 +188,8 @@ def adapters_average_adapter(
     `adapters_add_adapter` produces for that config; core adds the adapter and loads them
     (atomically). Return None if the sources are not yours or you do not implement the
     strategy (core then raises). Raise `adapters.errors.ConfigError` for bad options.
+
+    .. versionadded:: 1.0
     """
 
 
@@ -152,4 +200,6 @@ def adapters_setup_changed(model: nn.Module, sites: ModelSites, setup: Any) -> N
     ``setup`` is the new `adapters.composition.AdapterCompositionBlock` or None. Optional and
     informational: forward hooks must still read the setup from the forward context, because
     `adapters.AdapterSetup` can activate adapters for one block of code without calling this.
+
+    .. versionadded:: 1.0
     """

@@ -1,94 +1,64 @@
 """Plugin loading: entry points of the group ``adapters.methods``, loaded one by one.
 
-A plugin that fails to import is recorded with its name and error and the others still load.
-``ADAPTERS_DISABLE_PLUGINS=name,other`` skips plugins by entry-point name. Tests and
-applications may register plugin objects directly with `register_plugin`.
+A plugin that fails to import, or that breaks the contract of `adapters.hookspecs` (an
+incompatible or missing ``ADAPTERS_CONTRACT``, a hook name that matches no spec, a method /
+preset / config-class / format name another plugin owns) is recorded with its name and error,
+and the others still load. Registration is atomic: a refused plugin leaves the registry as it
+was. ``ADAPTERS_DISABLE_PLUGINS=name,other`` skips plugins by entry-point name. Tests and
+applications may register plugin objects directly with `register_plugin` (same rules).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
 import pluggy
 
-from . import hookspecs
+from . import _catalog, hookspecs
 from ._known import FIRST_PARTY
-from .configs import AdapterConfig, make_missing_error
-from .errors import ConfigError, MethodNotInstalledError
+from .configs import AdapterConfig, ConfigUnion, make_missing_error
+from .declarations import CheckpointFormat, MethodSpec
+from .errors import (
+    MethodNotInstalledError,
+    PluginConflictError,
+    PluginContractError,
+    PluginError,
+)
 
 ENTRY_POINT_GROUP = "adapters.methods"
+#: The attribute of a plugin object that declares the contract version it implements.
+CONTRACT_ATTRIBUTE = "ADAPTERS_CONTRACT"
 hookimpl = pluggy.HookimplMarker("adapters")
 
 
 @dataclass
-class MethodSpec:
-    """What a plugin declares about one method (see `hookspecs.adapters_register_methods`).
-
-    Attributes:
-        name: the method name users list in ``AdapterModelInterface.adapter_methods``.
-        config_classes: config classes of this method; the first is the canonical one used by
-            ``AdapterConfig.from_dict`` for ``{"method": name, ...}``.
-        presets: preset names → config instances (``"lora"``, ``"ia3"``, ...).
-        compositions: composition block classes this method supports (``Stack``,
-            ``BatchSplit``, ``Average``, ...). ``Parallel`` is supported whenever ``BatchSplit``
-            is, because core implements it by batch replication.
-        can_merge: whether ``merge_adapter`` / ``reset_adapter`` work for this method.
-        upgrade_key: ``upgrade_key(config, key, format_version) -> key``: for methods whose
-            checkpoint keys changed, the current name of a key saved in an older checkpoint
-            format (core calls it when loading format 1; keys come without the ``"<method>/"``
-            prefix of a union). None: keys never changed.
-        distribution / version / plugin: filled in by core from the entry point.
-    """
-
-    name: str
-    config_classes: tuple[type[AdapterConfig], ...]
-    presets: dict[str, AdapterConfig] = field(default_factory=dict)
-    compositions: tuple[type, ...] = ()
-    can_merge: bool = False
-    upgrade_key: Callable[[AdapterConfig, str, int], str] | None = None
-    distribution: str | None = None
-    version: str | None = None
-    plugin: str | None = None
-
-
-@dataclass
-class CheckpointFormat:
-    """A foreign checkpoint format a plugin can read and/or write.
-
-    Attributes:
-        name: short name used in ``save_adapter(..., format=name)`` (``"peft"``).
-        detect: ``detect(path) -> bool``: whether this format reads directory ``path``.
-        read: ``read(path, model, sites, config) -> (config, state_dict)``: the adapter's config
-            (``config`` is the user's override or None) and its tensors under this library's
-            name-independent keys (as returned by `adapters_add_adapter`).
-        write: ``write(path, model, sites, name, config, state_dict)``: write the adapter in this
-            format into the (empty, temporary) directory ``path``; None if read-only.
-    """
-
-    name: str
-    detect: Callable[[str], bool]
-    read: Callable[..., tuple[AdapterConfig, dict[str, Any]]]
-    write: Callable[..., None] | None = None
-    plugin: str | None = None
-
-
-@dataclass
 class LoadError:
-    """A plugin that could not be loaded."""
+    """A plugin that could not be loaded.
+
+    Attributes:
+        name: the entry point's name.
+        distribution: the distribution that declares it, if known.
+        error: ``"ExceptionType: message"``; the message names the fix.
+        detail: the traceback.
+        kind: ``"import"`` (the entry point failed to load or to declare), ``"contract"``
+            (incompatible or missing contract version, unknown hook names) or ``"conflict"``
+            (a name another plugin owns).
+    """
 
     name: str
     distribution: str | None
     error: str
     detail: str
+    kind: str = "import"
 
 
 class Registry:
-    """Everything the loaded plugins declared."""
+    """Everything the loaded plugins declared, with one owner per name."""
 
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager("adapters")
@@ -98,10 +68,11 @@ class Registry:
         self.formats: dict[str, CheckpointFormat] = {}
         self.load_errors: list[LoadError] = []
         self.disabled: list[str] = []
-        self._origin: dict[str, tuple[str | None, str | None]] = {}
+        self._origin: dict[str, tuple[str | None, str | None]] = {}  # name -> (dist, version)
 
     # -- loading ---------------------------------------------------------------------------
     def load_entry_points(self) -> None:
+        """Load and register every ``adapters.methods`` entry point, one by one."""
         disabled = {
             n.strip()
             for n in os.environ.get("ADAPTERS_DISABLE_PLUGINS", "").split(",")
@@ -114,69 +85,136 @@ class Registry:
             if ep.name in disabled:
                 self.disabled.append(ep.name)
                 continue
-            if self.pm.has_plugin(ep.name):
-                continue
             try:
                 plugin = ep.load()
                 self._register(plugin, ep.name, dist_name, dist_version)
             except Exception as error:  # a broken plugin must not break the others
+                kind = (
+                    "conflict"
+                    if isinstance(error, PluginConflictError)
+                    else "contract"
+                    if isinstance(error, PluginError)
+                    else "import"
+                )
                 self.load_errors.append(
                     LoadError(
                         ep.name,
                         dist_name,
                         f"{type(error).__name__}: {error}",
                         traceback.format_exc(),
+                        kind,
                     )
                 )
 
-    def _register(self, plugin: object, name: str, dist: str | None, version: str | None) -> None:
-        self.pm.register(plugin, name=name)
-        self._origin[name] = (dist, version)
-        try:
-            methods: list[MethodSpec] = []
-            formats: list[CheckpointFormat] = []
-            _call_one(self.pm, plugin, "adapters_register_methods", register=methods.append)
-            _call_one(
-                self.pm, plugin, "adapters_register_checkpoint_formats", register=formats.append
-            )
-            for spec in methods:
-                self._add_method(spec, name, dist, version)
-            for fmt in formats:
-                fmt.plugin = name
-                self.formats[fmt.name] = fmt
-        except Exception:
-            self.unregister(name)
-            raise
-
-    def _add_method(self, spec: MethodSpec, plugin: str, dist: str | None, version: str | None):
-        if spec.name in self.methods:
-            raise ConfigError(
-                f"method {spec.name!r} is provided twice: by {self.methods[spec.name].plugin!r} "
-                f"and {plugin!r}; disable one with ADAPTERS_DISABLE_PLUGINS"
-            )
-        if not spec.config_classes:
-            raise ConfigError(
-                f"method {spec.name!r} of plugin {plugin!r} registers no config class"
-            )
-        for cls in spec.config_classes:
-            if cls.method != spec.name:
-                raise ConfigError(
-                    f"{cls.__name__}.method is {cls.method!r} but it is registered for method "
-                    f"{spec.name!r}"
-                )
-        spec.plugin, spec.distribution, spec.version = plugin, dist, version
-        self.methods[spec.name] = spec
-        for preset_name, preset in spec.presets.items():
-            self.presets[preset_name] = preset
-
     def register(self, plugin: object, name: str | None = None) -> str:
-        """Register an in-process plugin object (tests, applications). Returns its name."""
+        """Register an in-process plugin object (tests, applications). Returns its name.
+
+        Raises:
+            PluginError: the plugin breaks the contract (see `adapters.hookspecs`); nothing is
+                registered.
+        """
         name = name or getattr(plugin, "__name__", None) or f"plugin-{id(plugin)}"
         self._register(plugin, name, None, None)
         return name
 
+    def _register(self, plugin: object, name: str, dist: str | None, version: str | None) -> None:
+        """Validate ``plugin`` fully, then record what it declares; all or nothing."""
+        label = _label(name, dist, version)
+        if self.pm.has_plugin(name):
+            raise PluginConflictError(
+                f"plugin name {name!r} is already taken by {self._owner(name)}; {label} was "
+                "not loaded: "
+                "uninstall one of them, or register under another name"
+            )
+        check_contract(plugin, label)
+        _check_unmarked_hooks(plugin, label)
+        try:
+            self.pm.register(plugin, name=name)
+        except pluggy.PluginValidationError as error:
+            detail = str(error).replace("\n", "; ")
+            raise PluginError(f"{label} does not match the hook specs: {detail}") from None
+        try:
+            _check_hook_names(self.pm, plugin, label)
+            methods: list[MethodSpec] = []
+            formats: list[CheckpointFormat] = []
+            _call_own(self.pm, plugin, "adapters_register_methods", register=methods.append)
+            _call_own(
+                self.pm, plugin, "adapters_register_checkpoint_formats", register=formats.append
+            )
+            self._check_claims(label, methods, formats)
+        except BaseException:
+            self.pm.unregister(plugin)  # nothing else was recorded yet
+            raise
+        self._origin[name] = (dist, version)
+        for spec in methods:
+            spec.plugin, spec.distribution, spec.version = name, dist, version
+            self.methods[spec.name] = spec
+            self.presets.update(spec.presets)
+        for fmt in formats:
+            fmt.plugin = name
+            self.formats[fmt.name] = fmt
+
+    def _check_claims(
+        self, label: str, methods: list[MethodSpec], formats: list[CheckpointFormat]
+    ) -> None:
+        """Raise `PluginConflictError` if a declared name is owned by a loaded plugin or
+        declared twice; `PluginError` for a malformed declaration."""
+        owners = {
+            "method": {m: s.plugin for m, s in self.methods.items()},
+            "config class": {
+                c.__name__: s.plugin for s in self.methods.values() for c in s.config_classes
+            },
+            "preset": {p: s.plugin for s in self.methods.values() for p in s.presets},
+            "checkpoint format": {f: s.plugin for f, s in self.formats.items()},
+        }
+        seen: set[tuple[str, str]] = set()
+
+        def claim(kind: str, key: str) -> None:
+            owner = owners[kind].get(key)
+            if owner is not None or (kind, key) in seen:
+                by = self._owner(owner) if owner is not None else "the same plugin (twice)"
+                raise PluginConflictError(
+                    f"{kind} {key!r} is already provided by {by}; {label} was not loaded. "
+                    "Fix: uninstall one of the two plugins, or disable one with "
+                    "ADAPTERS_DISABLE_PLUGINS=<entry point name>"
+                )
+            seen.add((kind, key))
+
+        for spec in methods:
+            if not isinstance(spec, MethodSpec):
+                raise PluginError(f"{label} registered {spec!r}, which is not a MethodSpec")
+            if spec.name == ConfigUnion.method:
+                raise PluginConflictError(
+                    f"method name {spec.name!r} is reserved by adapters-core (ConfigUnion); "
+                    f"{label} was not loaded: rename the method"
+                )
+            if not spec.config_classes:
+                raise PluginError(
+                    f"method {spec.name!r} of {label} registers no config class; give "
+                    "MethodSpec(config_classes=(MyConfig,))"
+                )
+            for cls in spec.config_classes:
+                if getattr(cls, "method", None) != spec.name:
+                    raise PluginError(
+                        f"{cls.__name__}.method is {getattr(cls, 'method', None)!r} but {label} "
+                        f"registers it for method {spec.name!r}; set method = {spec.name!r}"
+                    )
+            claim("method", spec.name)
+            for cls in spec.config_classes:
+                claim("config class", cls.__name__)
+            for preset in spec.presets:
+                claim("preset", preset)
+        for fmt in formats:
+            if not isinstance(fmt, CheckpointFormat):
+                raise PluginError(f"{label} registered {fmt!r}, which is not a CheckpointFormat")
+            claim("checkpoint format", fmt.name)
+
+    def _owner(self, plugin: str) -> str:
+        """``plugin 'lora' (adapters-lora 0.1.0)`` for a registered plugin name."""
+        return _label(plugin, *self._origin.get(plugin, (None, None)))
+
     def unregister(self, name: str) -> None:
-        """Remove a plugin and everything it declared."""
+        """Remove a plugin and everything it declared (and nothing another plugin owns)."""
         plugin = self.pm.get_plugin(name)
         if plugin is not None:
             self.pm.unregister(plugin)
@@ -201,9 +239,8 @@ class Registry:
         return spec
 
     def config_class_for_method(self, method: str) -> type[AdapterConfig]:
-        if method == "union":
-            from .configs import ConfigUnion
-
+        """The canonical config class of ``method`` (`ConfigUnion` for ``"union"``)."""
+        if method == ConfigUnion.method:
             return ConfigUnion
         spec = self.methods.get(method)
         if spec is None:
@@ -211,6 +248,7 @@ class Registry:
         return spec.config_classes[0]
 
     def config_class_named(self, class_name: str) -> type[AdapterConfig] | None:
+        """The installed config class called ``class_name`` (``"LoRAConfig"``), if any."""
         for spec in self.methods.values():
             for cls in spec.config_classes:
                 if cls.__name__ == class_name:
@@ -227,12 +265,95 @@ class Registry:
         return make_missing_error(name, distribution_for(preset=name), list(self.presets))
 
 
-def _call_one(pm: pluggy.PluginManager, plugin: object, hook_name: str, **kwargs: Any) -> None:
-    """Call one hook on one plugin only (registration hooks are per plugin)."""
-    caller = pm.subset_hook_caller(
-        hook_name, remove_plugins=[p for p in pm.get_plugins() if p is not plugin]
+def check_contract(plugin: object, label: str) -> None:
+    """Refuse ``plugin`` unless its ``ADAPTERS_CONTRACT`` is served by this core.
+
+    Served: the same major version as `hookspecs.CONTRACT_VERSION` and a minor version at most
+    its minor. A plugin without the attribute was written for adapters 0.1 (before contract
+    versions) and is refused.
+
+    Raises:
+        PluginContractError: naming both versions and the fix.
+    """
+    core = hookspecs.CONTRACT_VERSION
+    declared = getattr(plugin, CONTRACT_ATTRIBUTE, None)
+    if declared is None:
+        raise PluginContractError(
+            f"{label} declares no plugin contract version ({CONTRACT_ATTRIBUTE} is missing: a "
+            f"plugin written for adapters 0.1); adapters-core {_core_version()} serves contract "
+            f"{core}. Fix: upgrade the plugin; if you maintain it, follow the migration notes "
+            f'("Plugin contract 1.0") in CHANGELOG.md and set {CONTRACT_ATTRIBUTE} = "{core}" '
+            "in its plugin module"
+        )
+    if not isinstance(declared, str) or not re.fullmatch(r"\d+\.\d+", declared):
+        raise PluginContractError(
+            f"{label} declares {CONTRACT_ATTRIBUTE} = {declared!r}; expected a string "
+            f'"MAJOR.MINOR" such as "{core}" (the contract version the plugin implements)'
+        )
+    major, minor = (int(part) for part in declared.split("."))
+    core_major, core_minor = (int(part) for part in core.split("."))
+    if major == core_major and minor <= core_minor:
+        return
+    if (major, minor) > (core_major, core_minor):
+        fix = "upgrade adapters-core (pip install -U adapters-core)"
+    else:
+        fix = f"upgrade the plugin to a release written for contract {core_major}.x"
+    raise PluginContractError(
+        f"{label} implements plugin contract {declared}, but adapters-core {_core_version()} "
+        f"serves contract {core} (same major, minor <= {core_minor} required). Fix: {fix}"
     )
-    caller(**kwargs)
+
+
+def _check_unmarked_hooks(plugin: object, label: str) -> None:
+    """A function named like a hook but without ``@hookimpl`` would silently never run."""
+    unmarked = sorted(
+        attr
+        for attr in dir(plugin)
+        if attr.startswith("adapters_")
+        and callable(getattr(plugin, attr, None))
+        and not hasattr(getattr(plugin, attr), "adapters_impl")
+    )
+    if unmarked:
+        raise PluginError(
+            f"{label} defines {', '.join(unmarked)} without @adapters.hookimpl, so core would "
+            "never call it; decorate it with @adapters.hookimpl (or rename it: the adapters_ "
+            "prefix is reserved for hooks)"
+        )
+
+
+def _check_hook_names(pm: pluggy.PluginManager, plugin: object, label: str) -> None:
+    """Refuse hook implementations whose name matches no spec (a misspelling)."""
+    unknown = sorted(
+        caller.name for caller in pm.get_hookcallers(plugin) or [] if not caller.has_spec()
+    )
+    if unknown:
+        known = sorted(n for n in dir(hookspecs) if n.startswith("adapters_"))
+        raise PluginError(
+            f"{label} implements {', '.join(unknown)}, which no hook spec of contract "
+            f"{hookspecs.CONTRACT_VERSION} names; known hooks: {', '.join(known)}. Fix the "
+            "name, or upgrade adapters-core if the hook is newer"
+        )
+
+
+def _call_own(pm: pluggy.PluginManager, plugin: object, hook_name: str, **kwargs: Any) -> None:
+    """Call ``plugin``'s own implementation of ``hook_name`` (registration hooks are per
+    plugin: each registration must see only what this plugin declares)."""
+    for impl in getattr(pm.hook, hook_name).get_hookimpls():
+        if impl.plugin is plugin:
+            impl.function(*(kwargs[arg] for arg in impl.argnames))
+
+
+def _label(name: str | None, dist: str | None, version: str | None) -> str:
+    """``plugin 'lora' (adapters-lora 0.1.0)``, or ``plugin 'x' (in-process)``."""
+    where = f"{dist} {version}" if dist and version else dist or "in-process"
+    return f"plugin {name!r} ({where})"
+
+
+def _core_version() -> str:
+    try:
+        return metadata.version("adapters-core")
+    except metadata.PackageNotFoundError:  # running from a source checkout
+        return "(source checkout)"
 
 
 def distribution_for(
@@ -285,3 +406,6 @@ def unregister_plugin(name: str) -> None:
 def installed_methods() -> list[str]:
     """Names of the methods the loaded plugins provide."""
     return sorted(get_registry().methods)
+
+
+_catalog.provide(get_registry)  # configs resolve presets through the registry

@@ -30,8 +30,8 @@ class LoRAConfig(AdapterConfig):
         alpha: scaling numerator: ``s = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``).
         dropout: dropout on the adapter's input.
         attn_matrices: which of ``"q"``, ``"k"``, ``"v"``, ``"o"`` to adapt.
-        composition_mode: ``"add"`` (LoRA) or ``"scale"`` (IA3: ``y = (W x) * s + b`` with a
-            learned vector ``s``; needs ``r=1``).
+        composition_mode: ``"add"`` (LoRA) or ``"scale"`` (IA3: ``y = (W x + b) * s`` with a
+            learned vector ``s``, the bias scaled too; needs ``r=1``).
         init_weights: ``"lora"`` (A kaiming-uniform, B zero), ``"bert"`` (both normal(0, 0.02))
             or ``"ia3"`` (all ones).
         init_weights_seed: seed for a deterministic initialisation of this adapter.
@@ -162,8 +162,9 @@ class LoRAConfig(AdapterConfig):
 
 @dataclass(frozen=True)
 class IA3Config(LoRAConfig):
-    """(IA)^3 (Liu et al., 2022): scales the output of ``W x`` by a learned vector,
-    ``y = (W x) * s + b``, on keys, values and the feed-forward up projection."""
+    """(IA)^3 (Liu et al., 2022): scales the whole output of a projection, bias included, by a
+    learned vector, ``y = (W x + b) * s``, on keys, values and the feed-forward up projection
+    (as AdapterHub's forward and PEFT do)."""
 
     r: int = 1
     alpha: float = 1

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -608,14 +607,6 @@ def adapterhub_read(
         cls = IA3Config if options.get("composition_mode") == "scale" else LoRAConfig
         config = _config_from_targets(
             sites, list(matched.values()), fused=fused, cls=cls, **options
-        )
-    biased = [p for p, t in matched.items() if getattr(t.site.module, "bias", None) is not None]
-    if config.composition_mode == "scale" and biased:
-        warnings.warn(
-            f"AdapterHub's IA3 forward also scales the bias of {biased[0]} (and "
-            f"{len(biased) - 1} more); adapters-lora computes y = (W x) * s + b, which equals "
-            "AdapterHub's *merged* model, so unmerged outputs differ from AdapterHub's",
-            stacklevel=2,
         )
     return config, tensors
 

@@ -116,7 +116,7 @@ class LoRAUnit(nn.Module):
         """``h`` (the projection's output, possibly edited by earlier adapters) edited by this
         adapter for input ``x``."""
         if self.scale_mode:
-            return self._scale(h, x, module.bias)
+            return self._scale(h, x)
         if x.dtype != self.lora_B.dtype:
             x = x.to(self.lora_B.dtype)
         after_a = F.linear(self.dropout(x), self.lora_A)
@@ -139,7 +139,10 @@ class LoRAUnit(nn.Module):
             parts.append(h[..., start:])
         return torch.cat(parts, dim=-1)
 
-    def _scale(self, h: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _scale(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """IA3: the whole projection output, bias included, times the learned vector:
+        ``(W x + b) * s`` (AdapterHub's forward and PEFT agree on this; the merge scales the
+        weight and the bias, so merged and unmerged outputs are the same)."""
         factor = self.lora_B.view(-1)
         if self.use_gating:
             gate = self._gate(x.to(factor.dtype))
@@ -156,13 +159,12 @@ class LoRAUnit(nn.Module):
             factor = factor * self.scaling
         factor = factor.to(h.dtype)
         if self.full:
-            return h * factor if bias is None else torch.addcmul(bias, h - bias, factor)
+            return h * factor
         parts, start, row = [], 0, 0
         for a, b in self.slices:
             if a > start:
                 parts.append(h[..., start:a])
-            f, seg = factor[..., row : row + b - a], h[..., a:b]
-            parts.append(seg * f if bias is None else torch.addcmul(bias[a:b], seg - bias[a:b], f))
+            parts.append(h[..., a:b] * factor[..., row : row + b - a])
             start, row = b, row + b - a
         if start < h.shape[-1]:
             parts.append(h[..., start:])
@@ -198,23 +200,35 @@ class LoRAUnit(nn.Module):
             full[a:b] = block
         return full
 
+    def _output_factor(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Scale mode: the factor of every output row (1 outside the slices)."""
+        factor = torch.ones(self.out_features, dtype=dtype, device=device)
+        values = self.lora_B.detach().to(dtype).view(-1) * self.scaling
+        row = 0
+        for a, b in self.slices:
+            factor[a:b] = values[row : row + b - a]
+            row += b - a
+        return factor
+
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` (out, in) with this adapter folded in (computed and returned in float32,
         or float64 for a float64 weight)."""
         dtype = _compute_dtype(weight)
         weight = weight.to(dtype)
         if self.scale_mode:
-            factor = torch.ones(self.out_features, dtype=dtype, device=weight.device)
-            values = self.lora_B.detach().to(dtype).view(-1) * self.scaling
-            row = 0
-            for a, b in self.slices:
-                factor[a:b] = values[row : row + b - a]
-                row += b - a
-            return weight * factor[:, None]
+            return weight * self._output_factor(dtype, weight.device)[:, None]
         merged = weight + self.delta_weight().detach().to(dtype)
         if self.use_dora:
             merged = merged * (self.magnitude.detach().to(dtype) / merged.norm(dim=1))[:, None]
         return merged
+
+    def merged_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        """``bias`` (out,) with this adapter folded in: scaled in scale mode (IA3 scales the
+        whole output), unchanged otherwise (LoRA and DoRA leave the bias as it is). Computed
+        in float32 (float64 kept), like `merged_weight`."""
+        dtype = _compute_dtype(bias)
+        bias = bias.to(dtype)
+        return bias * self._output_factor(dtype, bias.device) if self.scale_mode else bias
 
 
 class LoRAHost(nn.Module):
@@ -231,6 +245,7 @@ class LoRAHost(nn.Module):
         self.__dict__["model"] = model  # not a submodule
         self.merged: list[str] = []
         self.register_buffer("original_weight", None, persistent=False)
+        self.register_buffer("original_bias", None, persistent=False)
         # (setup, any of this host's unmerged adapters in it): one tuple, replaced as a whole,
         # so threads running different AdapterSetups never read a mixed pair.
         self._activity: tuple[object, bool] = (None, False)
@@ -272,39 +287,49 @@ class LoRAHost(nn.Module):
 
     # -- merging ------------------------------------------------------------------------------
     def merge(self, name: str, module: nn.Module) -> None:
-        """Fold unit ``name`` into ``module``'s weight (the original is kept for reset)."""
+        """Fold unit ``name`` into ``module``'s weight and bias (the originals are kept for
+        reset)."""
         unit = self.units[name]
         with torch.no_grad():
             if self.original_weight is None:
                 self.original_weight = module.weight.detach().clone()
-            _assign(module, unit.merged_weight(weight_out_in(module)))
+                bias = getattr(module, "bias", None)
+                self.original_bias = None if bias is None else bias.detach().clone()
+            _fold(module, unit)
         unit.merged = True
         self.merged.append(name)
         self.invalidate()
 
     def reset(self, name: str, module: nn.Module) -> None:
-        """Undo the merge of ``name``: restore the original weight and re-merge the others."""
+        """Undo the merge of ``name``: restore the original weight and bias (bit-exactly) and
+        re-merge the others."""
         self.merged.remove(name)
         self.units[name].merged = False
         with torch.no_grad():
             module.weight.copy_(self.original_weight)
+            if self.original_bias is not None:
+                module.bias.copy_(self.original_bias)
             for other in self.merged:
-                _assign(module, self.units[other].merged_weight(weight_out_in(module)))
+                _fold(module, self.units[other])
         if not self.merged:
-            self.original_weight = None
+            self.original_weight = self.original_bias = None
         self.invalidate()
 
     def forget(self, name: str, module: nn.Module) -> None:
-        """Unit ``name`` is deleted: merged weights stay merged, and the weight a later reset of
-        the other merged adapters restores now includes it."""
+        """Unit ``name`` is deleted: merged weights stay merged, and the weight and bias a later
+        reset of the other merged adapters restores now include it."""
         if name in self.merged:
+            unit = self.units[name]
             with torch.no_grad():
                 stored = _as_out_in(module, self.original_weight)
-                folded = self.units[name].merged_weight(stored).to(self.original_weight.dtype)
+                folded = unit.merged_weight(stored).to(self.original_weight.dtype)
                 self.original_weight = folded.t().contiguous() if is_conv1d(module) else folded
+                if self.original_bias is not None:
+                    bias = unit.merged_bias(self.original_bias)
+                    self.original_bias = bias.to(self.original_bias.dtype)
             self.merged.remove(name)
             if not self.merged:
-                self.original_weight = None
+                self.original_weight = self.original_bias = None
         del self.units[name]
         self.invalidate()
 
@@ -322,6 +347,14 @@ def _assign(module: nn.Module, weight_oi: torch.Tensor) -> None:
     target = module.weight
     value = weight_oi.t() if is_conv1d(module) else weight_oi
     target.copy_(value.to(target.dtype))
+
+
+def _fold(module: nn.Module, unit: LoRAUnit) -> None:
+    """Merge ``unit`` into ``module``'s current weight and (scale mode) bias."""
+    _assign(module, unit.merged_weight(weight_out_in(module)))
+    bias = getattr(module, "bias", None)
+    if unit.scale_mode and bias is not None:
+        bias.copy_(unit.merged_bias(bias).to(bias.dtype))
 
 
 def _names(setup: AdapterCompositionBlock | str) -> list[str]:

@@ -17,6 +17,9 @@ from adapters.sites import ModelSites, ModuleSite
 from .config import DoRAConfig, IA3Config, LoRAConfig
 from .layer import HOST_ATTR, LoRAHost, LoRAUnit, is_conv1d, weight_out_in
 
+#: The plugin contract version this plugin implements (see adapters.hookspecs).
+ADAPTERS_CONTRACT = "1.0"
+
 
 @dataclass
 class Target:

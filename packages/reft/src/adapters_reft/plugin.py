@@ -17,6 +17,9 @@ from . import interop
 from .config import PRESETS, DiReftConfig, LoReftConfig, NoReftConfig, ReftConfig, torch_dtype
 from .layer import HOST_ATTR, ReftHost, ReftIntervention
 
+#: The plugin contract version this plugin implements (see adapters.hookspecs).
+ADAPTERS_CONTRACT = "1.0"
+
 #: The name-independent key of an adapter's intervention at a layer: ``{layer path}.reft``.
 KEY_SUFFIX = "reft"
 

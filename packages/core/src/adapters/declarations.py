@@ -1,0 +1,73 @@
+"""What a plugin declares to core: `MethodSpec` (a method) and `CheckpointFormat` (a foreign
+checkpoint format). Plugins build them in their registration hooks
+(`adapters.hookspecs.adapters_register_methods`,
+`adapters.hookspecs.adapters_register_checkpoint_formats`); core owns the fields it fills in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .configs import AdapterConfig
+
+
+@dataclass
+class MethodSpec:
+    """What a plugin declares about one method (see `hookspecs.adapters_register_methods`).
+
+    Attributes:
+        name: the method name users list in ``AdapterModelInterface.adapter_methods``. Owned:
+            no other plugin may declare it; ``"union"`` is reserved by core.
+        config_classes: config classes of this method; the first is the canonical one used by
+            ``AdapterConfig.from_dict`` for ``{"method": name, ...}``. Every class sets
+            ``method = name``; class names are owned too (``adapters.<ClassName>`` resolves
+            to them).
+        presets: preset names → config instances (``"lora"``, ``"ia3"``, ...). Owned. The
+            first preset is the method's default (``adapters demo`` uses it).
+        compositions: composition block classes this method supports (``Stack``,
+            ``BatchSplit``, ``Average``, ...). ``Parallel`` is supported whenever ``BatchSplit``
+            is, because core implements it by batch replication.
+        can_merge: whether ``merge_adapter`` / ``reset_adapter`` work for this method.
+        upgrade_key: ``upgrade_key(config, key, format_version) -> key``: for methods whose
+            checkpoint keys changed, the current name of a key saved in an older checkpoint
+            format (core calls it when loading format 1; keys come without the ``"<method>/"``
+            prefix of a union). None: keys never changed.
+        distribution / version / plugin: filled in by core when the plugin is registered
+            (the distribution and its version for an entry point, ``None`` for an in-process
+            plugin; ``plugin`` is the registered plugin's name).
+    """
+
+    name: str
+    config_classes: tuple[type[AdapterConfig], ...]
+    presets: dict[str, AdapterConfig] = field(default_factory=dict)
+    compositions: tuple[type, ...] = ()
+    can_merge: bool = False
+    upgrade_key: Callable[[AdapterConfig, str, int], str] | None = None
+    distribution: str | None = None
+    version: str | None = None
+    plugin: str | None = None
+
+
+@dataclass
+class CheckpointFormat:
+    """A foreign checkpoint format a plugin can read and/or write.
+
+    Attributes:
+        name: short name used in ``save_adapter(..., format=name)`` (``"peft"``). Owned.
+        detect: ``detect(path) -> bool``: whether this format reads directory ``path``. Must
+            not raise (return False for anything it does not recognise).
+        read: ``read(path, model, sites, config) -> (config, state_dict)``: the adapter's config
+            (``config`` is the user's override or None) and its tensors under this library's
+            name-independent keys (as returned by `adapters_add_adapter`).
+        write: ``write(path, model, sites, name, config, state_dict)``: write the adapter in this
+            format into the (empty, temporary) directory ``path``; None if read-only.
+        plugin: filled in by core: the name of the plugin that registered the format.
+    """
+
+    name: str
+    detect: Callable[[str], bool]
+    read: Callable[..., tuple[AdapterConfig, dict[str, Any]]]
+    write: Callable[..., None] | None = None
+    plugin: str | None = None
