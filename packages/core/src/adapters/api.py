@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import averaging, saving
+from . import averaging, lifecycle, saving
 from . import context as ctx_mod
 from .composition import (
     AdapterCompositionBlock,
@@ -21,6 +21,7 @@ from .composition import (
 from .configs import AdapterConfig, ConfigUnion, config_parts, resolve_config
 from .errors import AdapterNotFoundError, CompositionError, ConfigError, InterfaceError
 from .interface import AdapterModelInterface
+from .naming import validate_adapter_name
 from .plugins import MethodSpec, get_registry
 from .recompute import sync_layer_hooks
 from .rollback import Snapshot
@@ -76,10 +77,7 @@ class ModelAdaptersMixin:
             set_active: make it the active setup.
         """
         state = get_state(self)
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ConfigError(
-                f"adapter name {adapter_name!r} must be a non-empty string without '.'"
-            )
+        validate_adapter_name(adapter_name)
         if adapter_name in state.adapters and not overwrite_ok:
             raise ConfigError(
                 f"an adapter named {adapter_name!r} already exists; pass overwrite_ok=True to "
@@ -91,8 +89,9 @@ class ModelAdaptersMixin:
         snapshot = Snapshot(self)
         old_entry = state.adapters.get(adapter_name)
         old_active = state.active_setup
+        was_merged = old_entry is not None and old_entry.merged
         if old_entry is not None:
-            self.delete_adapter(adapter_name)
+            self.delete_adapter(adapter_name)  # a merged one is reset first
         entry = AdapterEntry(name=adapter_name, config=config)
         try:
             for part in config_parts(config):
@@ -120,6 +119,8 @@ class ModelAdaptersMixin:
             if old_entry is not None:
                 state.adapters[adapter_name] = old_entry
                 state.active_setup = old_active
+                if was_merged:
+                    self.merge_adapter(adapter_name)
             raise
         if set_active:
             self.set_active_adapters(adapter_name)
@@ -154,7 +155,15 @@ class ModelAdaptersMixin:
                 )
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter, its modules and hooks. A merged adapter's weights stay merged."""
+        """Remove an adapter, its modules and hooks. A merged adapter is reset first: the base
+        weights lose its change (the same holds when ``add_adapter(..., overwrite_ok=True)``
+        replaces a merged adapter). To keep merged weights, use ``merge_and_unload``."""
+        if self._entry(adapter_name).merged:
+            self.reset_adapter(adapter_name)
+        self._drop_adapter(adapter_name)
+
+    def _drop_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter; if it is merged, its change stays in the base weights."""
         state = get_state(self)
         entry = self._entry(adapter_name)
         registry = get_registry()
@@ -298,9 +307,11 @@ class ModelAdaptersMixin:
                 )
             entry.merged = False
 
-    def merge_and_unload(self, name: str | None = None) -> None:
-        """Merge adapter ``name`` (default: every adapter of the active setup) and remove the
-        adapter machinery, leaving a plain model with updated weights, for deployment."""
+    def merge_and_unload(self, name: str | None = None) -> nn.Module:
+        """Merge adapter ``name`` (default: every adapter of the active setup, and any adapter
+        already merged) into the base weights, remove every adapter and everything ``init``
+        added, and return the model: an instance of its original class with no hook, module or
+        attribute of this library left (PEFT's semantics), for deployment."""
         state = get_state(self)
         if name is not None:
             names = [name]
@@ -311,7 +322,20 @@ class ModelAdaptersMixin:
         for n in names:
             if not self._entry(n).merged:
                 self.merge_adapter(n)
+        for n in list(state.adapters):
+            if state.adapters[n].merged:
+                self._drop_adapter(n)  # keeps its change in the base weights
+            else:
+                self.delete_adapter(n)
+        return lifecycle.strip_adapters(self)  # type: ignore[arg-type]
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging (merged ones are reset first) and everything
+        ``init`` added; return the model, now a plain instance of its original class with its
+        original weights."""
+        for n in list(get_state(self).adapters):
             self.delete_adapter(n)
+        return lifecycle.strip_adapters(self)  # type: ignore[arg-type]
 
     def is_merged(self, name: str) -> bool:
         """Whether adapter ``name`` is merged into the base weights."""

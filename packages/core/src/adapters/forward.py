@@ -17,6 +17,7 @@ from . import context as ctx_mod
 from .composition import AdapterCompositionBlock, BatchSplit, expand_parallel
 from .context import effective_setup
 from .errors import CompositionError
+from .naming import validate_setup_names
 from .state import STATE_ATTR
 
 
@@ -29,6 +30,7 @@ class ForwardHooks:
         if state is None:
             return None
         setup = effective_setup(model)
+        validate_setup_names(state, setup)  # an unknown name raises instead of running without it
         branches = 1
         if setup is not None:
             parallel = expand_parallel(setup)

@@ -20,6 +20,7 @@ from .api import GenerateMixin, ModelAdaptersMixin
 from .errors import CheckpointError, InterfaceError
 from .forward import ForwardHooks
 from .interface import INTERFACE_FILENAME, AdapterModelInterface
+from .lifecycle import ORIGINAL_CLASS_ATTR, original_class_of
 from .plugins import distribution_for, get_registry
 from .recompute import sync_layer_hooks
 from .rollback import Snapshot
@@ -30,7 +31,23 @@ from .state import STATE_ATTR, AdaptersState, get_state, is_initialized
 _SUBCLASSES: dict[type, type] = {}
 
 
-def _adapter_class(cls: type) -> type:
+def rebuild_adapted_model(original: type) -> nn.Module:
+    """An empty instance of the adapted subclass of ``original``; pickle and ``copy`` then
+    restore its ``__dict__``. What a pickled adapted model stores instead of its class."""
+    instance = original.__new__(original)
+    instance.__class__ = adapted_class(original)
+    return instance
+
+
+def _reduce_adapted(self: nn.Module, protocol: Any) -> Any:
+    # The subclass has the original's qualified name (so reprs and type(model).__name__ stay
+    # the same), under which pickle would find the original class: store the original and
+    # rebuild the subclass from it on load.
+    return (rebuild_adapted_model, (original_class_of(type(self)),), self.__getstate__())
+
+
+def adapted_class(cls: type) -> type:
+    """The subclass ``init`` gives instances of ``cls`` (one per class, created once)."""
     if issubclass(cls, ModelAdaptersMixin):
         return cls
     sub = _SUBCLASSES.get(cls)
@@ -45,6 +62,8 @@ def _adapter_class(cls: type) -> type:
                 "__module__": cls.__module__,
                 "__qualname__": cls.__qualname__,
                 "__doc__": cls.__doc__,
+                ORIGINAL_CLASS_ATTR: cls,  # for pickling and merge_and_unload / unload
+                "__reduce_ex__": _reduce_adapted,
             },
         )
         _SUBCLASSES[cls] = sub
@@ -105,7 +124,7 @@ def init(
     hooks = ForwardHooks()
     snapshot = Snapshot(model)
     try:
-        model.__class__ = _adapter_class(original_class)
+        model.__class__ = adapted_class(original_class)
         model.__dict__[STATE_ATTR] = state
         state.hook_handles.append(
             model.register_forward_pre_hook(hooks.pre_forward, with_kwargs=True, prepend=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import unicodedata
+from typing import Any
 
 from torch import nn
 
@@ -94,3 +95,27 @@ def safe_join(folder: str, name: str, kind: str = "adapter") -> str:
             "from and written to the folder given"
         )
     return path
+
+
+def validate_setup_names(state: Any, setup: Any) -> None:
+    """Raise `CompositionError` if ``setup`` (the effective setup of a forward call: the active
+    one, an ``AdapterSetup`` or ``adapter_names=``) names an adapter that is not added, instead
+    of silently running without it. The answer is cached per setup object and set of added
+    adapters, so a forward call (and each decoded token) pays one identity check."""
+    if setup is None:
+        return
+    names = tuple(state.adapters)
+    cached = state.__dict__.get("_checked_setup")
+    if cached is not None and cached[0] is setup and cached[1] == names:
+        return
+    used = [setup] if isinstance(setup, str) else setup.flatten()
+    missing = [n for n in used if n not in state.adapters]
+    if missing:
+        from .errors import CompositionError
+
+        raise CompositionError(
+            f"the setup {getattr(setup, 'name', setup)!r} of this forward call uses adapter "
+            f"{missing[0]!r}, which is not added (added: {', '.join(names) or 'none'}); check "
+            "the name passed to AdapterSetup / set_active_adapters / adapter_names="
+        )
+    state.__dict__["_checked_setup"] = (setup, names)

@@ -259,7 +259,7 @@ def write_directory_atomically(
     target = os.path.abspath(os.fspath(target))
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
-    if os.path.lexists(target) and (os.path.islink(target) or not os.path.isdir(target)):
+    if os.path.islink(target) or os.path.isfile(target):
         raise CheckpointError(f"{target!r} exists and is not a directory; choose another path")
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
     try:
@@ -494,6 +494,8 @@ def read_checkpoint(
             ) from error
         check_config_values(cfg)
         return None, cfg, _checked_tensors(tensors, path)
+    if os.path.isfile(config_file):
+        read_json_strict(config_file)  # a malformed config explains itself (file and key)
     known = [*sorted(registry.formats), FORMAT]
     hint = f" ({'; '.join(failures)})" if failures else ""
     raise CheckpointError(
@@ -671,6 +673,7 @@ def load_adapter(
     old = None
     if name in model.adapters_config:  # type: ignore[attr-defined]
         old = model._entry(name)  # type: ignore[operator]
+        old_merged = old.merged
         old_tensors = old.state_dict()
         old_tensors = {k: v.clone() for k, v in old_tensors.items()}
     model.add_adapter(name, cfg, overwrite_ok=overwrite_ok)  # type: ignore[operator]
@@ -681,6 +684,8 @@ def load_adapter(
         if old is not None:
             model.add_adapter(name, old.config)  # type: ignore[operator]
             load_tensors(model, name, old_tensors, source="previous adapter")
+            if old_merged:
+                model.merge_adapter(name)  # type: ignore[operator]
         raise
     if set_active:
         model.set_active_adapters(name)  # type: ignore[operator]
