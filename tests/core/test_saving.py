@@ -223,6 +223,12 @@ def test_core_never_unpickles():
     source = pathlib.Path(adapters.__file__).parent
     for path in source.glob("*.py"):
         text = path.read_text()
+        if path.name == "testing.py":
+            # The conformance kit pickles a model and unpickles those very bytes, in memory;
+            # it never reads a file with pickle.
+            loads = re.findall(r"pickle\.loads?\([^)]*", text)
+            assert loads and all(c.startswith("pickle.loads(pickle.dumps(") for c in loads), loads
+            text = text.replace("import pickle", "")
         assert "import pickle" not in text, path
         for call in re.findall(r"torch\.load\(([^)]*)\)", text):
             assert "weights_only=True" in call, (path, call)

@@ -167,7 +167,8 @@ def test_peft_config_is_converted():
         ("bias", "all", "bias='all'"),
         ("rank_pattern", {"q_proj": 8}, "rank_pattern"),
         ("modules_to_save", ["lm_head"], "modules_to_save"),
-        ("peft_type", "IA3", "not LoRA"),
+        ("peft_type", "LOHA", "not LoRA"),
+        ("peft_type", "IA3", "not an IA3 vector"),
     ],
 )
 def test_peft_options_we_cannot_represent_raise(tmp_path, option, value, message):

@@ -31,8 +31,15 @@ class HiddenScaleConfig(AdapterConfig):
     layers: str | tuple[int, ...] = "all"
 
     def __post_init__(self) -> None:
-        if self.layers != "all" and not all(isinstance(i, int) for i in self.layers):
+        if self.layers == "all":
+            return
+        if not isinstance(self.layers, list | tuple) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in self.layers
+        ):
             raise ConfigError(f"layers must be 'all' or a tuple of ints, got {self.layers!r}")
+        # A list (from JSON or a config string) becomes a tuple: configs compare equal after a
+        # save/load round trip and stay hashable.
+        object.__setattr__(self, "layers", tuple(self.layers))
 
 
 class ScaleUnit(nn.Module):

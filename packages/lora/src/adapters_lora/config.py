@@ -13,6 +13,7 @@ from adapters.errors import ConfigError
 
 ATTN_MATRICES = ("q", "k", "v", "o")
 COMPOSITION_MODES = ("add", "scale")
+ROLES = (*ATTN_MATRICES, "intermediate", "output")
 INIT_WEIGHTS = ("lora", "bert", "ia3")
 
 
@@ -41,6 +42,10 @@ class LoRAConfig(AdapterConfig):
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
         use_dora: DoRA (Liu et al., 2024): a learned magnitude per output row,
             ``y = m * (W + s B A) x / ||W + s B A|| + b`` with the norm detached.
+        scale_inputs: IA3 only: the adapted projections, by role (``"q"``, ``"k"``, ``"v"``,
+            ``"o"``, ``"intermediate"``, ``"output"``), whose *input* is scaled instead of their
+            output, ``y = W (x * s) + b`` (PEFT's ``feedforward_modules``; ``("output",)``
+            scales the feed-forward activations, as in the IA3 paper).
 
     Example::
 
@@ -64,10 +69,11 @@ class LoRAConfig(AdapterConfig):
     dtype: str | None = None
     use_rslora: bool = False
     use_dora: bool = False
+    scale_inputs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Lists (from JSON or config strings) become tuples so configs stay hashable.
-        for name in ("leave_out", "attn_matrices"):
+        for name in ("leave_out", "attn_matrices", "scale_inputs"):
             value = getattr(self, name)
             if isinstance(value, str):
                 raise ConfigError(
@@ -121,6 +127,7 @@ class LoRAConfig(AdapterConfig):
                 )
             if self.use_rslora:
                 raise ConfigError(f"{name}: use_rslora=True needs composition_mode='add'")
+        self._validate_scale_inputs(name)
         if self.use_dora and self.use_gating:
             raise ConfigError(f"{name}: use_dora=True cannot be combined with use_gating=True")
         if self.init_weights_seed is not None and (
@@ -145,6 +152,33 @@ class LoRAConfig(AdapterConfig):
             raise ConfigError(
                 f"{name} adapts nothing: enable selfattn_lora with attn_matrices, "
                 "intermediate_lora or output_lora"
+            )
+
+    def _validate_scale_inputs(self, name: str) -> None:
+        if not self.scale_inputs:
+            return
+        roles = list(self.scale_inputs)
+        if any(r not in ROLES for r in roles) or len(set(roles)) != len(roles):
+            raise ConfigError(
+                f"{name}: scale_inputs={roles!r} must be distinct values from {list(ROLES)}"
+            )
+        if self.composition_mode != "scale":
+            raise ConfigError(
+                f"{name}: scale_inputs={roles!r} needs composition_mode='scale' (IA3); "
+                "LoRA adds to the output"
+            )
+        if self.use_gating:
+            raise ConfigError(
+                f"{name}: scale_inputs={roles!r} cannot be combined with use_gating=True"
+            )
+        adapted = set(self.attn_matrices if self.selfattn_lora else ())
+        adapted |= {"intermediate"} if self.intermediate_lora else set()
+        adapted |= {"output"} if self.output_lora else set()
+        idle = [r for r in roles if r not in adapted]
+        if idle:
+            raise ConfigError(
+                f"{name}: scale_inputs names {idle}, which this config does not adapt; add "
+                "them to attn_matrices / intermediate_lora / output_lora or remove them"
             )
 
     @property

@@ -3,7 +3,8 @@
 - ``"peft"`` (read and write): PEFT LoRA directories (``adapter_config.json`` with
   ``"peft_type": "LORA"`` + ``adapter_model.safetensors``), including rsLoRA, DoRA, Conv1D
   (``fan_in_fan_out``), ``rank_pattern`` / ``alpha_pattern`` and LoRA on a fused q/k/v
-  projection (GPT-2 ``c_attn``, PEFT's default target there).
+  projection (GPT-2 ``c_attn``, PEFT's default target there). PEFT IA3 directories
+  (``"peft_type": "IA3"``, ``feedforward_modules`` included) are read too.
 - ``"adapterhub"`` (read): AdapterHub ``adapters`` LoRA / IA3 directories
   (``adapter_config.json`` with a ``"config"`` dict + ``pytorch_adapter.bin`` or
   ``adapter.safetensors``). ``.bin`` files are read with ``torch.load(weights_only=True)``:
@@ -148,8 +149,8 @@ def peft_detect(path: str) -> bool:
 def _peft_options(meta: dict[str, Any]) -> dict[str, Any]:
     if meta.get("peft_type") != "LORA":
         raise CheckpointError(
-            f"PEFT adapter type {meta.get('peft_type')!r} is not LoRA; adapters-lora reads "
-            "PEFT LoRA (peft_type 'LORA') checkpoints only"
+            f"PEFT adapter type {meta.get('peft_type')!r} is not LoRA or IA3; adapters-lora "
+            "reads PEFT LoRA and IA3 (peft_type 'LORA', 'IA3') checkpoints only"
         )
     if meta.get("bias", "none") != "none" or meta.get("lora_bias"):
         raise CheckpointError(
@@ -267,6 +268,8 @@ def peft_read(
       highest one and a different scaling is folded into ``B``.
     """
     meta = _read_json(path) or {}
+    if meta.get("peft_type") == "IA3":
+        return peft_ia3_read(path, sites, config, meta)
     options = _peft_options(meta)
     raw = _load_tensors(path, ("adapter_model.safetensors", "adapter_model.bin"))
     candidates = _all_projections(sites)
@@ -491,6 +494,114 @@ def peft_write(
         os.path.join(path, "adapter_model.safetensors"),
         metadata={"format": "pt"},
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT IA3
+# ---------------------------------------------------------------------------------------------
+
+_PEFT_IA3_KEY = re.compile(r"^(?P<module>.+)\.ia3_l(?:\.weight)?$")
+_PEFT_IA3_UNSUPPORTED = {
+    "modules_to_save": "modules_to_save (fully trained extra modules)",
+    "trainable_token_indices": "trainable_token_indices",
+}
+
+
+def peft_ia3_read(
+    path: str, sites: ModelSites, config: AdapterConfig | None, meta: dict[str, Any]
+) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """Read a PEFT IA3 directory: (an `IA3Config`, tensors under our keys).
+
+    PEFT stores one vector ``ia3_l`` per module: ``(out, 1)`` scales the module's output, bias
+    included; ``(1, in)`` scales its input (``feedforward_modules``). Both are read exactly:
+    output vectors as our ``lora_B``, input vectors as ``lora_B`` of a role in
+    ``scale_inputs``. A role must be scaled the same way in every layer.
+    """
+    for key, label in _PEFT_IA3_UNSUPPORTED.items():
+        if meta.get(key):
+            raise CheckpointError(f"PEFT IA3 option {label} ({meta[key]!r}) is not supported")
+    raw = _load_tensors(path, ("adapter_model.safetensors", "adapter_model.bin"))
+    candidates = _all_projections(sites)
+    targets: dict[str, Target] = {}
+    on_input: dict[str, bool] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        module_key = key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key
+        parsed = _PEFT_IA3_KEY.match(module_key)
+        if parsed is None:
+            raise CheckpointError(f"PEFT tensor {key!r} in {path!r} is not an IA3 vector (ia3_l)")
+        target = _site_for(parsed["module"], candidates)
+        if target is None:
+            raise CheckpointError(
+                f"PEFT IA3 adapts {parsed['module']!r}, which is not a projection named by this "
+                "model's AdapterModelInterface (q/k/v/o, intermediate, output)"
+            )
+        p = target.site.path
+        in_f, out_f = int(target.site.in_features or 0), int(target.site.out_features or 0)
+        if value.ndim == 2 and value.shape[1] == 1 and value.shape[0] == out_f:
+            on_input[p] = False
+        elif value.ndim == 2 and value.shape[0] == 1 and value.shape[1] == in_f:
+            on_input[p] = True
+        else:
+            raise CheckpointError(
+                f"PEFT IA3 vector {key!r} has shape {tuple(value.shape)}; {p} needs "
+                f"({out_f}, 1) (output scaling) or (1, {in_f}) (feed-forward, input scaling)"
+            )
+        if target.role == "qkv" and on_input[p]:
+            raise CheckpointError(
+                f"PEFT IA3 scales the input of the fused q/k/v projection {p} "
+                "(feedforward_modules); adapters-lora scales q/k/v outputs only there"
+            )
+        targets[p] = target
+        tensors[f"{p}.lora_B"] = value.reshape(-1, 1)
+    if not targets:
+        raise CheckpointError(f"{path!r} holds no IA3 tensors")
+    scale_inputs = _ia3_input_roles(path, targets, on_input)
+    fused = ("q", "k", "v") if any(t.role == "qkv" for t in targets.values()) else ()
+    derived = _config_from_targets(
+        sites, list(targets.values()), fused=fused, cls=IA3Config, scale_inputs=scale_inputs
+    )
+    if config is None:
+        return derived, tensors
+    return config, _ia3_tensors_for_given_config(path, config, derived, tensors)
+
+
+def _ia3_input_roles(
+    path: str, targets: dict[str, Target], on_input: dict[str, bool]
+) -> tuple[str, ...]:
+    """The roles whose input PEFT scales; raises where a role is scaled both ways."""
+    by_role: dict[str, set[bool]] = {}
+    for p, target in targets.items():
+        by_role.setdefault(target.role, set()).add(on_input[p])
+    mixed = sorted(role for role, ways in by_role.items() if len(ways) > 1)
+    if mixed:
+        raise CheckpointError(
+            f"PEFT IA3 checkpoint {path!r} scales the input of {mixed[0]!r} projections in some "
+            "layers and the output in others; an IA3Config scales a role the same way in "
+            "every layer"
+        )
+    return tuple(role for role, ways in by_role.items() if ways == {True})
+
+
+def _ia3_tensors_for_given_config(
+    path: str, config: AdapterConfig, derived: IA3Config, tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The PEFT IA3 vectors for a ``config=`` given to ``load_adapter``: its ``alpha`` folded
+    in, so that the outputs stay those of the checkpoint."""
+    if (
+        not isinstance(config, LoRAConfig)
+        or config.composition_mode != "scale"
+        or config.use_gating
+        or set(config.scale_inputs) != set(derived.scale_inputs)
+    ):
+        raise CheckpointError(
+            f"config={config!r} cannot hold the PEFT IA3 checkpoint {path!r}: it needs "
+            "composition_mode='scale', use_gating=False and "
+            f"scale_inputs={list(derived.scale_inputs)}; omit config= to use the checkpoint's own"
+        )
+    if float(config.alpha) == 1.0:
+        return tensors
+    return {k: v / float(config.alpha) for k, v in tensors.items()}
 
 
 # ---------------------------------------------------------------------------------------------

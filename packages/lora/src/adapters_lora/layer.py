@@ -38,7 +38,8 @@ class LoRAUnit(nn.Module):
 
     Parameters (their names are this library's checkpoint keys):
         ``lora_A`` (n*r, in) and ``lora_B`` (sum of slice widths, r) in add mode, one block of
-        ``r`` rows of ``A`` per output slice; ``lora_B`` (sum of widths, 1) in scale mode;
+        ``r`` rows of ``A`` per output slice; ``lora_B`` (sum of widths, 1) in scale mode,
+        ``(in, 1)`` when it scales the input (``scale_input``);
         ``gate.weight``/``gate.bias`` with ``use_gating`` (one gate per slice);
         ``magnitude`` (out,) with ``use_dora``.
 
@@ -49,6 +50,8 @@ class LoRAUnit(nn.Module):
         config: the adapter's config.
         weight: the projection's (out, in) weight, to initialise DoRA's magnitude.
         generator: random generator for a seeded initialisation, or None.
+        scale_input: scale mode only: scale the projection's input, ``W (x * s) + b`` (PEFT's
+            IA3 on feed-forward modules), instead of its output; needs the whole output.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class LoRAUnit(nn.Module):
         config: LoRAConfig,
         weight: torch.Tensor,
         generator: torch.Generator | None = None,
+        scale_input: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -66,6 +70,9 @@ class LoRAUnit(nn.Module):
         self.full = self.slices == [(0, out_features)]
         self.r = config.r
         self.scale_mode = config.composition_mode == "scale"
+        self.scale_input = scale_input
+        if scale_input and (not self.scale_mode or not self.full or config.use_gating):
+            raise ValueError("scale_input needs scale mode, no gating and the whole output")
         self.use_gating = config.use_gating
         self.use_dora = config.use_dora
         self.scaling = config.scaling
@@ -76,7 +83,8 @@ class LoRAUnit(nn.Module):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         if self.scale_mode:
             self.lora_A = None
-            self.lora_B = nn.Parameter(torch.empty(widths, 1, dtype=dtype))
+            size = in_features if scale_input else widths
+            self.lora_B = nn.Parameter(torch.empty(size, 1, dtype=dtype))
         else:
             self.lora_A = nn.Parameter(torch.empty(n * config.r, in_features, dtype=dtype))
             self.lora_B = nn.Parameter(torch.empty(widths, config.r, dtype=dtype))
@@ -115,6 +123,8 @@ class LoRAUnit(nn.Module):
     def edit(self, h: torch.Tensor, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
         """``h`` (the projection's output, possibly edited by earlier adapters) edited by this
         adapter for input ``x``."""
+        if self.scale_input:
+            return self._scale_input(h, x, module)
         if self.scale_mode:
             return self._scale(h, x)
         if x.dtype != self.lora_B.dtype:
@@ -170,6 +180,14 @@ class LoRAUnit(nn.Module):
             parts.append(h[..., start:])
         return torch.cat(parts, dim=-1)
 
+    def _scale_input(self, h: torch.Tensor, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        """IA3 on the input: ``W (x * s) + b``, computed as ``h + W (x * (s - 1))`` so that
+        edits of adapters stacked before this one are kept."""
+        weight = weight_out_in(module)
+        factor = self.lora_B.view(-1) * self.scaling
+        scaled = (x.to(factor.dtype) * (factor - 1.0)).to(weight.dtype)
+        return h + F.linear(scaled, weight).to(h.dtype)
+
     def _dora(self, h: torch.Tensor, delta: torch.Tensor, module: nn.Module) -> torch.Tensor:
         weight = weight_out_in(module)
         dtype = _compute_dtype(weight)
@@ -215,6 +233,8 @@ class LoRAUnit(nn.Module):
         or float64 for a float64 weight)."""
         dtype = _compute_dtype(weight)
         weight = weight.to(dtype)
+        if self.scale_input:
+            return weight * (self.lora_B.detach().to(dtype).view(-1) * self.scaling)[None, :]
         if self.scale_mode:
             return weight * self._output_factor(dtype, weight.device)[:, None]
         merged = weight + self.delta_weight().detach().to(dtype)
@@ -222,13 +242,18 @@ class LoRAUnit(nn.Module):
             merged = merged * (self.magnitude.detach().to(dtype) / merged.norm(dim=1))[:, None]
         return merged
 
+    @property
+    def scales_bias(self) -> bool:
+        """Whether merging changes the bias (IA3 on the output scales the whole output)."""
+        return self.scale_mode and not self.scale_input
+
     def merged_bias(self, bias: torch.Tensor) -> torch.Tensor:
-        """``bias`` (out,) with this adapter folded in: scaled in scale mode (IA3 scales the
-        whole output), unchanged otherwise (LoRA and DoRA leave the bias as it is). Computed
-        in float32 (float64 kept), like `merged_weight`."""
+        """``bias`` (out,) with this adapter folded in: scaled where `scales_bias`, unchanged
+        otherwise (LoRA, DoRA and IA3 on the input leave it as it is). Computed in float32
+        (float64 kept), like `merged_weight`."""
         dtype = _compute_dtype(bias)
         bias = bias.to(dtype)
-        return bias * self._output_factor(dtype, bias.device) if self.scale_mode else bias
+        return bias * self._output_factor(dtype, bias.device) if self.scales_bias else bias
 
 
 class LoRAHost(nn.Module):
@@ -353,7 +378,7 @@ def _fold(module: nn.Module, unit: LoRAUnit) -> None:
     """Merge ``unit`` into ``module``'s current weight and (scale mode) bias."""
     _assign(module, unit.merged_weight(weight_out_in(module)))
     bias = getattr(module, "bias", None)
-    if unit.scale_mode and bias is not None:
+    if unit.scales_bias and bias is not None:
         bias.copy_(unit.merged_bias(bias).to(bias.dtype))
 
 

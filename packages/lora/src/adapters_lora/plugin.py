@@ -202,122 +202,141 @@ def _ours(config: AdapterConfig) -> bool:
     return isinstance(config, LoRAConfig)
 
 
-class LoRAPlugin:
-    """The hook implementations of the ``lora`` method (one instance is the plugin)."""
-
-    @hookimpl
-    def adapters_register_methods(self, register: Callable[[MethodSpec], None]) -> None:
-        register(
-            MethodSpec(
-                name="lora",
-                config_classes=(LoRAConfig, IA3Config, DoRAConfig),
-                presets={"lora": LoRAConfig(), "ia3": IA3Config(), "dora": DoRAConfig()},
-                compositions=(Stack, BatchSplit, Average),
-                can_merge=True,
-            )
+@hookimpl
+def adapters_register_methods(register: Callable[[MethodSpec], None]) -> None:
+    """Declare the ``lora`` method (LoRA, IA3, DoRA configs and presets)."""
+    register(
+        MethodSpec(
+            name="lora",
+            config_classes=(LoRAConfig, IA3Config, DoRAConfig),
+            presets={"lora": LoRAConfig(), "ia3": IA3Config(), "dora": DoRAConfig()},
+            compositions=(Stack, BatchSplit, Average),
+            can_merge=True,
         )
+    )
 
-    @hookimpl
-    def adapters_register_checkpoint_formats(self, register: Callable[[Any], None]) -> None:
-        from .interop import ADAPTERHUB_FORMAT, PEFT_FORMAT
 
-        register(PEFT_FORMAT)
-        register(ADAPTERHUB_FORMAT)
+@hookimpl
+def adapters_register_checkpoint_formats(register: Callable[[Any], None]) -> None:
+    """Declare the PEFT (read/write) and AdapterHub (read) LoRA formats."""
+    from .interop import ADAPTERHUB_FORMAT, PEFT_FORMAT
 
-    @hookimpl
-    def adapters_add_adapter(
-        self, model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
-    ) -> dict[str, nn.Module] | None:
-        if not _ours(config):
-            return None
-        targets = targets_of(sites, config)  # validates everything before touching the model
-        if config.use_dora and any(t.role == "qkv" for t in targets):
-            raise ConfigError(
-                "use_dora=True is not supported on a fused q/k/v projection "
-                f"({targets[0].site.path}); use separate projections or plain LoRA"
-            )
-        generator = None
-        if config.init_weights_seed is not None:
-            generator = torch.Generator().manual_seed(int(config.init_weights_seed))
-        created: dict[str, nn.Module] = {}
-        for target in targets:
-            module = target.site.module
-            weight = weight_out_in(module)
-            unit = LoRAUnit(
-                int(target.site.in_features),
-                int(target.site.out_features),
-                target.slices,
-                config,
-                weight.detach(),  # only DoRA reads it (a norm per row, on its device)
-                generator,
-            )
-            unit.to(device=module.weight.device)
-            host = host_of(module)
-            if host is None:
-                host = LoRAHost(model)
-                module.add_module(HOST_ATTR, host)
-                module.register_forward_hook(host.hook)
-            host.units[name] = unit
-            host.invalidate()
-            created[target.site.path] = unit
-        return created
+    register(PEFT_FORMAT)
+    register(ADAPTERHUB_FORMAT)
 
-    @hookimpl
-    def adapters_delete_adapter(
-        self, model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
-    ) -> bool | None:
-        if not _ours(config):
-            return None
-        for target in targets_of(sites, config):
-            module = target.site.module
-            host = host_of(module)
-            if host is None or name not in host.units:
-                continue
-            host.forget(name, module)
-            if not len(host.units):
-                for key, hook in list(module._forward_hooks.items()):
-                    if getattr(hook, "__self__", None) is host:
-                        del module._forward_hooks[key]
-                del module._modules[HOST_ATTR]
-        return True
 
-    @hookimpl
-    def adapters_merge_adapter(
-        self, model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
-    ) -> bool | None:
-        if not _ours(config):
-            return None
-        if config.use_gating:
-            raise ConfigError(
-                f"adapter {name!r} uses use_gating=True: its gate depends on the input, so it "
-                "cannot be merged into the weights"
-            )
-        for target in _units(sites, config, name):
-            host_of(target.site.module).merge(name, target.site.module)
-        return True
+@hookimpl
+def adapters_add_adapter(
+    model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
+) -> dict[str, nn.Module] | None:
+    """Create a `LoRAUnit` per adapted projection, on the projection's `LoRAHost`."""
+    if not _ours(config):
+        return None
+    targets = targets_of(sites, config)  # validates everything before touching the model
+    if config.use_dora and any(t.role == "qkv" for t in targets):
+        raise ConfigError(
+            "use_dora=True is not supported on a fused q/k/v projection "
+            f"({targets[0].site.path}); use separate projections or plain LoRA"
+        )
+    fused_inputs = [
+        t for t in targets if t.role == "qkv" and set(t.matrices) & set(config.scale_inputs)
+    ]
+    if fused_inputs:
+        raise ConfigError(
+            f"scale_inputs={list(config.scale_inputs)} names q/k/v, but "
+            f"{fused_inputs[0].site.path} is a fused q/k/v projection whose input the three "
+            "share; scale the outputs of q/k/v (drop them from scale_inputs)"
+        )
+    generator = None
+    if config.init_weights_seed is not None:
+        generator = torch.Generator().manual_seed(int(config.init_weights_seed))
+    created: dict[str, nn.Module] = {}
+    for target in targets:
+        module = target.site.module
+        weight = weight_out_in(module)
+        unit = LoRAUnit(
+            int(target.site.in_features),
+            int(target.site.out_features),
+            target.slices,
+            config,
+            weight.detach(),  # only DoRA reads it (a norm per row, on its device)
+            generator,
+            scale_input=target.role in config.scale_inputs,
+        )
+        unit.to(device=module.weight.device)
+        host = host_of(module)
+        if host is None:
+            host = LoRAHost(model)
+            module.add_module(HOST_ATTR, host)
+            module.register_forward_hook(host.hook)
+        host.units[name] = unit
+        host.invalidate()
+        created[target.site.path] = unit
+    return created
 
-    @hookimpl
-    def adapters_reset_adapter(
-        self, model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
-    ) -> bool | None:
-        if not _ours(config):
-            return None
-        for target in _units(sites, config, name):
-            host_of(target.site.module).reset(name, target.site.module)
-        return True
 
-    @hookimpl
-    def adapters_average_adapter(
-        self,
-        model: nn.Module,
-        sites: ModelSites,
-        sources: list[tuple[str, AdapterConfig, float]],
-        combine_strategy: str,
-        options: dict[str, Any],
-    ) -> tuple[AdapterConfig, dict[str, torch.Tensor]] | None:
-        if combine_strategy != "lora_delta_w_svd" or not _ours(sources[0][1]):
-            return None
-        return average_delta_w_svd(sites, sources, options)
+@hookimpl
+def adapters_delete_adapter(
+    model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
+) -> bool | None:
+    """Remove adapter ``name``'s units; a projection left with none loses its host."""
+    if not _ours(config):
+        return None
+    for target in targets_of(sites, config):
+        module = target.site.module
+        host = host_of(module)
+        if host is None or name not in host.units:
+            continue
+        host.forget(name, module)
+        if not len(host.units):
+            for key, hook in list(module._forward_hooks.items()):
+                if getattr(hook, "__self__", None) is host:
+                    del module._forward_hooks[key]
+            del module._modules[HOST_ATTR]
+    return True
+
+
+@hookimpl
+def adapters_merge_adapter(
+    model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
+) -> bool | None:
+    """Fold adapter ``name`` into the adapted projections' weights."""
+    if not _ours(config):
+        return None
+    if config.use_gating:
+        raise ConfigError(
+            f"adapter {name!r} uses use_gating=True: its gate depends on the input, so it "
+            "cannot be merged into the weights"
+        )
+    for target in _units(sites, config, name):
+        host_of(target.site.module).merge(name, target.site.module)
+    return True
+
+
+@hookimpl
+def adapters_reset_adapter(
+    model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
+) -> bool | None:
+    """Restore the base weights of the projections adapter ``name`` was merged into."""
+    if not _ours(config):
+        return None
+    for target in _units(sites, config, name):
+        host_of(target.site.module).reset(name, target.site.module)
+    return True
+
+
+@hookimpl
+def adapters_average_adapter(
+    model: nn.Module,
+    sites: ModelSites,
+    sources: list[tuple[str, AdapterConfig, float]],
+    combine_strategy: str,
+    options: dict[str, Any],
+) -> tuple[AdapterConfig, dict[str, torch.Tensor]] | None:
+    """The ``lora_delta_w_svd`` strategy (see `average_delta_w_svd`)."""
+    if combine_strategy != "lora_delta_w_svd" or not _ours(sources[0][1]):
+        return None
+    return average_delta_w_svd(sites, sources, options)
 
 
 def _units(sites: ModelSites, config: LoRAConfig, name: str) -> Iterator[Target]:
@@ -421,13 +440,3 @@ def _low_rank(delta: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Ten
     a[:k] = vh[:k]
     b[:, :k] = u[:, :k] * (s[:k] / scaling)
     return a, b
-
-
-_plugin = LoRAPlugin()
-adapters_register_methods = _plugin.adapters_register_methods
-adapters_register_checkpoint_formats = _plugin.adapters_register_checkpoint_formats
-adapters_add_adapter = _plugin.adapters_add_adapter
-adapters_delete_adapter = _plugin.adapters_delete_adapter
-adapters_merge_adapter = _plugin.adapters_merge_adapter
-adapters_reset_adapter = _plugin.adapters_reset_adapter
-adapters_average_adapter = _plugin.adapters_average_adapter
