@@ -126,3 +126,51 @@ def bart(seed: int = 0, **overrides: Any) -> nn.Module:
         }
     )
     return BartForConditionalGeneration(config).eval()
+
+
+#: T5: encoder blocks hold [self-attention, FFN], decoder blocks [self-attention,
+#: cross-attention, FFN], so the decoder gets its own sub-paths through ``stack_paths``.
+T5_INTERFACE: dict[str, Any] = dict(
+    adapter_methods=["lora"],
+    model_embeddings="shared",
+    model_layers=["encoder.block", "decoder.block"],
+    layer_self_attn="layer.0.SelfAttention",
+    attn_q_proj="q",
+    attn_k_proj="k",
+    attn_v_proj="v",
+    attn_o_proj="o",
+    layer_intermediate_proj="layer.1.DenseReluDense.wi",
+    layer_output_proj="layer.1.DenseReluDense.wo",
+    layer_pre_self_attn="layer.0.layer_norm",
+    layer_pre_ffn="layer.1.layer_norm",
+    model_final_norm="decoder.final_layer_norm",
+    stack_paths={
+        "decoder.block": {
+            "layer_cross_attn": "layer.1.EncDecAttention",
+            "layer_pre_cross_attn": "layer.1.layer_norm",
+            "layer_intermediate_proj": "layer.2.DenseReluDense.wi",
+            "layer_output_proj": "layer.2.DenseReluDense.wo",
+            "layer_pre_ffn": "layer.2.layer_norm",
+        }
+    },
+)
+
+
+def t5(seed: int = 0, **overrides: Any) -> nn.Module:
+    """A tiny seeded ``T5ForConditionalGeneration`` (2 encoder and 2 decoder blocks)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        **{
+            "d_model": 32,
+            "d_ff": 64,
+            "d_kv": 8,
+            "num_layers": 2,
+            "num_decoder_layers": 2,
+            "num_heads": 4,
+            "vocab_size": 100,
+            **overrides,
+        }
+    )
+    return T5ForConditionalGeneration(config).eval()

@@ -147,3 +147,157 @@ def test_generate_refuses_parallel_with_the_fix(model, ids):
         model.generate(ids, max_new_tokens=2, do_sample=False)
     with AdapterSetup("a"):
         assert model.generate(ids, max_new_tokens=2, do_sample=False).shape == (2, 9)
+
+
+# -- apply_setup: core's blocks, method handlers, per-example rows ------------------------------
+
+
+def _shift_by(deltas):
+    """apply_one adding a per-adapter constant, recording the rows it was given."""
+    seen = []
+
+    def apply_one(name, h, rows):
+        seen.append((name, rows))
+        return h + deltas[name]
+
+    return apply_one, seen
+
+
+def test_a_fuse_handler_runs_nested_inside_stack_and_batch_split():
+    from adapters.composition import apply_setup
+
+    deltas = {"a": 1.0, "b": 10.0, "c": 100.0}
+    apply_one, _ = _shift_by(deltas)
+    calls = []
+
+    def fuse(block, hidden, rows, compose):
+        calls.append((block.name, rows))
+        outs = [compose(child, hidden, rows) for child in block]
+        return torch.stack(outs).max(dim=0).values  # the largest child's output
+
+    hidden = torch.zeros(3, 2, 1)
+    setup = BatchSplit(Stack("a", Fuse("b", "c")), "a", batch_sizes=[2, 1])
+    out = apply_setup(setup, hidden, apply_one, owns=lambda n: True, handlers={Fuse: fuse})
+    assert out[:2].flatten().tolist() == [101.0] * 4  # a, then max(a+b, a+c)
+    assert out[2:].flatten().tolist() == [1.0] * 2
+    assert calls == [("b,c", slice(0, 2))]
+
+
+def test_children_of_a_handled_block_keep_core_handling_of_nested_blocks():
+    from adapters.composition import apply_setup
+
+    apply_one, seen = _shift_by({"a": 1.0, "b": 10.0, "c": 100.0})
+
+    def fuse(block, hidden, rows, compose):
+        return sum(compose(child, hidden, rows) for child in block) / len(block)
+
+    hidden = torch.zeros(2, 1)
+    out = apply_setup(
+        Fuse(Stack("a", "b"), Average("a", "c", weights=[1, 1])),
+        hidden,
+        apply_one,
+        owns=lambda n: True,
+        handlers={Fuse: fuse},
+    )
+    # Stack(a, b) = 11; Average(a, c) = 0.5 * 1 + 0.5 * 100 = 50.5; fused mean = 30.75
+    torch.testing.assert_close(out, torch.full((2, 1), 30.75))
+    assert [name for name, _ in seen] == ["a", "b", "a", "c"]
+
+
+def test_a_split_handler_edits_its_positions_and_recurses():
+    from adapters.composition import apply_setup
+
+    apply_one, _ = _shift_by({"a": 1.0, "b": 10.0})
+
+    def split(block, hidden, rows, compose):
+        parts, start = [], 0
+        for child, size in zip(block.children, block.splits):
+            parts.append(compose(child, hidden[:, start : start + size], rows))
+            start += size
+        return torch.cat(parts, dim=1)
+
+    out = apply_setup(
+        Stack("a", Split("a", Stack("a", "b"), splits=[1, 2])),
+        torch.zeros(1, 3),
+        apply_one,
+        owns=lambda n: True,
+        handlers={Split: split},
+    )
+    assert out.tolist() == [[2.0, 12.0, 12.0]]
+
+
+def test_a_block_without_handler_raises_only_for_the_method_owning_it():
+    from adapters.composition import apply_setup
+
+    apply_one, _ = _shift_by({"a": 1.0, "b": 10.0, "x": 5.0})
+    hidden = torch.zeros(1, 1)
+    # Another method's Fuse: this method skips it.
+    out = apply_setup(Stack("x", Fuse("a", "b")), hidden, apply_one, owns=lambda n: n == "x")
+    assert out.item() == 5.0
+    with pytest.raises(CompositionError, match=r"must pass a handler.*handlers=\{Fuse: \.\.\.\}"):
+        apply_setup(Fuse("a", "b"), hidden, apply_one, owns=lambda n: True)
+
+
+def test_a_handler_may_replace_cores_handling_of_a_block():
+    from adapters.composition import apply_setup
+
+    apply_one, _ = _shift_by({"a": 1.0, "b": 10.0})
+    out = apply_setup(
+        Stack("a", "b"),
+        torch.zeros(1),
+        apply_one,
+        owns=lambda n: True,
+        handlers={Stack: lambda block, hidden, rows, compose: compose(block[-1], hidden, rows)},
+    )
+    assert out.item() == 10.0
+
+
+def test_per_example_runs_each_adapter_on_its_rows_and_leaves_none_rows_alone():
+    from adapters.composition import PerExample, apply_setup
+
+    apply_one, seen = _shift_by({"a": 1.0, "b": 10.0})
+    hidden = torch.arange(5.0)[:, None]
+    setup = PerExample(["b", None, "a", "b", None])
+    assert setup.children == ["b", "a"]
+    out = apply_setup(setup, hidden, apply_one, owns=lambda n: True)
+    assert out.flatten().tolist() == [10.0, 1.0, 3.0, 13.0, 4.0]
+    assert [(n, r.tolist()) for n, r in seen] == [("b", [0, 3]), ("a", [2])]
+
+
+def test_per_example_rows_reach_nested_handlers_as_indices_of_the_full_batch():
+    from adapters.composition import PerExample, apply_setup, select_rows
+
+    inputs = torch.tensor([[100.0], [200.0], [300.0]])
+
+    def apply_one(name, h, rows):
+        return h + select_rows(inputs, rows)
+
+    out = apply_setup(PerExample([None, "a", "a"]), torch.zeros(3, 1), apply_one, lambda n: True)
+    assert out.flatten().tolist() == [0.0, 200.0, 300.0]
+
+
+def test_per_example_skips_adapters_of_other_methods():
+    from adapters.composition import PerExample, apply_setup
+
+    apply_one, seen = _shift_by({"a": 1.0})
+    out = apply_setup(PerExample(["a", "z"]), torch.zeros(2), apply_one, lambda n: n == "a")
+    assert out.tolist() == [1.0, 0.0]
+    assert [n for n, _ in seen] == ["a"]
+
+
+def test_per_example_validates_names():
+    from adapters.composition import PerExample
+
+    with pytest.raises(CompositionError, match="one adapter name .or None. per example"):
+        PerExample("a")
+    with pytest.raises(CompositionError, match="got 3"):
+        PerExample(["a", 3])
+
+
+def test_fuse_is_named_like_adapterhub():
+    assert Fuse("a", "b").name == "a,b"
+    assert Fuse("a", Stack("b", "c")).name == "a,c"
+    assert Fuse("a", "b", name="ab").name == "ab"
+    assert Stack("x", Fuse("a", "b")).name == "Stack[x, Fuse[a, b]]"
+    assert setup_from_dict(setup_to_dict(Fuse("a", "b", name="ab"))) == Fuse("a", "b", name="ab")
+    assert Fuse("a", "b", name="ab") != Fuse("a", "b")

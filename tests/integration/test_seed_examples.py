@@ -38,6 +38,13 @@ def test_seed_example_runs_as_written(capsys):
     assert "my_adapter" in out and "lora" in out and "Full model" in out
 
 
+def _bottleneck_installed() -> bool:
+    from importlib.metadata import entry_points
+
+    return any(ep.name == "bottleneck" for ep in entry_points(group="adapters.methods"))
+
+
+@pytest.mark.skipif(_bottleneck_installed(), reason="adapters-bottleneck is installed")
 def test_second_seed_example_warns_only_about_bottleneck():
     model = gemma2()
     with pytest.warns(UserWarning, match="pip install adapters-bottleneck") as record:
@@ -47,6 +54,22 @@ def test_second_seed_example_warns_only_about_bottleneck():
     model.add_adapter("r", config="loreft")
     with pytest.raises(adapters.MethodNotInstalledError, match="adapters-bottleneck"):
         model.add_adapter("b", config="seq_bn")
+
+
+@pytest.mark.skipif(not _bottleneck_installed(), reason="adapters-bottleneck not installed")
+def test_second_seed_example_runs_all_three_methods():
+    model = gemma2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adapters.init(model, interface=AdapterModelInterface(**SEED_INTERFACE_2))
+    model.add_adapter("l", config="lora")
+    model.add_adapter("r", config="loreft")
+    model.add_adapter("b", config="seq_bn")
+    randomize(model, "b", seed=3, scale=0.3)
+    with torch.no_grad():
+        base = model(IDS).logits
+        with AdapterSetup(Stack("l", "r", "b")):
+            assert (model(IDS).logits - base).abs().max() > 1e-3
 
 
 @pytest.fixture

@@ -67,7 +67,12 @@ class AdapterMethod(metaclass=_AdapterMethodMeta):
 
 
 def __getattr__(name: str) -> Any:
-    """Resolve ``adapters.<SomethingConfig>`` to the installed plugin's config class."""
+    """Resolve ``adapters.<SomethingConfig>`` to the installed plugin's config class, and
+    ``adapters.AdapterTrainer`` (which needs transformers) on first use."""
+    if name == "AdapterTrainer":
+        from .trainer import AdapterTrainer
+
+        return AdapterTrainer
     if name.endswith("Config") and name[:1].isupper():
         from .errors import MethodNotInstalledError as _Missing
         from .plugins import distribution_for, get_registry

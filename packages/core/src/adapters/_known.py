@@ -1,7 +1,8 @@
 """Which first-party distribution provides which method, preset and config class.
 
-Data for error messages only ("install adapters-lora"): core never branches on a method name.
-Third-party methods need no entry here; their distribution is assumed to be
+Data only: for error messages ("install adapters-lora") and for the order in which
+``adapters demo`` picks a default among installed methods. Core never branches on a method
+name. Third-party methods need no entry here; their distribution is assumed to be
 ``adapters-<method>``.
 """
 
@@ -31,6 +32,11 @@ FIRST_PARTY: dict[str, dict[str, tuple[str, ...]]] = {
             "adapterplus",
             "seq_bn_inv",
             "double_seq_bn_inv",
+            "scaled_par_bn",
+            "pfeiffer+inv",
+            "houlsby+inv",
+            "compacter",
+            "compacter++",
         ),
         "classes": (
             "BnConfig",
@@ -43,6 +49,8 @@ FIRST_PARTY: dict[str, dict[str, tuple[str, ...]]] = {
             "PfeifferConfig",
             "HoulsbyConfig",
             "ParallelConfig",
+            "CompacterConfig",
+            "CompacterPlusPlusConfig",
         ),
     },
 }

@@ -7,19 +7,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import averaging, lifecycle, saving
+from . import averaging, fusion, lifecycle, saving, selection
 from . import context as ctx_mod
 from .composition import (
     AdapterCompositionBlock,
     BatchSplit,
+    Fuse,
     Parallel,
+    PerExample,
     SetupLike,
     blocks_used_by,
     expand_parallel,
+    find_blocks,
+    names_outside,
     parse_composition,
 )
 from .configs import AdapterConfig, ConfigUnion, config_parts, resolve_config
 from .errors import AdapterNotFoundError, CompositionError, ConfigError, InterfaceError
+from .fusion_config import AdapterFusion
 from .interface import AdapterModelInterface
 from .naming import validate_adapter_name
 from .plugins import MethodSpec, get_registry
@@ -157,13 +162,25 @@ class ModelAdaptersMixin:
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter, its modules and hooks. A merged adapter is reset first: the base
         weights lose its change (the same holds when ``add_adapter(..., overwrite_ok=True)``
-        replaces a merged adapter). To keep merged weights, use ``merge_and_unload``."""
+        replaces a merged adapter). To keep merged weights, use ``merge_and_unload``. An
+        adapter that a fusion layer fuses is refused: delete the fusion first."""
+        self._check_not_fused(adapter_name)
         if self._entry(adapter_name).merged:
             self.reset_adapter(adapter_name)
         self._drop_adapter(adapter_name)
 
+    def _check_not_fused(self, adapter_name: str) -> None:
+        state = get_state(self)
+        users = [f.name for f in state.fusions.values() if adapter_name in f.children]
+        if users:
+            raise CompositionError(
+                f"adapter {adapter_name!r} is fused by fusion layer(s) {users}; delete them first "
+                f"with model.delete_adapter_fusion({users[0]!r})"
+            )
+
     def _drop_adapter(self, adapter_name: str) -> None:
         """Remove an adapter; if it is merged, its change stays in the base weights."""
+        self._check_not_fused(adapter_name)
         state = get_state(self)
         entry = self._entry(adapter_name)
         registry = get_registry()
@@ -207,7 +224,8 @@ class ModelAdaptersMixin:
                 spec: MethodSpec = registry.method_of(part)
                 supported = set(spec.compositions)
                 if BatchSplit in supported:
-                    supported.add(Parallel)
+                    # core serves both by batch replication / row selection over BatchSplit
+                    supported.update((Parallel, PerExample))
                 unsupported = sorted(b.__name__ for b in blocks - supported)
                 if unsupported:
                     allowed = sorted(b.__name__ for b in supported) or ["a single adapter"]
@@ -215,6 +233,7 @@ class ModelAdaptersMixin:
                         f"adapter {name!r} ({spec.name}) cannot be used in {', '.join(unsupported)}; "
                         f"the {spec.name} method supports {', '.join(allowed)}"
                     )
+        fusion.validate_fuse_blocks(state, setup)
 
     @property
     def active_adapters(self) -> AdapterCompositionBlock | None:
@@ -227,7 +246,9 @@ class ModelAdaptersMixin:
 
     # -- training ---------------------------------------------------------------------------
     def _adapter_param_ids(self) -> set[int]:
-        return {id(p) for e in get_state(self).adapters.values() for p in e.parameters()}
+        state = get_state(self)
+        entries = [*state.adapters.values(), *state.fusions.values()]
+        return {id(p) for e in entries for p in e.parameters()}
 
     def freeze_model(self, freeze: bool = True) -> None:
         """Freeze (or unfreeze) every parameter of the base model, heads included; adapter
@@ -246,16 +267,21 @@ class ModelAdaptersMixin:
 
     def train_adapter(self, adapter_setup: SetupLike, train_embeddings: bool = False) -> None:
         """Train only the adapters in ``adapter_setup``: everything else (base model, heads,
-        other adapters) is frozen; the setup becomes active and the model goes to train mode."""
+        other adapters) is frozen; the setup becomes active and the model goes to train mode.
+
+        Adapters inside a `Fuse` block stay frozen and the fusion layer trains: fusion training
+        trains the fusion layer, not the adapters it fuses (as `train_adapter_fusion`)."""
         setup = parse_composition(adapter_setup)
         if setup is None:
             raise CompositionError("train_adapter needs at least one adapter name")
         self.validate_setup(setup)
         for p in self.parameters():  # type: ignore[attr-defined]
             p.requires_grad_(False)
-        for name in setup.flatten():
+        for name in names_outside(setup, Fuse):
             for p in self._entry(name).parameters():
                 p.requires_grad_(True)
+        for p in fusion.fusion_parameters(get_state(self), setup):
+            p.requires_grad_(True)
         if train_embeddings:
             embeddings = get_state(self).sites.embeddings
             if embeddings is None:
@@ -322,6 +348,7 @@ class ModelAdaptersMixin:
         for n in names:
             if not self._entry(n).merged:
                 self.merge_adapter(n)
+        self._delete_fusions()
         for n in list(state.adapters):
             if state.adapters[n].merged:
                 self._drop_adapter(n)  # keeps its change in the base weights
@@ -333,9 +360,14 @@ class ModelAdaptersMixin:
         """Remove every adapter without merging (merged ones are reset first) and everything
         ``init`` added; return the model, now a plain instance of its original class with its
         original weights."""
+        self._delete_fusions()
         for n in list(get_state(self).adapters):
             self.delete_adapter(n)
         return lifecycle.strip_adapters(self)  # type: ignore[arg-type]
+
+    def _delete_fusions(self) -> None:
+        for name in list(get_state(self).fusions):
+            fusion.delete_adapter_fusion(self, name)
 
     def is_merged(self, name: str) -> bool:
         """Whether adapter ``name`` is merged into the base weights."""
@@ -379,6 +411,20 @@ class ModelAdaptersMixin:
                     "train": any(p.requires_grad for p in params),
                 }
             )
+        active_fusions = {b.name for b in find_blocks(state.active_setup, Fuse)}
+        for name, fused in state.fusions.items():
+            params = list(fused.parameters())
+            count = sum(p.numel() for p in params)
+            rows.append(
+                {
+                    "name": name,
+                    "architecture": f"fusion ({fused.method})",
+                    "#param": count,
+                    "%param": 100.0 * count / total_base if total_base else 0.0,
+                    "active": name in active_fusions,
+                    "train": any(p.requires_grad for p in params),
+                }
+            )
         rows.append(
             {
                 "name": "Full model",
@@ -392,6 +438,112 @@ class ModelAdaptersMixin:
         if as_dict:
             return rows
         return _format_summary(rows)
+
+    # -- fusion (see adapters.fusion) ------------------------------------------------------
+    @property
+    def adapter_fusions(self) -> dict[str, AdapterFusion]:
+        """``{name: AdapterFusion(name, adapter_names, config, method)}`` of every fusion layer
+        (AdapterHub keeps this in ``model.adapters_config.fusions``)."""
+        return {
+            name: AdapterFusion(name, e.children, e.config, e.method)
+            for name, e in get_state(self).fusions.items()
+        }
+
+    def add_adapter_fusion(
+        self,
+        adapter_names: Fuse | list[str] | str,
+        config: Any = None,
+        name: str | None = None,
+        overwrite_ok: bool = False,
+        set_active: bool = False,
+    ) -> str:
+        """Add a fusion layer (AdapterFusion) over added adapters; returns its name.
+
+        Args:
+            adapter_names: a `Fuse` block (``Fuse("a", "b")``), a list of adapter names or
+                ``"a,b"``. The adapters must belong to one method that supports ``Fuse``.
+            config: ``"dynamic"`` (default), ``"static"``, with overrides
+                (``"dynamic[temperature=True]"``), a dict, an `AdapterFusionConfig` or a JSON
+                path.
+            name: the fusion's name; default ``Fuse.name``, i.e. the names joined by commas.
+            overwrite_ok: replace a fusion of that name instead of raising.
+            set_active: make ``Fuse(*adapter_names)`` the active setup.
+
+        Example::
+
+            model.add_adapter_fusion(Fuse("a", "b"), config="dynamic")
+            model.train_adapter_fusion(Fuse("a", "b"))  # trains the fusion layer only
+        """
+        return fusion.add_adapter_fusion(
+            self, adapter_names, config, name, overwrite_ok, set_active
+        )
+
+    def delete_adapter_fusion(self, adapter_names: Fuse | list[str] | str) -> None:
+        """Remove a fusion layer (given as its `Fuse` block, adapter names or name); the fused
+        adapters stay. A setup using it is deactivated."""
+        fusion.delete_adapter_fusion(self, adapter_names)
+
+    def train_adapter_fusion(
+        self, adapter_setup: Fuse | SetupLike, unfreeze_adapters: bool = False
+    ) -> None:
+        """Train the fusion layers of ``adapter_setup`` and nothing else: the fused adapters,
+        every other adapter and the base model are frozen (``unfreeze_adapters=True`` trains the
+        setup's adapters too). The setup becomes active and the model goes to train mode.
+
+        ``adapter_setup`` is a setup with at least one `Fuse` block (``Fuse("a", "b")``,
+        ``Stack("x", Fuse("a", "b"))``), a list of names (their fusion) or a fusion's name.
+        """
+        setup = fusion.fusion_setup(self, adapter_setup)
+        self.validate_setup(setup)
+        for p in self.parameters():  # type: ignore[attr-defined]
+            p.requires_grad_(False)
+        for p in fusion.fusion_parameters(get_state(self), setup):
+            p.requires_grad_(True)
+        if unfreeze_adapters:
+            for name in setup.flatten():
+                for p in self._entry(name).parameters():
+                    p.requires_grad_(True)
+        self._set_setup(setup)
+        self.train()  # type: ignore[attr-defined]
+
+    def get_adapter_fusion(self, adapter_names: Fuse | list[str] | str) -> dict[str, nn.Module]:
+        """The modules of a fusion layer under their name-independent keys."""
+        return dict(fusion.fusion_entry(self, adapter_names).modules)
+
+    def adapter_fusion_to(
+        self,
+        adapter_names: Fuse | list[str] | str,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Move a fusion layer's modules to ``device`` and/or ``dtype``."""
+        for module in fusion.fusion_entry(self, adapter_names).modules.values():
+            module.to(device=device, dtype=dtype)
+
+    def save_adapter_fusion(
+        self, save_directory: str, adapter_names: Fuse | list[str] | str
+    ) -> None:
+        """Save a fusion layer into ``save_directory`` (created or replaced atomically):
+        ``fusion_config.json`` + ``fusion_model.safetensors``. The fused adapters are saved
+        separately (``save_adapter``)."""
+        fusion.save_adapter_fusion(self, save_directory, adapter_names)
+
+    def load_adapter_fusion(
+        self,
+        adapter_fusion_name_or_path: str,
+        load_as: str | None = None,
+        set_active: bool = False,
+        overwrite_ok: bool = False,
+    ) -> str:
+        """Load a fusion layer saved by ``save_adapter_fusion``; the adapters it fuses must be
+        added already. Returns its name (``load_as`` renames it)."""
+        return fusion.load_adapter_fusion(
+            self, adapter_fusion_name_or_path, load_as, set_active, overwrite_ok
+        )
+
+    def save_all_adapter_fusions(self, save_directory: str) -> None:
+        """Save every fusion layer into ``save_directory/<name>``."""
+        fusion.save_all_adapter_fusions(self, save_directory)
 
     # -- saving / loading (see adapters.saving) ---------------------------------------------
     def save_adapter(
@@ -446,12 +598,19 @@ class ModelAdaptersMixin:
         normalize_weights: bool = True,
         overwrite_ok: bool = False,
         set_active: bool = False,
+        svd_rank: int | None = None,
         **options: Any,
     ) -> None:
         """Add ``adapter_name`` as a weighted combination of ``adapter_list``.
 
-        ``combine_strategy="linear"`` takes the weighted sum of every parameter (all sources must
-        have the same config); methods may offer others (LoRA: ``"lora_delta_w_svd"``)."""
+        ``combine_strategy="linear"`` takes the weighted sum of every parameter (the sources'
+        configs must be equal except for ``dropout`` and ``init_weights``; the new adapter gets
+        the first source's config); methods may offer others (LoRA: ``"lora_delta_w_svd"``,
+        ``"lora_linear_only_negate_b"``). ``weights=None``: equal weights ``1/n``.
+        ``svd_rank`` is passed to strategies that take it (None: the strategy's default), as
+        are further ``options``."""
+        if svd_rank is not None:
+            options = {**options, "svd_rank": svd_rank}
         averaging.average_adapter(
             self,
             adapter_name,
@@ -471,9 +630,13 @@ class GenerateMixin:
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """``generate`` of the model's class, with the prompt length made known to methods that
         treat prompt and generated tokens differently (ReFT). A ``Parallel`` setup is refused:
-        generation keeps one sequence per example, while Parallel multiplies the batch."""
+        generation keeps one sequence per example, while Parallel multiplies the batch.
+
+        ``adapter_names=[...]`` (one adapter name or None per prompt) selects an adapter per
+        example for every step, as in a forward call."""
+        names = kwargs.pop(selection.KWARG, None)
         setup = ctx_mod.effective_setup(self)  # type: ignore[arg-type]
-        if setup is not None and expand_parallel(setup) is not None:
+        if names is None and setup is not None and expand_parallel(setup) is not None:
             raise CompositionError(
                 f"generate() cannot run the Parallel setup {setup.name}; generate once per "
                 "branch instead, e.g. `with AdapterSetup('a'): model.generate(...)`"
@@ -485,7 +648,20 @@ class GenerateMixin:
         prompt = (
             int(inputs.shape[1]) if isinstance(inputs, torch.Tensor) and inputs.ndim >= 2 else None
         )
-        with ctx_mod.generation_scope(prompt):
+        if names is not None:
+            names = selection.check_names(names)
+            if getattr(getattr(self, "config", None), "is_encoder_decoder", False):
+                raise CompositionError(
+                    "generate(adapter_names=...) is not supported for encoder-decoder models "
+                    "yet (the encoder runs outside the model call); generate per adapter with "
+                    "`with AdapterSetup(name): model.generate(...)`"
+                )
+            if isinstance(inputs, torch.Tensor) and inputs.ndim >= 1 and len(names) != len(inputs):
+                raise CompositionError(
+                    f"adapter_names has {len(names)} entries but generate() got "
+                    f"{len(inputs)} prompts; give one adapter name (or None) per prompt"
+                )
+        with ctx_mod.generation_scope(prompt), selection.generation_names(names):
             return super().generate(*args, **kwargs)  # type: ignore[misc]
 
 

@@ -27,10 +27,13 @@ def average_adapter(
     if not adapter_list:
         raise ConfigError("average_adapter needs at least one adapter in adapter_list")
     entries = [model._entry(n) for n in adapter_list]  # type: ignore[operator]
-    values = [1.0] * len(entries) if weights is None else [float(w) for w in weights]
+    if weights is None:  # equal weights 1/n, normalised or not (as AdapterHub)
+        values = [1.0 / len(entries)] * len(entries)
+    else:
+        values = [float(w) for w in weights]
     if len(values) != len(entries):
         raise ConfigError(f"got {len(values)} weights for {len(entries)} adapters")
-    if normalize_weights:
+    if normalize_weights and weights is not None:
         total = sum(values)
         if total == 0:
             raise ConfigError("weights sum to 0 and cannot be normalised")
@@ -38,8 +41,8 @@ def average_adapter(
     configs = [e.config for e in entries]
     if combine_strategy == "linear" and not configs_equal_for_average(configs):
         raise ConfigError(
-            "combine_strategy='linear' needs adapters with identical configs; got "
-            f"{[c.to_dict() for c in configs]}"
+            "combine_strategy='linear' needs adapters with identical configs (dropout and "
+            f"init_weights may differ); got {[c.to_dict() for c in configs]}"
         )
     if options and combine_strategy == "linear":
         raise ConfigError(f"combine_strategy='linear' takes no options; got {sorted(options)}")
@@ -49,7 +52,7 @@ def average_adapter(
             key: sum(w * s[key].to(torch.float32) for w, s in zip(values, states))
             for key in states[0]
         }
-        config = configs[0]
+        config = configs[0]  # the first source's, dropout and init_weights included
     else:
         answer = get_registry().hook.adapters_average_adapter(
             model=model,

@@ -1,5 +1,7 @@
-"""The ``adapters`` command: ``adapters plugins`` lists installed methods; plugins may add
-sub-commands (``adapters demo`` comes with adapters-lora)."""
+"""The ``adapters`` command: ``adapters plugins`` lists installed methods and load errors,
+``adapters demo`` trains, saves and reloads an adapter of an installed method on a tiny model.
+Distributions may add sub-commands through the entry-point group ``adapters.commands`` (a
+callable that receives argparse's sub-parsers); they cannot replace a built-in command."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import argparse
 import sys
 from importlib import metadata
 
+from . import demo
 from .plugins import get_registry
 
 COMMANDS_GROUP = "adapters.commands"
@@ -57,12 +60,23 @@ def _compositions(blocks: tuple[type, ...]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``adapters`` argument parser: built-in commands, then plugin commands."""
     parser = argparse.ArgumentParser(prog="adapters", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     plugins = sub.add_parser("plugins", help="list installed adapter methods and load errors")
     plugins.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
     plugins.set_defaults(func=plugins_command)
+    demo.add_command(sub)
+    builtin = set(sub.choices)
     for ep in metadata.entry_points(group=COMMANDS_GROUP):
+        if ep.name in builtin:  # checked before loading: a stale or rogue entry point is inert
+            dist = getattr(getattr(ep, "dist", None), "name", None) or "unknown distribution"
+            print(
+                f"warning: command plugin {ep.name!r} ({dist}) ignored: {ep.name!r} is a "
+                "built-in command of adapters-core",
+                file=sys.stderr,
+            )
+            continue
         try:
             register = ep.load()
             register(sub)

@@ -176,7 +176,7 @@ def parse_config_string(text: str) -> tuple[str, dict[str, Any]]:
     """``"lora[r=16, alpha=32]"`` → ``("lora", {"r": 16, "alpha": 32})``; literals only."""
     text = text.strip()
     if "[" not in text:
-        if not text.replace("_", "").replace("-", "").isalnum():
+        if not text.replace("_", "").replace("-", "").replace("+", "").isalnum():
             raise ConfigError(f"invalid config name {text!r}")
         return text, {}
     if not text.endswith("]"):

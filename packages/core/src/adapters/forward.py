@@ -18,6 +18,7 @@ from .composition import AdapterCompositionBlock, BatchSplit, expand_parallel
 from .context import effective_setup
 from .errors import CompositionError
 from .naming import validate_setup_names
+from .selection import NO_SELECTION, take_adapter_names
 from .state import STATE_ATTR
 
 
@@ -29,7 +30,8 @@ class ForwardHooks:
         state = model.__dict__.get(STATE_ATTR)
         if state is None:
             return None
-        setup = effective_setup(model)
+        given = kwargs
+        kwargs, setup = _per_example_selection(model, args, kwargs)
         validate_setup_names(state, setup)  # an unknown name raises instead of running without it
         branches = 1
         if setup is not None:
@@ -42,7 +44,7 @@ class ForwardHooks:
             model, setup, args, _with_positional_names(model, args, kwargs), branches
         )
         ctx_mod.push_context(ctx)
-        return (args, kwargs) if branches > 1 else None
+        return (args, kwargs) if branches > 1 or kwargs is not given else None
 
     def post_forward(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         state = model.__dict__.get(STATE_ATTR)
@@ -52,6 +54,19 @@ class ForwardHooks:
         if ctx is not None and ctx.model is model and model.training and torch.is_grad_enabled():
             state.last_training_context = ctx
         ctx_mod.pop_context()
+
+
+def _per_example_selection(
+    model: nn.Module, args: tuple, kwargs: dict
+) -> tuple[dict, AdapterCompositionBlock | None]:
+    """The call's keyword arguments without ``adapter_names`` (a new dict when it was given) and
+    the setup the call runs: the per-example selection if any, else the effective setup."""
+    main = _main_input(args, kwargs)
+    batch = int(main.shape[0]) if main is not None and main.ndim >= 1 else None
+    kwargs, selected = take_adapter_names(
+        model, kwargs, batch, main.device if main is not None else None
+    )
+    return kwargs, effective_setup(model) if selected is NO_SELECTION else selected
 
 
 _POSITIONAL_NAMES: dict[type, list[str]] = {}

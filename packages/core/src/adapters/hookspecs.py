@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 
     from .configs import AdapterConfig
     from .declarations import CheckpointFormat, MethodSpec
+    from .fusion_config import AdapterFusionConfig
     from .sites import ModelSites
 
 #: The version of this contract. A plugin declares the version it implements as
@@ -200,6 +201,43 @@ def adapters_setup_changed(model: nn.Module, sites: ModelSites, setup: Any) -> N
     ``setup`` is the new `adapters.composition.AdapterCompositionBlock` or None. Optional and
     informational: forward hooks must still read the setup from the forward context, because
     `adapters.AdapterSetup` can activate adapters for one block of code without calling this.
+
+    .. versionadded:: 1.0
+    """
+
+
+@hookspec(firstresult=True)
+def adapters_add_fusion(
+    model: nn.Module,
+    sites: ModelSites,
+    name: str,
+    children: list[str],
+    config: AdapterFusionConfig,
+    method: str,
+) -> dict[str, nn.Module] | None:
+    """Create fusion layer ``name`` fusing adapters ``children`` (in order) if ``method`` is
+    yours (``model.add_adapter_fusion``).
+
+    Core calls it only for the one method that declares `adapters.Fuse` in
+    ``MethodSpec.compositions`` and owns every child, after checking that the children are
+    added. Create and register the layer's modules like `adapters_add_adapter` does (e.g. in a
+    ``ModuleDict`` keyed by fusion name on your hosts) and return them under name-independent
+    keys; core saves, freezes, trains (``train_adapter_fusion``), moves and rolls them back.
+    At forward time evaluate the `adapters.Fuse` block (its ``name`` is the fusion's name) with
+    a handler passed to `adapters.composition.apply_setup`. ``config`` is an
+    `adapters.fusion_config.AdapterFusionConfig`; raise `adapters.errors.ConfigError` for
+    options you do not support. Return None if ``method`` is not yours.
+
+    .. versionadded:: 1.0
+    """
+
+
+@hookspec(firstresult=True)
+def adapters_delete_fusion(
+    model: nn.Module, sites: ModelSites, name: str, children: list[str], method: str
+) -> bool | None:
+    """Remove fusion layer ``name`` (its modules and any hooks only it needed) if ``method`` is
+    yours (``model.delete_adapter_fusion``). Return True, or None if not yours.
 
     .. versionadded:: 1.0
     """

@@ -863,7 +863,20 @@ def active_setup_of(setup: Mapping[str, Any], source: str) -> Any:
         raise CheckpointError(f"{source}: field 'active' is invalid: {error}") from None
 
 
+#: Config fields that do not change an adapter's parameters: adapters differing only in these
+#: can be averaged linearly (AdapterHub ignores the same two).
+AVERAGE_IGNORED_FIELDS = ("dropout", "init_weights")
+
+
 def configs_equal_for_average(configs: list[AdapterConfig]) -> bool:
-    """Whether adapters with these configs have identical parameter layouts."""
-    first = [c.to_dict() for c in config_parts(configs[0])]
-    return all([c.to_dict() for c in config_parts(other)] == first for other in configs[1:])
+    """Whether adapters with these configs have identical parameter layouts: equal configs
+    except for `AVERAGE_IGNORED_FIELDS` (dropout and initialisation)."""
+
+    def key(config: AdapterConfig) -> list[dict[str, Any]]:
+        return [
+            {k: v for k, v in part.to_dict().items() if k not in AVERAGE_IGNORED_FIELDS}
+            for part in config_parts(config)
+        ]
+
+    first = key(configs[0])
+    return all(key(other) == first for other in configs[1:])

@@ -4,18 +4,32 @@ that adapter methods attach to. Plugins receive sites; they never parse interfac
 Every layer of every stack is checked, not only the first, and a bad path raises an
 `InterfacePathError` naming the field, the value, where it was looked up, the closest child
 name and the available children.
+
+Besides modules, sites carry what methods need to know about them without a model config:
+attention geometry (heads, key/value heads, head dim, cache index, positional kind), the
+model-level final norm and LM head, bare-parameter sites (3-D MoE expert weights) and
+sub-block sites (a sub-block's residual input, its output before the residual add and the
+place of its norm; the runtime capture lives in :mod:`adapters.subblocks`).
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from .errors import InterfaceError, InterfacePathError
 from .interface import AdapterModelInterface
+
+if TYPE_CHECKING:
+    from .subblocks import SubBlockHookHandle
+
+#: Positional kinds a model may use (`ModelSites.positional`); ``None`` there means unknown.
+POSITIONAL_KINDS = ("rotary", "absolute", "relative", "none")
 
 
 @dataclass(eq=False)
@@ -45,8 +59,66 @@ class ModuleSite:
 
 
 @dataclass(eq=False)
+class ParameterSite:
+    """A weight that is a bare ``nn.Parameter`` rather than a module (named by the interface's
+    ``layer_parameters``), e.g. the 3-D expert tensor ``mlp.experts.gate_up_proj`` of a
+    transformers 5 Mixtral / Qwen-MoE layer.
+
+    Attributes:
+        field: its name in ``layer_parameters`` (``"experts.gate_up"``).
+        path: dotted path of the parameter from the top-level model; unique, a stable key.
+        module: the module that owns it.
+        name: its attribute name on ``module`` (``"gate_up_proj"``).
+
+    Target it with a parametrisation (``torch.nn.utils.parametrize``) or a hook on
+    ``module``; ``value`` is what the owner computes with (parametrised or not).
+    """
+
+    field: str
+    path: str
+    module: nn.Module
+    name: str
+
+    @property
+    def value(self) -> torch.Tensor:
+        """The tensor the owner's forward sees (after any parametrisation)."""
+        return getattr(self.module, self.name)
+
+    @property
+    def original(self) -> nn.Parameter:
+        """The stored parameter (``parametrizations[name].original`` when parametrised)."""
+        parametrizations = getattr(self.module, "parametrizations", None)
+        if parametrizations is not None and self.name in parametrizations:
+            return parametrizations[self.name].original
+        return self.module._parameters[self.name]  # type: ignore[return-value]
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of the parameter (``(experts, out, in)`` for MoE expert tensors)."""
+        return self.original.shape
+
+
+@dataclass(eq=False)
 class AttentionSite:
-    """An attention module and its projections (``q``/``k``/``v`` or fused ``qkv``, and ``o``)."""
+    """An attention module and its projections (``q``/``k``/``v`` or fused ``qkv``, and ``o``),
+    with its geometry.
+
+    Geometry (`resolve_sites` fills it; a value is ``None`` when it cannot be told):
+        num_heads / num_kv_heads / head_dim: query heads, key/value heads (GQA), width per
+            head. Read, in order, from the attention module's own attributes (``num_heads``,
+            ``num_attention_heads``, ``n_heads``, ``head_dim``, ``attention_head_size``,
+            ``key_value_proj_dim``, ``num_key_value_heads``, ``num_key_value_groups``, as
+            transformers sets them), then from the model config (``num_attention_heads``,
+            ``num_key_value_heads``, ``head_dim``, ``hidden_size``); missing values are
+            completed from the projection shapes (``heads = q width / head_dim``), and a
+            source whose numbers disagree with the shapes is skipped. The module comes first
+            because it is what the module computes with (a BART decoder may have another head
+            count than ``config.num_attention_heads``, which names the encoder's).
+        geometry_source: ``"module"``, ``"config"`` or ``None`` (unknown).
+        cache_index: the index of this attention's entry in a KV cache: the module's
+            ``layer_idx`` when it has one, else the layer's position in its stack.
+        positional: the model's positional kind (see `ModelSites.positional`).
+    """
 
     kind: str  # "self" or "cross"
     attn: ModuleSite
@@ -55,12 +127,120 @@ class AttentionSite:
     v: ModuleSite | None = None
     qkv: ModuleSite | None = None
     o: ModuleSite | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    geometry_source: str | None = None
+    cache_index: int | None = None
+    positional: str | None = None
+
+    def require(self, *names: str) -> tuple[Any, ...]:
+        """The geometry values ``names`` (e.g. ``"num_kv_heads", "head_dim"``), raising a clear
+        `InterfaceError` when one is unknown.
+
+        Example::
+
+            kv_heads, head_dim = layer.self_attn.require("num_kv_heads", "head_dim")
+        """
+        known = ("num_heads", "num_kv_heads", "head_dim", "cache_index", "positional")
+        values = []
+        for name in names:
+            if name not in known:
+                raise ValueError(f"unknown attention geometry {name!r}; expected one of {known}")
+            value = getattr(self, name)
+            if value is None:
+                raise InterfaceError(_unknown_geometry(self, name))
+            values.append(value)
+        return tuple(values)
 
     def projection(self, name: str) -> ModuleSite | None:
         """The projection called ``name`` (``"q"``, ``"k"``, ``"v"``, ``"o"`` or ``"qkv"``)."""
         if name not in ("q", "k", "v", "o", "qkv"):
             raise ValueError(f"unknown attention projection {name!r}; expected q, k, v, o or qkv")
         return getattr(self, name)
+
+
+def _unknown_geometry(site: AttentionSite, name: str) -> str:
+    if name == "positional":
+        return (
+            f"the positional kind of attention {site.attn.path} is unknown: the model config "
+            "has no rope_* / position_embedding_type / relative_attention_* entry and no "
+            "rotary or position-embedding module was found; give the model a config that says "
+            "it"
+        )
+    return (
+        f"{name} of attention {site.attn.path} is unknown: the module has no num_heads / "
+        "head_dim attributes, the model config no num_attention_heads / num_key_value_heads / "
+        "head_dim, and the projection shapes alone cannot split heads from head width; set "
+        f"those attributes on {type(site.attn.module).__name__} or give the model a config"
+    )
+
+
+@dataclass(eq=False)
+class SubBlockSite:
+    """One attention or feed-forward sub-block of a layer, seen from its residual connection.
+
+    With ``x`` the residual stream entering the sub-block and ``out`` the sub-block's output
+    before the residual add, the layer computes (``norm_placement``):
+
+    - ``"pre"`` (Llama, GPT-2): ``x + out``; the sub-block's own norm is its first module;
+    - ``"post"`` (BERT): ``norm(x + out)``;
+    - ``"sandwich"`` (Gemma 2/3): ``x + norm(out)``.
+
+    Attributes:
+        kind: ``"self_attn"``, ``"cross_attn"`` or ``"ffn"``.
+        layer_index: `LayerSite.index` of its layer.
+        output: the module whose output is ``out``: the attention's ``attn_o_proj`` (else the
+            attention module itself) or ``layer_output_proj``.
+        residual: the module whose first input is ``x`` (``layer_pre_self_attn``,
+            ``layer_pre_cross_attn``, ``layer_pre_ffn``), or None when the interface names none.
+        norm: the norm at the residual add (``layer_ln_1`` for attention, ``layer_ln_2`` for
+            the feed-forward; None in ``"pre"`` placement and for cross-attention).
+        norm_placement: ``"pre"``, ``"post"`` or ``"sandwich"``.
+
+    Use `register_hook` to edit ``out`` with ``x`` at hand; core captures ``x`` for the
+    duration of the call (per thread, compile-safe, also when the layer runs on its own or is
+    recomputed by activation checkpointing).
+    """
+
+    kind: str
+    layer_index: int
+    output: ModuleSite
+    residual: ModuleSite | None = None
+    norm: ModuleSite | None = None
+    norm_placement: str = "pre"
+
+    @property
+    def can_replace_add(self) -> bool:
+        """True when the residual add is done by a module core can hook (post-LN's norm)."""
+        return self.norm_placement == "post" and self.norm is not None
+
+    def require_residual(self) -> ModuleSite:
+        """The residual source, or a clear `InterfaceError` naming the field to set (call it
+        when an adapter is added, so a missing field fails there and not in the forward)."""
+        if self.residual is None:
+            field_name = {
+                "self_attn": "layer_pre_self_attn",
+                "cross_attn": "layer_pre_cross_attn",
+                "ffn": "layer_pre_ffn",
+            }[self.kind]
+            raise InterfaceError(
+                f"the {self.kind} sub-block of layer {self.layer_index} ({self.output.path}) has "
+                f"no residual input: set {field_name} in the interface to the module whose input "
+                "is the residual stream before it (usually its norm)"
+            )
+        return self.residual
+
+    def register_hook(
+        self,
+        fn: Callable[..., torch.Tensor | None],
+        *,
+        replace_add: bool = False,
+    ) -> SubBlockHookHandle:
+        """Call ``fn`` at each run of this sub-block; see `adapters.subblocks.register_hook`."""
+        from .subblocks import register_hook
+
+        return register_hook(self, fn, replace_add=replace_add)
 
 
 @dataclass(eq=False)
@@ -78,6 +258,9 @@ class LayerSite:
         pre_self_attn / pre_cross_attn / pre_ffn: modules whose input is the residual stream
             before the corresponding sub-block.
         ln_1 / ln_2: norms after the attention and feed-forward sub-blocks.
+        parameters: parameter sites by their ``layer_parameters`` name.
+        sub_blocks: ``"self_attn"`` / ``"cross_attn"`` / ``"ffn"`` sub-block sites (see
+            `SubBlockSite`), for the sub-blocks whose output module the interface names.
     """
 
     index: int
@@ -93,6 +276,24 @@ class LayerSite:
     pre_ffn: ModuleSite | None = None
     ln_1: ModuleSite | None = None
     ln_2: ModuleSite | None = None
+    parameters: dict[str, ParameterSite] = field(default_factory=dict)
+    sub_blocks: dict[str, SubBlockSite] = field(default_factory=dict)
+
+    @property
+    def cache_index(self) -> int:
+        """This layer's index in a KV cache (its self-attention's ``layer_idx`` when known,
+        else its position in its stack)."""
+        if self.self_attn is not None and self.self_attn.cache_index is not None:
+            return self.self_attn.cache_index
+        return self.index_in_stack
+
+    def sub_block(self, kind: str) -> SubBlockSite | None:
+        """The ``"self_attn"``, ``"cross_attn"`` or ``"ffn"`` sub-block, or None."""
+        if kind not in ("self_attn", "cross_attn", "ffn"):
+            raise ValueError(
+                f"unknown sub-block {kind!r}; expected 'self_attn', 'cross_attn' or 'ffn'"
+            )
+        return self.sub_blocks.get(kind)
 
     @property
     def hidden_size(self) -> int | None:
@@ -132,7 +333,15 @@ class ModelSites:
         model: the top-level model given to ``adapters.init``.
         base_model: the base model (paths ``model_*`` are relative to it).
         embeddings: the token embedding module, if the interface names one.
+        final_norm: the norm feeding the LM head (``model_final_norm``), if named.
+        lm_head: the output embeddings / LM head: ``model_lm_head``, else the module
+            ``model.get_output_embeddings()`` returns, else None.
         layers: every layer of every stack, in order.
+        positional: ``"rotary"``, ``"absolute"``, ``"relative"`` (T5-style bias), or None when
+            it cannot be told. From the model config (``rope_parameters`` / ``rope_theta`` /
+            ``rope_scaling``, ``position_embedding_type``, ``relative_attention_num_buckets``),
+            else from the modules (a ``*Rotary*`` module; a position-embedding ``nn.Embedding``
+            such as ``wpe``, ``embed_positions``, ``position_embeddings``).
         interface: the interface these sites were resolved from.
     """
 
@@ -141,6 +350,19 @@ class ModelSites:
     interface: AdapterModelInterface
     embeddings: ModuleSite | None = None
     layers: list[LayerSite] = field(default_factory=list)
+    final_norm: ModuleSite | None = None
+    lm_head: ModuleSite | None = None
+    positional: str | None = None
+
+    @property
+    def tied_embeddings(self) -> bool:
+        """True when the LM head shares its weight with the input embeddings."""
+        if self.lm_head is None or self.embeddings is None:
+            return False
+        head_weight = getattr(self.lm_head.module, "weight", None)
+        return head_weight is not None and head_weight is getattr(
+            self.embeddings.module, "weight", None
+        )
 
     def __iter__(self) -> Iterator[LayerSite]:
         return iter(self.layers)
@@ -204,6 +426,28 @@ class _Lookup:
             )
         return ModuleSite(field_name, self.path_of(current) or where, current)
 
+    def find_parameter(
+        self, start: nn.Module, start_path: str, field_name: str, name: str, value: str
+    ) -> ParameterSite:
+        owner_path, _, attr = value.rpartition(".")
+        if owner_path:
+            owner = self.find(start, start_path, field_name, owner_path)
+            module, where = owner.module, owner.path
+        else:
+            module, where = start, start_path
+        parametrizations = getattr(module, "parametrizations", None)
+        is_param = attr in module._parameters and module._parameters[attr] is not None
+        if not is_param and not (parametrizations is not None and attr in parametrizations):
+            children = [n for n, p in module.named_parameters(recurse=False)]
+            if parametrizations is not None:
+                children += list(parametrizations.keys())
+            close = difflib.get_close_matches(attr, children, n=1, cutoff=0.5)
+            raise InterfacePathError(
+                field_name, value, where, attr, children, close[0] if close else None
+            )
+        path = f"{where}.{attr}" if where else attr
+        return ParameterSite(name, path, module, attr)
+
 
 def _child(module: object, name: str) -> object | None:
     if isinstance(module, nn.Module) and name in module._modules:
@@ -244,7 +488,9 @@ def resolve_sites(model: nn.Module, interface: AdapterModelInterface) -> ModelSi
 
     With several layer stacks (encoder and decoder), a part may be absent from a whole stack
     (no cross-attention in encoder layers) but not from only some layers of a stack, and it
-    must exist in at least one stack.
+    must exist in at least one stack. A stack's layers are resolved with that stack's
+    ``stack_paths`` overrides (`AdapterModelInterface.for_stack`); an override of ``None``
+    says the part is absent there.
 
     Raises:
         InterfacePathError: a path does not resolve; the message names the closest match.
@@ -260,6 +506,12 @@ def resolve_sites(model: nn.Module, interface: AdapterModelInterface) -> ModelSi
         sites.embeddings = lookup.find(
             base, base_path, "model_embeddings", interface.model_embeddings
         )
+    if interface.model_final_norm is not None:
+        sites.final_norm = lookup.find(
+            base, base_path, "model_final_norm", interface.model_final_norm
+        )
+    sites.lm_head = _resolve_lm_head(model, interface, lookup)
+    sites.positional = positional_kind(model, base)
 
     multi = len(interface.layer_stacks) > 1
     stacks_lacking: dict[str, int] = {}
@@ -271,8 +523,9 @@ def resolve_sites(model: nn.Module, interface: AdapterModelInterface) -> ModelSi
                 f"model_layers={stack!r} must name a non-empty nn.ModuleList of layers; found "
                 f"{type(layer_list).__name__}"
             )
+        stack_interface = interface.for_stack(stack)
         stack_layers = [
-            _resolve_layer(lookup, layer, len(sites.layers) + i, stack, i, interface)
+            _resolve_layer(lookup, layer, len(sites.layers) + i, stack, i, stack_interface)
             for i, layer in enumerate(layer_list)
         ]
         optional_per_stack = _check_consistent(stack, stack_layers, multi)
@@ -283,7 +536,136 @@ def resolve_sites(model: nn.Module, interface: AdapterModelInterface) -> ModelSi
     for name, count in stacks_lacking.items():
         if count == len(interface.layer_stacks):
             raise first_error[name]
+    config = _text_config(model)
+    for layer in sites.layers:
+        for attn in (layer.self_attn, layer.cross_attn):
+            if attn is not None:
+                _fill_geometry(attn, config, layer.index_in_stack, sites.positional)
     return sites
+
+
+def _resolve_lm_head(
+    model: nn.Module, interface: AdapterModelInterface, lookup: _Lookup
+) -> ModuleSite | None:
+    if interface.model_lm_head is not None:
+        return lookup.find(model, "", "model_lm_head", interface.model_lm_head)
+    getter = getattr(model, "get_output_embeddings", None)
+    if not callable(getter):
+        return None
+    try:
+        head = getter()
+    except (AttributeError, NotImplementedError):
+        return None
+    if not isinstance(head, nn.Module):
+        return None
+    return ModuleSite("model_lm_head", lookup.path_of(head), head)
+
+
+def _text_config(model: nn.Module) -> Any:
+    config = getattr(model, "config", None)
+    getter = getattr(config, "get_text_config", None)
+    if callable(getter):
+        try:
+            return getter()
+        except Exception:
+            return config
+    return config
+
+
+_POSITION_EMBEDDING_NAMES = ("wpe", "embed_positions", "position_embeddings", "pos_embed")
+
+
+def positional_kind(model: nn.Module, base: nn.Module | None = None) -> str | None:
+    """``"rotary"``, ``"absolute"``, ``"relative"`` or None (unknown) for ``model``: from its
+    config first, else from its modules (see `ModelSites.positional`)."""
+    config = _text_config(model)
+    if config is not None:
+        if getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None):
+            return "rotary"
+        if isinstance(getattr(config, "rope_theta", None), int | float):
+            return "rotary"
+        kind = getattr(config, "position_embedding_type", None)
+        if isinstance(kind, str):
+            return "absolute" if kind == "absolute" else "relative"
+        if isinstance(getattr(config, "relative_attention_num_buckets", None), int):
+            return "relative"
+    for name, module in (base if base is not None else model).named_modules():
+        if "rotary" in type(module).__name__.lower():
+            return "rotary"
+        last = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Embedding) and last in _POSITION_EMBEDDING_NAMES:
+            return "absolute"
+    return None
+
+
+_HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
+_KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
+_HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size")
+
+
+def _int_attr(obj: Any, names: tuple[str, ...]) -> int | None:
+    for name in names:
+        value = getattr(obj, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _geometry_from(obj: Any, attn: AttentionSite, use_hidden: bool) -> tuple[int, int, int] | None:
+    """(heads, kv_heads, head_dim) from ``obj``'s attributes completed by the projection
+    shapes, or None when incomplete or inconsistent with the shapes."""
+    heads = _int_attr(obj, _HEAD_ATTRS)
+    kv = _int_attr(obj, _KV_HEAD_ATTRS)
+    head_dim = _int_attr(obj, _HEAD_DIM_ATTRS)
+    groups = _int_attr(obj, ("num_key_value_groups",))
+    q_width = attn.q.out_features if attn.q is not None else None
+    k_width = attn.k.out_features if attn.k is not None else None
+    if q_width is None and attn.o is not None and attn.qkv is None:
+        q_width = attn.o.in_features
+    if head_dim is None and heads and use_hidden:
+        hidden = getattr(obj, "hidden_size", None)
+        if isinstance(hidden, int) and hidden % heads == 0:
+            head_dim = hidden // heads
+    if head_dim is None and heads and q_width and q_width % heads == 0:
+        head_dim = q_width // heads
+    if head_dim is None:
+        return None
+    if heads is None and q_width and q_width % head_dim == 0:
+        heads = q_width // head_dim
+    if kv is None and heads and groups and heads % groups == 0:
+        kv = heads // groups
+    if kv is None and k_width and k_width % head_dim == 0:
+        kv = k_width // head_dim
+    if attn.qkv is not None and attn.qkv.out_features and heads:
+        rest = attn.qkv.out_features // head_dim - heads
+        if kv is None and rest > 0 and rest % 2 == 0:
+            kv = rest // 2
+        if attn.qkv.out_features != (heads + 2 * (kv or 0)) * head_dim:
+            return None
+    if kv is None and heads and k_width is None and attn.qkv is None:
+        kv = heads  # no separate key projection to tell otherwise: plain multi-head attention
+    if heads is None or kv is None:
+        return None
+    if (q_width and heads * head_dim != q_width) or (k_width and kv * head_dim != k_width):
+        return None
+    return heads, kv, head_dim
+
+
+def _fill_geometry(
+    attn: AttentionSite, config: Any, index_in_stack: int, positional: str | None
+) -> None:
+    for source, obj, use_hidden in (("module", attn.attn.module, False), ("config", config, True)):
+        if obj is None:
+            continue
+        found = _geometry_from(obj, attn, use_hidden)
+        if found is not None:
+            attn.num_heads, attn.num_kv_heads, attn.head_dim = found
+            attn.geometry_source = source
+            break
+    layer_idx = getattr(attn.attn.module, "layer_idx", None)
+    valid = isinstance(layer_idx, int) and not isinstance(layer_idx, bool)
+    attn.cache_index = layer_idx if valid else index_in_stack
+    attn.positional = positional
 
 
 def _resolve_base(model: nn.Module, interface: AdapterModelInterface, lookup: _Lookup) -> nn.Module:
@@ -337,7 +719,44 @@ def _resolve_layer(
         setattr(site, f"{kind}_attn", attn_site)
     for attr, field_name in _LAYER_FIELDS.items():
         setattr(site, attr, find(field_name, layer, layer_path))
+    for name, value in interface.layer_parameters.items():
+        key = f"layer_parameters[{name!r}]"
+        try:
+            site.parameters[name] = lookup.find_parameter(layer, layer_path, key, name, value)
+        except InterfacePathError as error:
+            missing[key] = error
+    site.sub_blocks = _sub_blocks(site, interface)
     return site, missing
+
+
+def _sub_blocks(site: LayerSite, interface: AdapterModelInterface) -> dict[str, SubBlockSite]:
+    placement = interface.layer_norm_placement or (
+        "post" if interface.layer_ln_1 is not None or interface.layer_ln_2 is not None else "pre"
+    )
+    blocks: dict[str, SubBlockSite] = {}
+    for kind, attn, residual, norm in (
+        ("self_attn", site.self_attn, site.pre_self_attn, site.ln_1),
+        ("cross_attn", site.cross_attn, site.pre_cross_attn, None),
+    ):
+        if attn is not None:
+            blocks[kind] = SubBlockSite(
+                kind=kind,
+                layer_index=site.index,
+                output=attn.o if attn.o is not None else attn.attn,
+                residual=residual,
+                norm=norm if placement != "pre" else None,
+                norm_placement=placement,
+            )
+    if site.output is not None:
+        blocks["ffn"] = SubBlockSite(
+            kind="ffn",
+            layer_index=site.index,
+            output=site.output,
+            residual=site.pre_ffn,
+            norm=site.ln_2 if placement != "pre" else None,
+            norm_placement=placement,
+        )
+    return blocks
 
 
 def _check_consistent(

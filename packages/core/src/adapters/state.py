@@ -15,6 +15,7 @@ from torch import nn
 from .composition import AdapterCompositionBlock
 from .configs import AdapterConfig, config_parts
 from .errors import NotInitializedError
+from .fusion_config import AdapterFusionConfig
 from .interface import AdapterModelInterface
 from .sites import ModelSites
 
@@ -52,12 +53,32 @@ class AdapterEntry:
 
 
 @dataclass
+class FusionEntry:
+    """One added fusion layer (``add_adapter_fusion``): the adapters it fuses, its config, the
+    method that owns it and the modules that method created."""
+
+    name: str
+    children: tuple[str, ...]
+    config: AdapterFusionConfig
+    method: str
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+
+    def parameters(self) -> Iterable[nn.Parameter]:
+        return AdapterEntry.parameters(self)  # type: ignore[arg-type]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors under name-independent keys ``{key}.{param}``."""
+        return AdapterEntry.state_dict(self)  # type: ignore[arg-type]
+
+
+@dataclass
 class AdaptersState:
     """Per-model state kept by core (a plain object on the model instance, not a module)."""
 
     interface: AdapterModelInterface
     sites: ModelSites
     adapters: dict[str, AdapterEntry] = field(default_factory=dict)
+    fusions: dict[str, FusionEntry] = field(default_factory=dict)
     active_setup: AdapterCompositionBlock | None = None
     # handles of the model-level hooks ``init`` registered (removed when adapters are unloaded)
     hook_handles: list[Any] = field(default_factory=list)
@@ -69,6 +90,8 @@ class AdaptersState:
     layer_contexts: OrderedDict = field(default_factory=OrderedDict)
     recompute_context: Any = None
     layer_hook_handles: list[Any] = field(default_factory=list)  # only while in train mode
+    # ``adapter_names`` lists seen recently → their `PerExample` setup (index tensors made once)
+    per_example_setups: OrderedDict = field(default_factory=OrderedDict)
 
     def __deepcopy__(self, memo: dict) -> AdaptersState:
         # Modules inside are deep-copied through the memo, so copies point at the copied model.
@@ -76,6 +99,8 @@ class AdaptersState:
         memo[id(self)] = new
         new.sites = copy.deepcopy(self.sites, memo)
         new.adapters = copy.deepcopy(self.adapters, memo)
+        new.fusions = copy.deepcopy(self.fusions, memo)
+        new.per_example_setups = OrderedDict()  # index tensors may sit on another device
         new.active_setup = self.active_setup
         new.hook_handles = []  # the copied model's hooks live in its own hook dicts
         new.last_training_context = None

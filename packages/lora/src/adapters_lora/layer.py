@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.composition import AdapterCompositionBlock, Stack, apply_setup
+from adapters.composition import AdapterCompositionBlock, Rows, Stack, apply_setup, select_rows
 from adapters.context import context_for
 
 from .config import LoRAConfig
@@ -284,11 +284,9 @@ class LoRAHost(nn.Module):
         return unit is not None and not unit.merged
 
     def _apply_one(
-        self, x: torch.Tensor, module: nn.Module, name: str, h: torch.Tensor, rows: slice
+        self, x: torch.Tensor, module: nn.Module, name: str, h: torch.Tensor, rows: Rows
     ) -> torch.Tensor:
-        if rows.start != 0 or rows.stop != x.shape[0]:
-            x = x[rows]
-        return self.units[name].edit(h, x, module)
+        return self.units[name].edit(h, select_rows(x, rows), module)
 
     def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         """Forward hook on the projection: apply the active adapters to its output."""

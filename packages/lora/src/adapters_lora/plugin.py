@@ -349,10 +349,15 @@ def adapters_average_adapter(
     combine_strategy: str,
     options: dict[str, Any],
 ) -> tuple[AdapterConfig, dict[str, torch.Tensor]] | None:
-    """The ``lora_delta_w_svd`` strategy (see `average_delta_w_svd`)."""
-    if combine_strategy != "lora_delta_w_svd" or not _ours(sources[0][1]):
+    """The ``lora_delta_w_svd`` and ``lora_linear_only_negate_b`` strategies (see
+    `average_delta_w_svd` and `average_negate_b`)."""
+    if not _ours(sources[0][1]):
         return None
-    return average_delta_w_svd(sites, sources, options)
+    if combine_strategy == "lora_delta_w_svd":
+        return average_delta_w_svd(sites, sources, options)
+    if combine_strategy == "lora_linear_only_negate_b":
+        return average_negate_b(sites, sources, options)
+    return None
 
 
 def _units(sites: ModelSites, config: LoRAConfig, name: str) -> Iterator[Target]:
@@ -436,6 +441,56 @@ def average_delta_w_svd(
             tensors[f"{target.site.path}.lora_A"] = torch.cat(a_blocks).cpu()
             tensors[f"{target.site.path}.lora_B"] = torch.cat(b_blocks).cpu()
     return config, tensors
+
+
+def average_negate_b(
+    sites: ModelSites,
+    sources: list[tuple[str, AdapterConfig, float]],
+    options: dict[str, Any],
+) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+    """The ``"lora_linear_only_negate_b"`` average (Zhang et al., 2023, as AdapterHub does it):
+    linear averaging in which a negative weight negates only ``B``: ``A = Σ |w_i| A_i``,
+    ``B = Σ w_i B_i`` (IA3: ``lora_B = Σ w_i lora_B_i``). The config is the first source's;
+    sources must have equal configs except for ``dropout`` and ``init_weights``.
+
+    Raises:
+        ConfigError: options given, sources with other configs, DoRA or gated sources (they
+            have parameters besides A and B, which AdapterHub refuses too).
+    """
+    from adapters.saving import configs_equal_for_average
+
+    if options:
+        raise ConfigError(
+            f"combine_strategy='lora_linear_only_negate_b' takes no options; got {sorted(options)}"
+        )
+    first_name, first, _ = sources[0]
+    if not all(isinstance(c, LoRAConfig) for _, c, _ in sources) or not configs_equal_for_average(
+        [c for _, c, _ in sources]
+    ):
+        raise ConfigError(
+            "combine_strategy='lora_linear_only_negate_b' needs LoRA adapters with equal "
+            "configs (dropout and init_weights may differ); got "
+            f"{[(n, c.to_dict()) for n, c, _ in sources]}"
+        )
+    if first.use_dora or first.use_gating:
+        raise ConfigError(
+            f"combine_strategy='lora_linear_only_negate_b' averages only A and B; adapter "
+            f"{first_name!r} has use_dora={first.use_dora}, use_gating={first.use_gating}; use "
+            "combine_strategy='linear'"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for target in targets_of(sites, first):
+            units = host_of(target.site.module).units
+            for param in ("lora_A", "lora_B"):
+                if getattr(units[first_name], param) is None:
+                    continue  # IA3 has no A
+                total = sum(
+                    (abs(w) if param == "lora_A" else w) * getattr(units[n], param).float()
+                    for n, _, w in sources
+                )
+                tensors[f"{target.site.path}.{param}"] = total.cpu()
+    return first, tensors
 
 
 def _with_rank(config: LoRAConfig, rank: int) -> LoRAConfig:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.composition import apply_setup
+from adapters.composition import Rows, apply_setup
 from adapters.context import ForwardContext, context_for
 from adapters.errors import AdaptersError, CompositionError
 
@@ -218,14 +218,26 @@ class Positions:
         flat = getattr(self, which)
         return flat // self.length, flat % self.length
 
-    def rows(self, rows: slice) -> Positions:
-        """The positions of examples ``rows``, renumbered from 0 (for `BatchSplit` slices)."""
-        low, high = rows.start * self.length, rows.stop * self.length
+    def rows(self, rows: Rows, batch: int) -> Positions:
+        """The positions of examples ``rows`` of a batch of ``batch``, renumbered from 0 in the
+        order of ``rows`` (a `BatchSplit` slice or the example indices of `PerExample`)."""
+        if isinstance(rows, slice):
+            low, high = rows.start * self.length, rows.stop * self.length
 
-        def keep(flat: torch.Tensor) -> torch.Tensor:
-            return flat[(flat >= low) & (flat < high)] - low
+            def keep(flat: torch.Tensor) -> torch.Tensor:
+                return flat[(flat >= low) & (flat < high)] - low
 
-        return Positions(keep(self.prefix), keep(self.suffix), self.length)
+            return Positions(keep(self.prefix), keep(self.suffix), self.length)
+        rows = rows.to(self.both.device)
+        local = torch.full((batch,), -1, dtype=torch.long, device=rows.device)
+        local[rows] = torch.arange(rows.numel(), device=rows.device)
+
+        def renumber(flat: torch.Tensor) -> torch.Tensor:
+            new_row = local[flat // self.length]
+            kept = new_row >= 0
+            return (new_row * self.length + flat % self.length)[kept]
+
+        return Positions(renumber(self.prefix), renumber(self.suffix), self.length)
 
 
 def select_positions(
@@ -321,7 +333,7 @@ class ReftHost(nn.Module):
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
     def _apply_one(
-        self, ctx: ForwardContext, full_batch: int, name: str, hidden: torch.Tensor, rows: slice
+        self, ctx: ForwardContext, full_batch: int, name: str, hidden: torch.Tensor, rows: Rows
     ) -> torch.Tensor:
         intervention = self.interventions[name]
         positions = self._positions(
@@ -332,8 +344,8 @@ class ReftHost(nn.Module):
             intervention.prefix_positions,
             intervention.suffix_positions,
         )
-        if rows.start != 0 or rows.stop != full_batch:
-            positions = positions.rows(rows)
+        if not isinstance(rows, slice) or rows.start != 0 or rows.stop != full_batch:
+            positions = positions.rows(rows, full_batch)
         if positions.count == 0:
             return hidden
         return intervention.edit(hidden, positions)

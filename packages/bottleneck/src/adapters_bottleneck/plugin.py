@@ -1,0 +1,340 @@
+"""The bottleneck plugin: hook implementations adapters-core calls (entry point ``bottleneck``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from adapters import Average, BatchSplit, CheckpointFormat, MethodSpec, Split, Stack, hookimpl
+from adapters.configs import AdapterConfig
+from adapters.errors import ConfigError
+from adapters.sites import LayerSite, ModelSites, ModuleSite
+
+from . import interop
+from .config import CONFIG_CLASSES, PRESETS, BnConfig
+from .layer import BottleneckAdapter, PHMShared, invertible_adapter
+from .placement import (
+    HOST_NAMES,
+    INV_HOST,
+    SHARED_HOST,
+    InvertibleHost,
+    SubBlockHost,
+    remove_hooks_of,
+)
+
+#: The plugin contract version this plugin implements (see adapters.hookspecs).
+ADAPTERS_CONTRACT = "1.0"
+
+#: interface fields per location: (output site, residual-input field, norm field).
+_FIELDS = {
+    "mh_adapter": ("attn_o_proj (of layer_self_attn)", "layer_pre_self_attn", "layer_ln_1"),
+    "cross_adapter": ("attn_o_proj (of layer_cross_attn)", "layer_pre_cross_attn", None),
+    "output_adapter": ("layer_output_proj", "layer_pre_ffn", "layer_ln_2"),
+}
+
+
+@dataclass
+class Placement:
+    """Where one adapter module goes: a layer's sub-block, its sites and sizes."""
+
+    layer: LayerSite
+    location: str
+    output: ModuleSite
+    residual: ModuleSite | None
+    norm: ModuleSite | None
+    hidden: int
+    bottleneck: int
+
+    @property
+    def key(self) -> str:
+        """The name-independent key: ``{layer path}.bottleneck.{location}``."""
+        return adapter_key(self.layer, self.location)
+
+
+def adapter_key(layer: LayerSite, location: str) -> str:
+    """The key core saves an adapter's module at a layer's sub-block under."""
+    return f"{layer.layer.path}.bottleneck.{location}"
+
+
+def invertible_key(sites: ModelSites) -> str:
+    """The key of an adapter's invertible block (on the input embeddings)."""
+    assert sites.embeddings is not None
+    return f"{sites.embeddings.path}.bottleneck_invertible"
+
+
+def shared_key(sites: ModelSites) -> str:
+    """The key of an adapter's parameters shared across layers (Compacter)."""
+    base = sites.base_model.path
+    return f"{base}.bottleneck_shared" if base else "bottleneck_shared"
+
+
+@hookimpl
+def adapters_register_methods(register: Callable[[MethodSpec], None]) -> None:
+    """Declare the ``bottleneck`` method, its configs and AdapterHub's preset names."""
+    register(
+        MethodSpec(
+            name="bottleneck",
+            config_classes=CONFIG_CLASSES,
+            presets=dict(PRESETS),
+            compositions=(Stack, BatchSplit, Average, Split),
+            can_merge=False,
+        )
+    )
+
+
+@hookimpl
+def adapters_register_checkpoint_formats(register: Callable[[CheckpointFormat], None]) -> None:
+    """Declare the AdapterHub bottleneck reader and writer."""
+    register(interop.ADAPTERHUB_FORMAT)
+
+
+def plan(sites: ModelSites, config: BnConfig) -> list[Placement]:
+    """Every sub-block ``config`` adapts, checked against the interface; raises `ConfigError`
+    naming the missing interface field (pitfall 15) before anything is created."""
+    placements = []
+    crossed = False
+    for layer in sites.layers:
+        if not config.uses_layer(layer.index):
+            continue
+        hidden = layer.hidden_size
+        for location in config.locations():
+            field, residual_field, norm_field = _FIELDS[location]
+            attn = {"mh_adapter": layer.self_attn, "cross_adapter": layer.cross_attn}.get(location)
+            if location == "cross_adapter" and attn is None:
+                continue  # encoder layers of an encoder-decoder model
+            crossed = crossed or location == "cross_adapter"
+            output = layer.output if location == "output_adapter" else attn and attn.o
+            if output is None:
+                raise ConfigError(
+                    f"{type(config).__name__} with {location}=True needs the interface field "
+                    f"{field} in layer {layer.layer.path!r}; add it to the AdapterModelInterface "
+                    f"or set {location}=False"
+                )
+            residual = getattr(layer, residual_field.removeprefix("layer_"))
+            norm = getattr(layer, norm_field.removeprefix("layer_")) if norm_field else None
+            _check_residual(config, layer, location, residual, norm, residual_field)
+            if not hidden:
+                raise ConfigError(
+                    f"cannot tell the hidden width of layer {layer.layer.path!r}: name "
+                    "attn_o_proj, layer_output_proj or a layer norm in the interface"
+                )
+            size = int(hidden // config.factor_for(layer.index))
+            size = max(size, 1)
+            if config.phm_layer and (hidden % config.phm_dim or size % config.phm_dim):
+                raise ConfigError(
+                    f"{type(config).__name__}.phm_dim={config.phm_dim} must divide the hidden "
+                    f"size {hidden} and the bottleneck size {size} (hidden / reduction_factor) "
+                    f"at layer {layer.layer.path!r}; change phm_dim or reduction_factor"
+                )
+            placements.append(Placement(layer, location, output, residual, norm, int(hidden), size))
+    if config.cross_adapter and not crossed:
+        raise ConfigError(
+            f"{type(config).__name__}.cross_adapter=True but no layer of this model has a "
+            "cross-attention named by the interface (layer_cross_attn); set cross_adapter=False"
+        )
+    if config.inv_adapter and sites.embeddings is None:
+        raise ConfigError(
+            f"{type(config).__name__}.inv_adapter={config.inv_adapter!r} needs the input "
+            "embeddings: set model_embeddings in the AdapterModelInterface, or inv_adapter=None"
+        )
+    if config.shared_W_phm and len({p.bottleneck for p in placements}) > 1:
+        raise ConfigError("shared_W_phm=True needs the same hidden size in every layer")
+    return placements
+
+
+def _check_residual(
+    config: BnConfig,
+    layer: LayerSite,
+    location: str,
+    residual: ModuleSite | None,
+    norm: ModuleSite | None,
+    residual_field: str,
+) -> None:
+    reasons = []
+    if config.is_parallel:
+        reasons.append("a parallel adapter reads the sub-block's input")
+    if config.original_ln_before:
+        reasons.append("original_ln_before=True adds the residual before the adapter")
+    if not config.original_ln_after and norm is None:
+        reasons.append("original_ln_after=False on a pre-LN sub-block removes the residual add")
+    if reasons and residual is None:
+        raise ConfigError(
+            f"{type(config).__name__} at {location} of layer {layer.layer.path!r} needs the "
+            f"sub-block's residual input ({'; '.join(reasons)}), but the interface has no "
+            f"{residual_field}; name the module whose input is the residual stream before this "
+            "sub-block (e.g. the layer norm before it on a pre-LN model)"
+        )
+
+
+@hookimpl
+def adapters_add_adapter(
+    model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
+) -> dict[str, nn.Module] | None:
+    """Create the adapter's modules at every planned sub-block (and its invertible and shared
+    parts), hooking each layer's own sites."""
+    if not isinstance(config, BnConfig):
+        return None
+    if hasattr(nn.ModuleDict(), name) or "." in name:
+        raise ConfigError(
+            f"adapter name {name!r} cannot be used for a bottleneck adapter: it is an "
+            "attribute of torch.nn.ModuleDict or contains '.'; choose another name"
+        )
+    placements = plan(sites, config)
+    for placement in placements:
+        host_name = HOST_NAMES[placement.location]
+        existing = getattr(placement.layer.layer.module, host_name, None)
+        if existing is not None and not isinstance(existing, SubBlockHost):
+            raise ConfigError(
+                f"layer {placement.layer.layer.path!r} already has an attribute {host_name!r}"
+            )
+    created: dict[str, nn.Module] = {}
+    shared = None
+    if config.phm_layer and (config.shared_phm_rule or config.shared_W_phm) and placements:
+        shared = PHMShared(config, placements[0].hidden, placements[0].bottleneck)
+        _place_like(shared, sites.base_model.module)
+        holder = _holder(sites.base_model.module, SHARED_HOST)
+        holder[name] = shared
+        created[shared_key(sites)] = shared
+    for placement in placements:
+        host = _host(model, placement)
+        adapter = BottleneckAdapter(placement.hidden, placement.bottleneck, config, shared)
+        _place_like(adapter, placement.layer.layer.module)
+        host.adapters[name] = adapter
+        host.forget_setup()
+        created[placement.key] = adapter
+    if config.inv_adapter:
+        embeddings = sites.embeddings
+        assert embeddings is not None
+        width = _embedding_width(embeddings.module)
+        block = invertible_adapter(width, config)
+        _place_like(block, embeddings.module)
+        inv = getattr(embeddings.module, INV_HOST, None)
+        if inv is None:
+            inv = InvertibleHost(model)
+            embeddings.module.add_module(INV_HOST, inv)
+            embeddings.module.register_forward_hook(inv.embed_hook)
+            output_embeddings = _output_embeddings(model)
+            if output_embeddings is not None:
+                output_embeddings.register_forward_pre_hook(inv.unembed_hook)
+        inv.adapters[name] = block
+        inv.forget_setup()
+        created[invertible_key(sites)] = block
+    return created
+
+
+@hookimpl
+def adapters_delete_adapter(
+    model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
+) -> bool | None:
+    """Remove adapter ``name``'s modules; hosts left empty lose their hooks."""
+    if not isinstance(config, BnConfig):
+        return None
+    for layer in sites.layers:
+        for location, host_name in HOST_NAMES.items():
+            host = getattr(layer.layer.module, host_name, None)
+            if not isinstance(host, SubBlockHost) or name not in host.adapters:
+                continue
+            del host.adapters[name]
+            host.forget_setup()
+            if not len(host.adapters):
+                _remove_host(layer, location, host)
+    if sites.embeddings is not None:
+        inv = getattr(sites.embeddings.module, INV_HOST, None)
+        if isinstance(inv, InvertibleHost) and name in inv.adapters:
+            del inv.adapters[name]
+            inv.forget_setup()
+            if not len(inv.adapters):
+                remove_hooks_of(sites.embeddings.module, inv)
+                output_embeddings = _output_embeddings(model)
+                if output_embeddings is not None:
+                    remove_hooks_of(output_embeddings, inv)
+                delattr(sites.embeddings.module, INV_HOST)
+    holder = getattr(sites.base_model.module, SHARED_HOST, None)
+    if isinstance(holder, nn.ModuleDict) and name in holder:
+        del holder[name]
+        if not len(holder):
+            delattr(sites.base_model.module, SHARED_HOST)
+    return True
+
+
+@hookimpl
+def adapters_setup_changed(model: nn.Module, sites: ModelSites, setup: object) -> None:
+    """Nothing to do: the hooks read the setup from the forward context on every call."""
+
+
+def _host(model: nn.Module, placement: Placement) -> SubBlockHost:
+    layer_module = placement.layer.layer.module
+    host_name = HOST_NAMES[placement.location]
+    host = getattr(layer_module, host_name, None)
+    if host is not None:
+        return host
+    norm = placement.norm.module if placement.norm is not None else None
+    host = SubBlockHost(model, placement.location, placement.layer.layer.path, norm)
+    layer_module.add_module(host_name, host)
+    if placement.residual is not None:
+        placement.residual.module.register_forward_pre_hook(host.capture_residual, with_kwargs=True)
+    placement.output.module.register_forward_hook(host.hook)
+    if norm is not None:
+        norm.register_forward_hook(host.replace_norm)
+    return host
+
+
+def _remove_host(layer: LayerSite, location: str, host: SubBlockHost) -> None:
+    for site in (
+        layer.self_attn.o if location == "mh_adapter" and layer.self_attn else None,
+        layer.cross_attn.o if location == "cross_adapter" and layer.cross_attn else None,
+        layer.output if location == "output_adapter" else None,
+        {"mh_adapter": layer.pre_self_attn, "cross_adapter": layer.pre_cross_attn}.get(
+            location, layer.pre_ffn
+        ),
+        {"mh_adapter": layer.ln_1, "output_adapter": layer.ln_2}.get(location),
+    ):
+        if site is not None:
+            remove_hooks_of(site.module, host)
+    delattr(layer.layer.module, HOST_NAMES[location])
+
+
+def _holder(module: nn.Module, attr: str) -> nn.ModuleDict:
+    holder = getattr(module, attr, None)
+    if holder is None:
+        holder = nn.ModuleDict()
+        module.add_module(attr, holder)
+    return holder
+
+
+def _embedding_width(module: nn.Module) -> int:
+    width = getattr(module, "embedding_dim", None)
+    if isinstance(width, int):
+        return width
+    weight = getattr(module, "weight", None)
+    if weight is not None and weight.ndim == 2:
+        return int(weight.shape[1])
+    raise ConfigError(
+        f"cannot tell the width of the embeddings module {type(module).__name__}; "
+        "model_embeddings must name an nn.Embedding (or a module with embedding_dim)"
+    )
+
+
+def _output_embeddings(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    if getter is None:
+        return None
+    try:
+        found = getter()
+    except (AttributeError, NotImplementedError):
+        return None
+    return found if isinstance(found, nn.Module) else None
+
+
+def _place_like(module: nn.Module, like: nn.Module) -> None:
+    """Move ``module`` to ``like``'s device; float32 weights (float64 in a float64 model)."""
+    device, dtype = None, None
+    for tensor in (*like.parameters(), *like.buffers()):
+        if tensor.is_floating_point():
+            device, dtype = tensor.device, tensor.dtype
+            break
+    target = torch.promote_types(dtype or torch.float32, torch.float32)
+    module.to(device=device, dtype=target)

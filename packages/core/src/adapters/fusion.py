@@ -1,0 +1,358 @@
+"""Fusion layers (AdapterFusion): add, delete, train, save and load them.
+
+Core keeps the fusion layers' bookkeeping (names, children, config, parameters, freezing, the
+save format, rollback); the method that declares `adapters.Fuse` in its
+``MethodSpec.compositions`` and owns every fused adapter builds the layers
+(``adapters_add_fusion``) and evaluates ``Fuse`` blocks at forward time (a handler passed to
+`adapters.composition.apply_setup`).
+
+Saved format, a directory per fusion layer:
+
+- ``fusion_config.json``: ``{"format": "adapters-fusion", "format_version": 1, "name",
+  "adapter_names", "method", "config", "interface", "versions"}``
+- ``fusion_model.safetensors``: the layer's tensors under name-independent keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from safetensors.torch import save_file
+from torch import nn
+
+from .composition import AdapterCompositionBlock, Fuse, find_blocks, parse_composition
+from .configs import config_parts
+from .errors import AdapterNotFoundError, CheckpointError, CompositionError, ConfigError
+from .fusion_config import AdapterFusionConfig, resolve_fusion_config
+from .plugins import get_registry
+from .rollback import Snapshot
+from .saving import _versions as versions_of
+from .saving import load_safetensors, read_json, write_directory_atomically
+from .state import AdaptersState, FusionEntry, get_state
+
+FUSION_CONFIG_NAME = "fusion_config.json"
+FUSION_WEIGHTS_NAME = "fusion_model.safetensors"
+FUSION_FORMAT = "adapters-fusion"
+FUSION_FORMAT_VERSION = 1
+
+FuseLike = Fuse | Sequence[str] | str
+
+
+def fusion_name(adapter_names: FuseLike) -> str:
+    """The name of the fusion layer ``adapter_names`` designates: a `Fuse` block's ``name``, a
+    list's names joined by commas (AdapterHub's default), or a string as it is."""
+    if isinstance(adapter_names, Fuse):
+        return adapter_names.name
+    if isinstance(adapter_names, str):
+        return adapter_names
+    if isinstance(adapter_names, Sequence) and all(isinstance(n, str) for n in adapter_names):
+        return ",".join(adapter_names)
+    raise CompositionError(
+        f"a fusion is designated by a Fuse block, a list of adapter names or its name; got "
+        f"{adapter_names!r}"
+    )
+
+
+def fusion_entry(model: nn.Module, adapter_names: FuseLike) -> FusionEntry:
+    """The fusion layer ``adapter_names`` designates, or `AdapterNotFoundError`."""
+    state = get_state(model)
+    name = fusion_name(adapter_names)
+    entry = state.fusions.get(name)
+    if entry is None:
+        known = ", ".join(state.fusions) or "(none)"
+        raise AdapterNotFoundError(
+            f"no adapter fusion named {name!r}; added fusions: {known}. Add it with "
+            f"model.add_adapter_fusion(Fuse({', '.join(repr(c) for c in name.split(','))}))"
+        )
+    return entry
+
+
+def fuse_children(block: Fuse) -> tuple[str, ...]:
+    """The adapter names a `Fuse` block fuses (a nested block counts as its last adapter)."""
+    return tuple(c if isinstance(c, str) else c.flatten()[-1] for c in block.children)
+
+
+def validate_fuse_blocks(state: AdaptersState, setup: AdapterCompositionBlock) -> None:
+    """Every `Fuse` in ``setup`` must name an added fusion layer over the same adapters."""
+    for block in find_blocks(setup, Fuse):
+        children = fuse_children(block)
+        entry = state.fusions.get(block.name)
+        if entry is None:
+            known = ", ".join(state.fusions) or "(none)"
+            raise CompositionError(
+                f"{block!r} needs the fusion layer {block.name!r}, which is not added (added "
+                f"fusions: {known}); add it with model.add_adapter_fusion({block!r})"
+            )
+        if entry.children != children:
+            raise CompositionError(
+                f"{block!r} fuses {list(children)} but fusion layer {block.name!r} was added for "
+                f"{list(entry.children)}; use Fuse({', '.join(map(repr, entry.children))}"
+                f"{', name=' + repr(block.name) if block._name else ''})"
+            )
+
+
+def _children_of(adapter_names: FuseLike) -> tuple[tuple[str, ...], str | None]:
+    """(children, default name) of what ``add_adapter_fusion`` was given."""
+    if isinstance(adapter_names, Fuse):
+        bad = [c for c in adapter_names.children if not isinstance(c, str)]
+        if bad:
+            raise CompositionError(
+                f"add_adapter_fusion fuses adapters, not blocks; got {bad[0]!r} in "
+                f"{adapter_names!r}"
+            )
+        return tuple(adapter_names.children), adapter_names.name  # type: ignore[arg-type]
+    if isinstance(adapter_names, str):
+        return tuple(n.strip() for n in adapter_names.split(",")), None
+    if isinstance(adapter_names, Sequence) and all(isinstance(n, str) for n in adapter_names):
+        return tuple(adapter_names), None
+    raise CompositionError(
+        f"add_adapter_fusion takes a Fuse block, a list of adapter names or 'a,b'; got "
+        f"{adapter_names!r}"
+    )
+
+
+def _owner(state: AdaptersState, children: tuple[str, ...]) -> str:
+    """The one method that declares `Fuse` and owns every child."""
+    registry = get_registry()
+    owners: set[str] | None = None
+    described = []
+    for child in children:
+        methods = [registry.method_of(part) for part in config_parts(state.adapters[child].config)]
+        described.append(f"{child!r} ({', '.join(s.name for s in methods)})")
+        fusing = {spec.name for spec in methods if Fuse in spec.compositions}
+        owners = fusing if owners is None else owners & fusing
+    if not owners or len(owners) > 1:
+        reason = "no method" if not owners else f"several methods ({sorted(owners)})"
+        raise CompositionError(
+            f"cannot fuse {', '.join(described)}: {reason} declares Fuse and owns all of them; "
+            "fuse adapters of one method that supports Fuse (e.g. bottleneck adapters)"
+        )
+    return next(iter(owners))
+
+
+def add_adapter_fusion(
+    model: nn.Module,
+    adapter_names: FuseLike,
+    config: Any = None,
+    name: str | None = None,
+    overwrite_ok: bool = False,
+    set_active: bool = False,
+) -> str:
+    """See `ModelAdaptersMixin.add_adapter_fusion`. Atomic: on error the model is unchanged."""
+    state = get_state(model)
+    children, default_name = _children_of(adapter_names)
+    name = name if name is not None else default_name or ",".join(children)
+    if not isinstance(name, str) or not name or "." in name:
+        raise ConfigError(f"fusion name {name!r} must be a non-empty string without '.'")
+    if len(set(children)) != len(children) or not children:
+        raise CompositionError(f"a fusion needs distinct adapters; got {list(children)}")
+    for child in children:
+        model._entry(child)  # type: ignore[operator]  # AdapterNotFoundError names it
+    config = resolve_fusion_config(config)
+    method = _owner(state, children)
+    if name in state.fusions and not overwrite_ok:
+        raise ConfigError(
+            f"an adapter fusion named {name!r} already exists; pass overwrite_ok=True to replace "
+            "it or name=... to add another"
+        )
+    registry = get_registry()
+    snapshot = Snapshot(model)
+    old = state.fusions.get(name)
+    old_active = state.active_setup
+    try:
+        if old is not None:
+            delete_adapter_fusion(model, name)
+        modules = registry.hook.adapters_add_fusion(
+            model=model,
+            sites=state.sites,
+            name=name,
+            children=list(children),
+            config=config,
+            method=method,
+        )
+        if modules is None:
+            raise ConfigError(
+                f"the {method!r} plugin declares Fuse but created no fusion layer for {name!r} "
+                "(its adapters_add_fusion hook returned None)"
+            )
+        entry = FusionEntry(name, children, config, method, dict(modules))
+        inside = {id(m) for m in model.modules()}
+        for key, module in entry.modules.items():
+            if id(module) not in inside:
+                raise ConfigError(
+                    f"plugin returned module {key!r} for fusion {name!r} that is not a "
+                    "submodule of the model; register it (e.g. in a ModuleDict on the site)"
+                )
+        known = {id(m) for m in snapshot.modules}
+        for module in model.modules():
+            if id(module) not in known:
+                module.training = model.training
+        state.fusions[name] = entry
+    except BaseException:
+        snapshot.restore()
+        if old is not None:
+            state.fusions[name] = old
+            state.active_setup = old_active
+        raise
+    if set_active:
+        model.set_active_adapters(  # type: ignore[operator]
+            Fuse(*children, name=None if name == ",".join(children) else name)
+        )
+    return name
+
+
+def delete_adapter_fusion(model: nn.Module, adapter_names: FuseLike) -> None:
+    """See `ModelAdaptersMixin.delete_adapter_fusion`."""
+    state = get_state(model)
+    entry = fusion_entry(model, adapter_names)
+    get_registry().hook.adapters_delete_fusion(
+        model=model,
+        sites=state.sites,
+        name=entry.name,
+        children=list(entry.children),
+        method=entry.method,
+    )
+    del state.fusions[entry.name]
+    if any(block.name == entry.name for block in find_blocks(state.active_setup, Fuse)):
+        model._set_setup(None)  # type: ignore[operator]
+
+
+def fusion_setup(model: nn.Module, adapter_setup: Any) -> AdapterCompositionBlock:
+    """What ``train_adapter_fusion`` trains: a setup with at least one `Fuse`. A list of names
+    is their fusion (``["a", "b"]`` → ``Fuse("a", "b")``) and a string a fusion's name."""
+    state = get_state(model)
+    if isinstance(adapter_setup, str) and adapter_setup in state.fusions:
+        entry = state.fusions[adapter_setup]
+        default = ",".join(entry.children) == entry.name
+        setup = Fuse(*entry.children, name=None if default else entry.name)
+    elif isinstance(adapter_setup, list | tuple):
+        setup = Fuse(*adapter_setup)
+    else:
+        setup = parse_composition(adapter_setup)
+    if setup is None or not find_blocks(setup, Fuse):
+        raise CompositionError(
+            f"train_adapter_fusion needs a setup with a Fuse block, e.g. Fuse('a', 'b'); got "
+            f"{adapter_setup!r}"
+        )
+    return setup
+
+
+def fusion_parameters(state: AdaptersState, setup: AdapterCompositionBlock | None) -> list:
+    """The parameters of the fusion layers the `Fuse` blocks of ``setup`` use."""
+    params = []
+    for block in find_blocks(setup, Fuse):
+        entry = state.fusions.get(block.name)
+        if entry is not None:
+            params.extend(entry.parameters())
+    return params
+
+
+def save_adapter_fusion(model: nn.Module, save_directory: str, adapter_names: FuseLike) -> None:
+    """See `ModelAdaptersMixin.save_adapter_fusion`."""
+    entry = fusion_entry(model, adapter_names)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in entry.state_dict().items()}
+    meta = {
+        "format": FUSION_FORMAT,
+        "format_version": FUSION_FORMAT_VERSION,
+        "name": entry.name,
+        "adapter_names": list(entry.children),
+        "method": entry.method,
+        "config": entry.config.to_dict(),
+        "interface": model.adapter_interface.to_dict(),  # type: ignore[attr-defined]
+        "versions": versions_of([entry.method]),
+    }
+
+    def write(tmp: str) -> None:
+        with open(os.path.join(tmp, FUSION_CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+        save_file(tensors, os.path.join(tmp, FUSION_WEIGHTS_NAME), metadata={"format": "pt"})
+
+    write_directory_atomically(save_directory, write)
+
+
+def load_adapter_fusion(
+    model: nn.Module,
+    path: str,
+    load_as: str | None = None,
+    set_active: bool = False,
+    overwrite_ok: bool = False,
+) -> str:
+    """See `ModelAdaptersMixin.load_adapter_fusion`. Atomic: on error the model is unchanged."""
+    path = os.fspath(path)
+    meta = read_json(os.path.join(path, FUSION_CONFIG_NAME))
+    if meta is None or meta.get("format") != FUSION_FORMAT:
+        raise CheckpointError(
+            f"{path!r} is not an adapter fusion saved by save_adapter_fusion (expected "
+            f"{FUSION_CONFIG_NAME} with format {FUSION_FORMAT!r} and {FUSION_WEIGHTS_NAME})"
+        )
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FUSION_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path!r} has fusion format version {version!r}; this adapters-core reads up to "
+            f"{FUSION_FORMAT_VERSION}: upgrade adapters-core"
+        )
+    children = meta.get("adapter_names")
+    if not isinstance(children, list) or not all(isinstance(c, str) for c in children):
+        raise CheckpointError(f"{path!r}: 'adapter_names' must be a list of adapter names")
+    state = get_state(model)
+    missing = [c for c in children if c not in state.adapters]
+    if missing:
+        raise CheckpointError(
+            f"fusion {meta.get('name')!r} in {path!r} fuses {children}, but {missing} are not "
+            "added; load those adapters first (model.load_adapter(...))"
+        )
+    config = AdapterFusionConfig.from_dict(meta.get("config") or {})
+    weights = os.path.join(path, FUSION_WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        raise CheckpointError(f"{path!r} has {FUSION_CONFIG_NAME} but no {FUSION_WEIGHTS_NAME}")
+    tensors = load_safetensors(weights)
+    name = load_as or meta.get("name") or ",".join(children)
+    snapshot = Snapshot(model)
+    old = state.fusions.get(name)
+    old_active = state.active_setup
+    try:
+        add_adapter_fusion(model, children, config, name=name, overwrite_ok=overwrite_ok)
+        _copy_tensors(state.fusions[name], tensors, source=path)
+    except BaseException:
+        snapshot.restore()
+        state.fusions.pop(name, None)
+        if old is not None:
+            state.fusions[name] = old
+        state.active_setup = old_active
+        raise
+    if set_active:
+        default = ",".join(children) == name
+        model.set_active_adapters(Fuse(*children, name=None if default else name))  # type: ignore
+    return name
+
+
+def _copy_tensors(entry: FusionEntry, tensors: dict, source: str) -> None:
+    import torch
+
+    expected = entry.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not match fusion {entry.name!r} ({entry.method}) on this model: "
+            f"missing {len(missing)} tensors {missing[:3]}, unexpected {len(unexpected)} "
+            f"{unexpected[:3]}. Was it saved for another model or interface?"
+        )
+    for key, target in expected.items():
+        if tuple(tensors[key].shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"{source}: tensor {key!r} has shape {tuple(tensors[key].shape)}, fusion "
+                f"{entry.name!r} expects {tuple(target.shape)}"
+            )
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(tensors[key].to(dtype=target.dtype, device=target.device))
+
+
+def save_all_adapter_fusions(model: nn.Module, save_directory: str) -> None:
+    """See `ModelAdaptersMixin.save_all_adapter_fusions`."""
+    for name in get_state(model).fusions:
+        save_adapter_fusion(model, os.path.join(save_directory, name), name)
