@@ -10,12 +10,13 @@ import time
 
 import pytest
 import torch
-from conftest import FIXTURES
+import transformers as tf
+from conftest import FIXTURES, init
 from safetensors.torch import load_file
 
 import adapters
 from adapters.errors import CheckpointError, ConfigError
-from tests.models import SEED_INTERFACE, llama
+from tests.models import LLAMA_INTERFACE, SEED_INTERFACE, llama
 
 V0_1 = os.path.join(os.path.dirname(__file__), "..", "fixtures", "core", "v0_1")
 IDS = torch.arange(14).reshape(2, 7) % 100
@@ -38,9 +39,6 @@ def _peft_copy(tmp_path, **changes):
 
 def _fixture_llama():
     import transformers as tf
-    from conftest import init
-
-    from tests.models import LLAMA_INTERFACE
 
     base = tf.LlamaForCausalLM.from_pretrained(os.path.join(FIXTURES, "llama", "base")).eval()
     return init(base, LLAMA_INTERFACE)
@@ -137,8 +135,6 @@ def test_lora_checkpoint_of_version_0_1_still_loads():
 
 
 def test_lora_adapter_moves_between_head_classes(tmp_path):
-    import transformers as tf
-
     source = _lora_llama()
     source.add_adapter("a", config="lora[r=4, output_lora=True]", set_active=True)
     gen = torch.Generator().manual_seed(0)
