@@ -375,3 +375,22 @@ def test_fusion_configs_refuse_unknown_or_ill_typed_options():
         AdapterFusionConfig(temperature=1)
     with pytest.raises(ConfigError, match="dropout_prob=1.5"):
         resolve_fusion_config({"dropout_prob": 1.5})
+
+
+def test_save_pretrained_and_load_model_keep_fusions(fusable_plugins, tmp_path, ids):
+    import adapters
+
+    model = build()
+    model.add_adapter_fusion(Fuse("a", "b"), set_active=True)
+    set_logits(model, "a,b", [1.2, -0.3])
+    expected = model(ids).logits
+    model.save_pretrained(str(tmp_path / "full"))
+    weights = (tmp_path / "full" / "model.safetensors").read_bytes()
+    assert b"fusions" not in weights  # fusion tensors stay out of the base weights
+    loaded = adapters.load_model(str(tmp_path / "full"), type(llama()))
+    assert loaded.active_adapters == Fuse("a", "b")
+    torch.testing.assert_close(loaded(ids).logits, expected)
+
+    model.delete_adapter_fusion("a,b")
+    model.save_pretrained(str(tmp_path / "full"))
+    assert adapters.load_model(str(tmp_path / "full"), type(llama())).adapter_fusions == {}

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from adapters import AdapterConfig, Average, BatchSplit, ConfigError, MethodSpec, Stack, hookimpl
-from adapters.composition import apply_setup
+from adapters.composition import Rows, apply_setup
 from adapters.context import context_for
 
 #: The plugin contract version this plugin implements (see adapters.hookspecs).
@@ -65,7 +65,7 @@ class ScaleHost(nn.Module):
             return None  # nothing active: leave the output alone
         hidden = output[0] if isinstance(output, tuple) else output
 
-        def scale(name: str, h: torch.Tensor, rows: slice) -> torch.Tensor:
+        def scale(name: str, h: torch.Tensor, rows: Rows) -> torch.Tensor:
             return h * (1 + self.units[name].scale.to(h.dtype))
 
         new = apply_setup(setup, hidden, scale, owns=lambda name: name in self.units)

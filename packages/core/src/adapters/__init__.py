@@ -24,6 +24,11 @@ from .errors import (
     MethodNotInstalledError,
     NotInitializedError,
 )
+from .fusion_config import (
+    AdapterFusionConfig,
+    DynamicAdapterFusionConfig,
+    StaticAdapterFusionConfig,
+)
 from .initialization import init, load_model
 from .interface import AdapterModelInterface
 from .plugins import CheckpointFormat, MethodSpec, hookimpl
@@ -88,6 +93,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AdapterConfig",
+    "AdapterFusionConfig",
     "AdapterMethod",
     "AdapterModelInterface",
     "AdapterNotFoundError",
@@ -100,6 +106,7 @@ __all__ = [
     "CompositionError",
     "ConfigError",
     "ConfigUnion",
+    "DynamicAdapterFusionConfig",
     "ForwardContext",
     "Fuse",
     "InterfaceError",
@@ -111,6 +118,7 @@ __all__ = [
     "Parallel",
     "Split",
     "Stack",
+    "StaticAdapterFusionConfig",
     "current_context",
     "hookimpl",
     "init",

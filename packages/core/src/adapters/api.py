@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -47,6 +48,13 @@ class ModelAdaptersMixin:
     def adapter_sites(self) -> ModelSites:
         """The resolved sites (what plugins attach to)."""
         return get_state(self).sites
+
+    def iter_layers(self) -> Iterator[tuple[int, nn.Module]]:
+        """``(index, layer module)`` for every layer the interface names, in order (AdapterHub's
+        ``iter_layers``); with several ``model_layers`` stacks the index runs over all of them,
+        as in ``leave_out``."""
+        for layer in get_state(self).sites.layers:
+            yield layer.index, layer.layer.module
 
     @property
     def adapters_config(self) -> dict[str, AdapterConfig]:
@@ -560,12 +568,18 @@ class ModelAdaptersMixin:
         config: Any = None,
         load_as: str | None = None,
         set_active: bool = False,
+        loading_info: dict[str, list[str]] | None = None,
         **kwargs: Any,
     ) -> str:
         """Load an adapter directory (this library's format, or a foreign one a plugin reads,
         such as PEFT or AdapterHub); returns the adapter's name. ``config`` overrides the saved
-        config (for ambiguous foreign checkpoints); ``load_as`` renames it."""
-        return saving.load_adapter(
+        config (for ambiguous foreign checkpoints); ``load_as`` renames it.
+
+        ``loading_info``: a dict that gets the lists ``"missing_keys"`` and
+        ``"unexpected_keys"`` (created if absent, extended otherwise), as in AdapterHub. Loading
+        is strict here, so after a successful load both are empty: a checkpoint with missing
+        or unexpected tensors raises `CheckpointError` and leaves the model unchanged."""
+        name = saving.load_adapter(
             self,
             adapter_name_or_path,
             config=config,
@@ -573,6 +587,10 @@ class ModelAdaptersMixin:
             set_active=set_active,
             **kwargs,
         )
+        if loading_info is not None:
+            loading_info.setdefault("missing_keys", [])
+            loading_info.setdefault("unexpected_keys", [])
+        return name
 
     def save_all_adapters(self, save_directory: str, **kwargs: Any) -> None:
         """Save every adapter into ``save_directory/<name>``."""
@@ -584,10 +602,18 @@ class ModelAdaptersMixin:
 
     def save_pretrained(self, save_directory: str, *args: Any, **kwargs: Any) -> None:
         """The base model's ``save_pretrained`` without adapter tensors, plus
-        ``adapter_interface.json``, the active setup and every adapter in ``adapters/<name>``;
+        ``adapter_interface.json``, the active setup, every adapter in ``adapters/<name>`` and
+        every fusion layer in ``adapter_fusions/<name>``;
         ``adapters.load_model(save_directory, ModelClass)`` restores all of it."""
         parent_save = getattr(super(), "save_pretrained", None)
-        saving.save_pretrained(self, save_directory, parent_save, *args, **kwargs)
+        saving.save_pretrained(
+            self,
+            save_directory,
+            parent_save,
+            *args,
+            write_extra=lambda tmp: fusion.save_pretrained_fusions(self, tmp),
+            **kwargs,
+        )
 
     def average_adapter(
         self,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +38,7 @@ FUSION_CONFIG_NAME = "fusion_config.json"
 FUSION_WEIGHTS_NAME = "fusion_model.safetensors"
 FUSION_FORMAT = "adapters-fusion"
 FUSION_FORMAT_VERSION = 1
+FUSIONS_SUBDIR = "adapter_fusions"  # in a directory written by save_pretrained
 
 FuseLike = Fuse | Sequence[str] | str
 
@@ -356,3 +358,30 @@ def save_all_adapter_fusions(model: nn.Module, save_directory: str) -> None:
     """See `ModelAdaptersMixin.save_all_adapter_fusions`."""
     for name in get_state(model).fusions:
         save_adapter_fusion(model, os.path.join(save_directory, name), name)
+
+
+def save_pretrained_fusions(model: nn.Module, save_directory: str) -> None:
+    """``save_pretrained``'s part: every fusion layer into ``adapter_fusions/<name>``, and
+    fusion directories a previous save left there that the model no longer has removed (so
+    that ``load_model`` restores exactly this model's fusions)."""
+    directory = os.path.join(save_directory, FUSIONS_SUBDIR)
+    fusions = get_state(model).fusions
+    if os.path.isdir(directory):
+        for entry in os.listdir(directory):
+            stale = os.path.join(directory, entry)
+            if entry not in fusions and os.path.isfile(os.path.join(stale, FUSION_CONFIG_NAME)):
+                shutil.rmtree(stale)
+    if fusions:
+        save_all_adapter_fusions(model, directory)
+
+
+def load_all_adapter_fusions(model: nn.Module, directory: str) -> list[str]:
+    """Load every fusion directory saved by `save_all_adapter_fusions` (none if ``directory``
+    does not exist); returns their names."""
+    if not os.path.isdir(directory):
+        return []
+    return [
+        load_adapter_fusion(model, os.path.join(directory, entry))
+        for entry in sorted(os.listdir(directory))
+        if not entry.startswith(".") and os.path.isdir(os.path.join(directory, entry))
+    ]

@@ -44,8 +44,11 @@ The life of an adapter, as core drives it:
    saving and loading (``state_dict`` of the returned modules), atomicity, train/eval mode.
 4. During a forward call, a method's layers read `adapters.context.current_context()` for the
    effective setup, the attention mask and per-example positions, and compose with
-   `adapters.composition.apply_setup`.
+   `adapters.composition.apply_setup` (with ``handlers=`` for blocks the method evaluates
+   itself, such as ``Fuse`` and ``Split``).
 5. ``merge_adapter``, ``reset_adapter`` and ``delete_adapter`` call the matching hooks.
+6. For a method that declares ``Fuse``: ``add_adapter_fusion`` / ``delete_adapter_fusion`` call
+   `adapters_add_fusion` / `adapters_delete_fusion`.
 
 Implementations return ``None`` for configs that are not theirs; for the ``firstresult`` hooks
 core takes the first non-``None`` answer.

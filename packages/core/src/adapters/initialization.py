@@ -19,6 +19,7 @@ from torch import nn
 from .api import GenerateMixin, ModelAdaptersMixin
 from .errors import CheckpointError, InterfaceError
 from .forward import ForwardHooks
+from .fusion import FUSIONS_SUBDIR, load_all_adapter_fusions
 from .interface import INTERFACE_FILENAME, AdapterModelInterface
 from .lifecycle import ORIGINAL_CLASS_ATTR, original_class_of
 from .plugins import distribution_for, get_registry
@@ -161,35 +162,52 @@ def _add_adapters(model: nn.Module, configs: Mapping[str, Any]) -> None:
         model.add_adapter(name, config=config)  # type: ignore[operator]
 
 
-def load_model(path: str, model_class: Any, **kwargs: Any) -> nn.Module:
+def load_model(
+    path: str, model_class: Any, interface: AdapterModelInterface | None = None, **kwargs: Any
+) -> Any:
     """Load a model saved with ``save_pretrained`` of an initialised model: the base model
     (``model_class.from_pretrained(path, **kwargs)``; for a plain ``nn.Module`` class,
     ``model_class(**kwargs)`` and ``model.safetensors``), its interface, its adapters and its
-    active setup.
+    active setup. ``interface`` (as in AdapterHub) replaces the saved
+    ``adapter_interface.json``, which is then not needed.
 
     The folder is checked first: a half-written folder (no ``adapter_setup.json`` or manifest),
     a folder mixing files of different saves, a newer format version and adapter names that
     are not plain names (paths) raise `CheckpointError` before anything is loaded. Adapters are
-    read from ``path/adapters`` only."""
+    read from ``path/adapters`` only.
+
+    With ``output_loading_info=True`` (a ``from_pretrained`` option) it returns
+    ``(model, loading_info)`` as ``from_pretrained`` and AdapterHub's ``load_model`` do;
+    ``loading_info`` is transformers' (``missing_keys``, ``unexpected_keys``, ...) for the
+    base model; adapters load strictly (a mismatch raises), so they add no keys to it."""
     path = os.fspath(path)
     interface_path = os.path.join(path, INTERFACE_FILENAME)
-    if not os.path.isfile(interface_path):
-        raise CheckpointError(
-            f"{path!r} has no {INTERFACE_FILENAME}; was it saved from a model prepared with "
-            "adapters.init? For a plain transformers checkpoint use from_pretrained + init"
-        )
+    if interface is None:
+        if not os.path.isfile(interface_path):
+            raise CheckpointError(
+                f"{path!r} has no {INTERFACE_FILENAME}; was it saved from a model prepared "
+                "with adapters.init? Pass interface=..., or for a plain transformers "
+                "checkpoint use from_pretrained + init"
+            )
+        interface = AdapterModelInterface.load(interface_path)
     setup_meta, folders = read_saved_model_folder(path)
-    interface = AdapterModelInterface.load(interface_path)
+    info: dict[str, Any] | None = None
     if hasattr(model_class, "from_pretrained"):
         model = model_class.from_pretrained(path, **kwargs)
+        if kwargs.get("output_loading_info"):
+            model, info = model
     else:
+        want_info = bool(kwargs.pop("output_loading_info", False))
         model = model_class(**kwargs)
         weights = load_safetensors(os.path.join(path, "model.safetensors"))
-        model.load_state_dict(weights)
+        model.load_state_dict(weights)  # strict: on success nothing is missing or unexpected
+        if want_info:
+            info = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
     init(model, interface=interface)
     for name, folder in folders:
         load_adapter(model, folder, load_as=name)
+    load_all_adapter_fusions(model, os.path.join(path, FUSIONS_SUBDIR))
     active = active_setup_of(setup_meta, repr(path))
     if active is not None:
         model.set_active_adapters(active)  # type: ignore[attr-defined]
-    return model
+    return model if info is None else (model, info)

@@ -66,7 +66,15 @@ ADAPTERS_SUBDIR = "adapters"
 #: Marks a portable key of a module outside the base model (kept relative to the top level).
 TOP_PREFIX = "top:"
 # Names our saves write; an old folder's files of these names are never carried over.
-_OURS = {CONFIG_NAME, WEIGHTS_NAME, MANIFEST_NAME, SETUP_NAME, INTERFACE_FILENAME, ADAPTERS_SUBDIR}
+_OURS = {
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    MANIFEST_NAME,
+    SETUP_NAME,
+    INTERFACE_FILENAME,
+    ADAPTERS_SUBDIR,
+    "adapter_fusions",  # adapters.fusion.FUSIONS_SUBDIR
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -765,6 +773,9 @@ def _adapter_key_prefixes(model: nn.Module) -> tuple[str, ...]:
     for name in model.adapters_config:  # type: ignore[attr-defined]
         for module in model._entry(name).modules.values():  # type: ignore[operator]
             prefixes.append(names[id(module)] + ".")
+    for name in model.adapter_fusions:  # type: ignore[attr-defined]
+        for module in model.get_adapter_fusion(name).values():  # type: ignore[operator]
+            prefixes.append(names[id(module)] + ".")
     return tuple(prefixes)
 
 
@@ -781,10 +792,12 @@ def save_pretrained(
     save_directory: str,
     parent_save: Any,
     *args: Any,
+    write_extra: Callable[[str], None] | None = None,
     **kwargs: Any,
 ) -> None:
     """See `adapters.api.ModelAdaptersMixin.save_pretrained`; ``parent_save`` is the model
-    class's own ``save_pretrained`` (None for a plain ``nn.Module``)."""
+    class's own ``save_pretrained`` (None for a plain ``nn.Module``); ``write_extra(folder)``
+    adds more files (fusion layers) to the same atomic save."""
     merged = [n for n in model.adapters_config if model.is_merged(n)]  # type: ignore[attr-defined]
     if merged:
         raise CheckpointError(
@@ -813,6 +826,8 @@ def save_pretrained(
         adapters_dir = os.path.join(tmp, ADAPTERS_SUBDIR)
         for name in names:
             write_adapter_files(model, safe_join(adapters_dir, name), name)
+        if write_extra is not None:
+            write_extra(tmp)
         with open(os.path.join(tmp, SETUP_NAME), "w", encoding="utf-8") as f:
             json.dump(setup, f, indent=2)
 
@@ -820,7 +835,9 @@ def save_pretrained(
 
 
 def _our_file(rel: str) -> bool:
-    return rel in (INTERFACE_FILENAME, SETUP_NAME) or rel.startswith(ADAPTERS_SUBDIR + "/")
+    return rel in (INTERFACE_FILENAME, SETUP_NAME) or rel.startswith(
+        (ADAPTERS_SUBDIR + "/", "adapter_fusions/")
+    )
 
 
 def read_saved_model_folder(path: str) -> tuple[dict[str, Any], list[tuple[str, str]]]:

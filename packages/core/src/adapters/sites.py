@@ -15,18 +15,15 @@ place of its norm; the runtime capture lives in :mod:`adapters.subblocks`).
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import InterfaceError, InterfacePathError
 from .interface import AdapterModelInterface
-
-if TYPE_CHECKING:
-    from .subblocks import SubBlockHookHandle
 
 #: Positional kinds a model may use (`ModelSites.positional`); ``None`` there means unknown.
 POSITIONAL_KINDS = ("rotary", "absolute", "relative", "none")
@@ -197,10 +194,12 @@ class SubBlockSite:
         norm: the norm at the residual add (``layer_ln_1`` for attention, ``layer_ln_2`` for
             the feed-forward; None in ``"pre"`` placement and for cross-attention).
         norm_placement: ``"pre"``, ``"post"`` or ``"sandwich"``.
+        layer: the layer module it belongs to.
 
-    Use `register_hook` to edit ``out`` with ``x`` at hand; core captures ``x`` for the
-    duration of the call (per thread, compile-safe, also when the layer runs on its own or is
-    recomputed by activation checkpointing).
+    Use `adapters.subblocks.register_hook` to edit ``out`` with ``x`` at hand (or to replace
+    a post-LN residual add and its norm); core captures ``x`` for the duration of the call (per
+    thread, compile-safe, also when the layer runs on its own or is recomputed by activation
+    checkpointing).
     """
 
     kind: str
@@ -209,6 +208,7 @@ class SubBlockSite:
     residual: ModuleSite | None = None
     norm: ModuleSite | None = None
     norm_placement: str = "pre"
+    layer: ModuleSite | None = None
 
     @property
     def can_replace_add(self) -> bool:
@@ -230,17 +230,6 @@ class SubBlockSite:
                 "is the residual stream before it (usually its norm)"
             )
         return self.residual
-
-    def register_hook(
-        self,
-        fn: Callable[..., torch.Tensor | None],
-        *,
-        replace_add: bool = False,
-    ) -> SubBlockHookHandle:
-        """Call ``fn`` at each run of this sub-block; see `adapters.subblocks.register_hook`."""
-        from .subblocks import register_hook
-
-        return register_hook(self, fn, replace_add=replace_add)
 
 
 @dataclass(eq=False)
@@ -746,6 +735,7 @@ def _sub_blocks(site: LayerSite, interface: AdapterModelInterface) -> dict[str, 
                 residual=residual,
                 norm=norm if placement != "pre" else None,
                 norm_placement=placement,
+                layer=site.layer,
             )
     if site.output is not None:
         blocks["ffn"] = SubBlockSite(
@@ -755,6 +745,7 @@ def _sub_blocks(site: LayerSite, interface: AdapterModelInterface) -> dict[str, 
             residual=site.pre_ffn,
             norm=site.ln_2 if placement != "pre" else None,
             norm_placement=placement,
+            layer=site.layer,
         )
     return blocks
 

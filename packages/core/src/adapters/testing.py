@@ -39,11 +39,12 @@ from adapters.composition import (
     BatchSplit,
     Fuse,
     Parallel,
+    PerExample,
     Split,
     Stack,
 )
 from adapters.configs import AdapterConfig, config_parts, resolve_config
-from adapters.errors import CompositionError, ConfigError
+from adapters.errors import AdapterNotFoundError, CompositionError, ConfigError
 from adapters.interface import AdapterModelInterface
 
 __all__ = ["TINY_LLAMA", "AdapterMethodConformance", "llama_interface", "model_fingerprint"]
@@ -286,17 +287,21 @@ class AdapterMethodConformance:
             self.randomize_adapter(model, name, seed=seed)
         return model
 
-    def declared_blocks(self, config: Any) -> set[type]:
-        """The composition blocks every method of ``config`` declares (``Parallel`` comes with
-        ``BatchSplit``)."""
+    def method_specs(self, config: Any) -> list[Any]:
+        """The `adapters.MethodSpec` of every method of ``config``."""
         from adapters.plugins import get_registry
 
         methods = get_registry().methods
+        return [methods[part.method] for part in config_parts(resolve_config(config))]
+
+    def declared_blocks(self, config: Any) -> set[type]:
+        """The composition blocks every method of ``config`` declares (``Parallel`` and
+        ``PerExample``, i.e. ``adapter_names=``, come with ``BatchSplit``)."""
         supported: set[type] | None = None
-        for part in config_parts(resolve_config(config)):
-            blocks = set(methods[part.method].compositions)
+        for spec in self.method_specs(config):
+            blocks = set(spec.compositions)
             if BatchSplit in blocks:
-                blocks.add(Parallel)
+                blocks.update((Parallel, PerExample))
             supported = blocks if supported is None else supported & blocks
         return supported or set()
 
@@ -367,6 +372,52 @@ class AdapterMethodConformance:
         model.add_adapter(SECOND, config=adapter_config)
         self.randomize_adapter(model, SECOND, seed=2)
         assert torch.equal(self._outputs_with(model, FIRST, inputs), alone)
+
+    def test_new_adapter_modules_follow_the_model_mode(
+        self, adapter_config: Any, tmp_path: Any
+    ) -> None:
+        """Modules created by ``add_adapter`` and ``load_adapter`` take the model's train/eval
+        mode (a model loaded for inference stays deterministic), and follow ``train()`` /
+        ``eval()`` afterwards."""
+        model = self.initialised_model()
+        inputs = self.make_inputs(model)
+        model.add_adapter(FIRST, config=adapter_config)
+        self.randomize_adapter(model, FIRST)
+        training = sorted(n for n, m in model.named_modules() if m.training)
+        assert not training, f"modules in train mode in an eval model: {training}"
+        model.set_active_adapters(FIRST)
+        assert torch.equal(self.run(model, inputs), self.run(model, inputs))
+        directory = os.path.join(str(tmp_path), "adapter")
+        model.save_adapter(directory, FIRST)
+        model.load_adapter(directory, load_as=SECOND)
+        training = sorted(n for n, m in model.named_modules() if m.training)
+        assert not training, f"modules in train mode after load_adapter: {training}"
+        model.train()
+        evaluating = sorted(n for n, m in model.named_modules() if not m.training)
+        assert not evaluating, f"modules left in eval mode by model.train(): {evaluating}"
+
+    def test_merge_gives_the_unmerged_outputs_and_reset_restores_the_base(
+        self, adapter_config: Any
+    ) -> None:
+        """For methods that declare ``can_merge``: merged outputs equal the active unmerged
+        adapter's, with no adapter compute left; ``reset_adapter`` restores the base weights."""
+        if not all(spec.can_merge for spec in self.method_specs(adapter_config)):
+            pytest.skip("the method does not declare can_merge")
+        model = self.with_adapters(adapter_config)
+        inputs = self.make_inputs(model)
+        base = self.run(model, inputs)
+        base_state = {k: v.clone() for k, v in model.state_dict().items()}
+        active = self._outputs_with(model, FIRST, inputs)
+        model.merge_adapter(FIRST)
+        assert model.is_merged(FIRST)
+        self._close(self.run(model, inputs), active, "merged, still active: ")
+        self._close(self._outputs_with(model, None, inputs), active, "merged, inactive: ")
+        model.reset_adapter(FIRST)
+        assert not model.is_merged(FIRST)
+        self._close(self.run(model, inputs), base, "after reset_adapter: ")
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(value, base_state[key], atol=self.atol, rtol=0)
+        self._close(self._outputs_with(model, FIRST, inputs), active, "unmerged again: ")
 
     # -- training ----------------------------------------------------------------------------
     def test_train_adapter_trains_only_its_parameters(self, adapter_config: Any) -> None:
@@ -476,6 +527,23 @@ class AdapterMethodConformance:
         self._close(both[:rows], first, "Parallel branch a: ")
         self._close(both[rows:], second, "Parallel branch b: ")
 
+    def test_per_example_adapter_names(self, adapter_config: Any) -> None:
+        """``model(**inputs, adapter_names=[a, None, b])``: each example equals a run of its
+        adapter alone (``None``: the base model); an unknown name raises
+        `AdapterNotFoundError`."""
+        model = self._composition_model(adapter_config, PerExample)
+        inputs = self.make_inputs(model, batch_size=3)
+        base = self.run(model, inputs)
+        first = self._outputs_with(model, FIRST, inputs)
+        second = self._outputs_with(model, SECOND, inputs)
+        model.set_active_adapters(None)
+        mixed = self.run(model, {**inputs, "adapter_names": [FIRST, None, SECOND]})
+        self._close(mixed[0], first[0], "adapter_names example 0 (a): ")
+        self._close(mixed[1], base[1], "adapter_names example 1 (None): ")
+        self._close(mixed[2], second[2], "adapter_names example 2 (b): ")
+        with pytest.raises(AdapterNotFoundError):
+            self.run(model, {**inputs, "adapter_names": [FIRST, "no_such_adapter", None]})
+
     def test_average_composition(self, adapter_config: Any) -> None:
         """``Average(a, b, weights=w)`` is ``h + sum w_i delta_i``: weights (1, 0) give ``a``,
         (0, 1) give ``b``, ``Average(a, a)`` gives ``a``; equal weights differ from both."""
@@ -505,6 +573,7 @@ class AdapterMethodConformance:
             Parallel(FIRST, SECOND),
             Fuse(FIRST, SECOND),
             Split(FIRST, SECOND, splits=[2, 2]),
+            PerExample([FIRST, SECOND]),
         ]
         model.set_active_adapters(FIRST)
         expected = model.active_adapters
@@ -515,6 +584,10 @@ class AdapterMethodConformance:
             with pytest.raises(CompositionError):
                 model.train_adapter(block)
             assert model.active_adapters == expected, f"a refused {block!r} changed the setup"
+        if PerExample not in declared:
+            inputs = self.make_inputs(model, batch_size=2)
+            with pytest.raises(CompositionError):
+                self.run(model, {**inputs, "adapter_names": [FIRST, SECOND]})
         if not refused:
             pytest.skip("the method declares every composition block")
 
@@ -647,6 +720,35 @@ class AdapterMethodConformance:
         )
         self._differ(
             torch.stack(cached.scores), torch.stack(base.scores), "generate ignores the adapter"
+        )
+
+    def test_generate_with_adapter_names_equals_each_adapter_alone(
+        self, adapter_config: Any
+    ) -> None:
+        """``generate(..., adapter_names=[a, None])``: each example's tokens and scores equal
+        those of generating with its adapter alone (``None``: the base model)."""
+        model = self._composition_model(adapter_config, PerExample)
+        if not (callable(getattr(model, "generate", None)) and _can_generate(model)):
+            pytest.skip("the model does not generate")
+        inputs = self.make_inputs(model)
+        kwargs = {
+            **inputs,
+            **self.generation_kwargs(model),
+            "return_dict_in_generate": True,
+            "output_scores": True,
+        }
+        base = model.generate(**kwargs)
+        with adapters.AdapterSetup(FIRST):
+            first = model.generate(**kwargs)
+        mixed = model.generate(**kwargs, adapter_names=[FIRST, None])
+        assert torch.equal(mixed.sequences[0], first.sequences[0])
+        assert torch.equal(mixed.sequences[1], base.sequences[1])
+        scores = torch.stack(mixed.scores)
+        torch.testing.assert_close(
+            scores[:, 0], torch.stack(first.scores)[:, 0], atol=1e-4, rtol=1e-4
+        )
+        torch.testing.assert_close(
+            scores[:, 1], torch.stack(base.scores)[:, 1], atol=1e-4, rtol=1e-4
         )
 
 
