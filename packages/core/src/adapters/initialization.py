@@ -182,6 +182,7 @@ def load_model(
     base model; adapters load strictly (a mismatch raises), so they add no keys to it."""
     path = os.fspath(path)
     interface_path = os.path.join(path, INTERFACE_FILENAME)
+    interface_given = interface is not None
     if interface is None:
         if not os.path.isfile(interface_path):
             raise CheckpointError(
@@ -190,7 +191,7 @@ def load_model(
                 "checkpoint use from_pretrained + init"
             )
         interface = AdapterModelInterface.load(interface_path)
-    setup_meta, folders = read_saved_model_folder(path)
+    setup_meta, folders = read_saved_model_folder(path, interface_given)
     info: dict[str, Any] | None = None
     if hasattr(model_class, "from_pretrained"):
         model = model_class.from_pretrained(path, **kwargs)

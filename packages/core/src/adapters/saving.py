@@ -212,10 +212,13 @@ def read_manifest(folder: str) -> dict[str, Any] | None:
 
 
 def verify_manifest(
-    folder: str, hash_files: Callable[[str], bool] = lambda rel: True
+    folder: str,
+    hash_files: Callable[[str], bool] = lambda rel: True,
+    optional: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """Check that every file the manifest of ``folder`` lists is there with its size (and
-    sha256, for files ``hash_files`` selects); `CheckpointError` otherwise, naming the file."""
+    sha256, for files ``hash_files`` selects); `CheckpointError` otherwise, naming the file.
+    Files in ``optional`` may be missing (not replaced)."""
     manifest = read_manifest(folder)
     if manifest is None:
         raise CheckpointError(
@@ -226,6 +229,8 @@ def verify_manifest(
         if name_problem_of_path(rel):
             raise CheckpointError(f"{folder!r}: the manifest lists the unsafe path {rel!r}")
         full = os.path.join(folder, *rel.split("/"))
+        if rel in optional and not os.path.lexists(full):
+            continue
         if not os.path.isfile(full):
             raise CheckpointError(
                 f"{folder!r} lacks {rel!r}, which its manifest lists: an incomplete save"
@@ -840,11 +845,14 @@ def _our_file(rel: str) -> bool:
     )
 
 
-def read_saved_model_folder(path: str) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+def read_saved_model_folder(
+    path: str, interface_given: bool = False
+) -> tuple[dict[str, Any], list[tuple[str, str]]]:
     """Check a folder written by ``save_pretrained`` before anything is loaded from it: its
     setup file and manifest (a half-written or mixed folder is refused), the format version,
     and the adapter names (never a path leaving ``path``). Returns the setup and
-    ``[(name, adapter folder)]``."""
+    ``[(name, adapter folder)]``. With ``interface_given`` (``load_model(...,
+    interface=...)``) the saved interface file may be missing."""
     setup_path = os.path.join(path, SETUP_NAME)
     if not os.path.isfile(setup_path):
         raise CheckpointError(
@@ -855,7 +863,8 @@ def read_saved_model_folder(path: str) -> tuple[dict[str, Any], list[tuple[str, 
     version = check_format_version(setup, repr(setup_path))
     if version >= 2:
         # base weights are checked by size (they can be large), our files by sha256
-        verify_manifest(path, hash_files=_our_file)
+        optional = frozenset({INTERFACE_FILENAME}) if interface_given else frozenset()
+        verify_manifest(path, hash_files=_our_file, optional=optional)
     names = setup.get("adapters", [])
     if not isinstance(names, list):
         raise CheckpointError(f"{setup_path!r}: field 'adapters' is not a list")
