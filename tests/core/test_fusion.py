@@ -253,6 +253,22 @@ def test_train_adapter_with_a_fuse_does_not_unfreeze_the_fused_adapters(model):
     assert not rows["Full model"]["train"]
 
 
+def test_fusion_regularization_loss_sums_the_methods_terms_of_training_fusions(model):
+    model.add_adapter_fusion(Fuse("a", "b"))  # dynamic: regularization=True
+    model.add_adapter_fusion(Fuse("b", "c"), config="static")  # regularization=False
+    set_logits(model, "a,b", [1.0, 2.0])
+    set_logits(model, "b,c", [3.0, 3.0])
+    model.train_adapter("c")
+    assert model.get_fusion_regularization_loss() is None  # no fusion trains
+    model.train_adapter_fusion(Stack(Fuse("a", "b"), Fuse("b", "c")))
+    loss = model.get_fusion_regularization_loss()
+    torch.testing.assert_close(loss, torch.tensor(0.01 * 2 * (1.0 + 4.0)))
+    loss.backward()
+    assert model.get_adapter_fusion("a,b")["model.layers.0"].logits.grad.tolist() == pytest.approx(
+        [0.02, 0.04]
+    )
+
+
 def test_freeze_model_leaves_fusion_layers_alone(model):
     model.add_adapter_fusion(Fuse("a", "b"))
     model.train_adapter_fusion(Fuse("a", "b"))

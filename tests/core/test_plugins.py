@@ -1,4 +1,5 @@
 import ast
+import inspect
 import pathlib
 from dataclasses import dataclass
 from typing import ClassVar
@@ -179,11 +180,16 @@ def test_a_malformed_contract_declaration_is_refused(declared):
         plugins.Registry().register(plugin, "toy_lora")
 
 
-def test_every_first_party_plugin_declares_the_current_contract():
+def test_installed_plugins_are_plugin_modules_of_plain_functions_declaring_the_contract():
     registry = plugins.get_registry()
     for spec in registry.methods.values():
         plugin = registry.pm.get_plugin(spec.plugin)
         assert plugin.ADAPTERS_CONTRACT == hookspecs.CONTRACT_VERSION, spec.plugin
+        assert inspect.ismodule(plugin), plugin
+        for caller in registry.pm.get_hookcallers(plugin):
+            [impl] = [i for i in caller.get_hookimpls() if i.plugin is plugin]
+            assert inspect.isfunction(impl.function), (plugin.__name__, caller.name)
+            assert impl.function.__module__.endswith(".plugin"), (plugin.__name__, caller.name)
 
 
 # -- hook names -------------------------------------------------------------------------------
@@ -484,3 +490,20 @@ def test_core_has_no_import_cycle():
 
 def test_the_cycle_check_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+
+
+def test_the_plugin_guide_documents_every_field_a_plugin_touches():
+    import dataclasses
+
+    from adapters.context import ForwardContext
+
+    guide = pathlib.Path(__file__).parents[2] / "docs" / "writing-a-plugin.md"
+    text = guide.read_text(encoding="utf-8")
+    for cls in (ForwardContext, MethodSpec, CheckpointFormat):
+        names = [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")]
+        names += [n for n, v in vars(cls).items() if isinstance(v, property)]
+        missing = [n for n in names if f"`{n}`" not in text]
+        assert not missing, f"{cls.__name__} fields missing from {guide.name}: {missing}"
+    for hook in (n for n in dir(hookspecs) if n.startswith("adapters_")):
+        assert f"`{hook}`" in text, hook
+    assert "ADAPTERS_CONTRACT" in text and "get_adapter" in text

@@ -155,3 +155,10 @@ class ToyFusablePlugin:
             del layer.layer.module.toy_fusable.fusions[name]
             self._drop_if_empty(layer)
         return True
+
+    @hookimpl
+    def adapters_fusion_regularization_loss(self, model, sites, name, children, config, method):
+        if method != "toy_fusable":
+            return None
+        layers = [layer.layer.module.toy_fusable.fusions[name] for layer in sites.layers]
+        return 0.01 * sum((layer.logits**2).sum() for layer in layers)

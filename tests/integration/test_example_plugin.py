@@ -75,3 +75,85 @@ def test_the_example_trains_saves_and_loads(tmp_path):
     assert not torch.equal(fresh(ids).logits, adapted)
     fresh.set_active_adapters(Stack("scale", "other"))
     assert torch.equal(fresh(ids).logits, adapted)  # "other" is still the identity
+
+
+def test_the_entry_point_loads_the_plugin_module_declaring_the_contract():
+    registry = reload_plugins()
+    plugin = registry.pm.get_plugin("hidden_scale")
+    assert plugin.ADAPTERS_CONTRACT == adapters.hookspecs.CONTRACT_VERSION
+    hooks = {c.name: c for c in registry.pm.get_hookcallers(plugin)}
+    assert set(hooks) == {
+        "adapters_register_methods",
+        "adapters_add_adapter",
+        "adapters_delete_adapter",
+    }
+    for caller in hooks.values():
+        [impl] = [i for i in caller.get_hookimpls() if i.plugin is plugin]
+        assert impl.function.__module__ == "adapters_hidden_scale.plugin"
+
+
+def _installed_distribution(root, name, module, source):
+    """A distribution installed into directory ``root``: its metadata (with one
+    ``adapters.methods`` entry point) and its module, as pip would leave them."""
+    info = root / f"{name.replace('-', '_')}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[adapters.methods]\n{module} = {module}\n")
+    (root / f"{module}.py").write_text(source)
+
+
+COPYCAT = """
+from dataclasses import dataclass
+from typing import ClassVar
+
+from adapters import AdapterConfig, MethodSpec, hookimpl
+
+ADAPTERS_CONTRACT = "1.0"
+
+
+@dataclass(frozen=True)
+class CopycatConfig(AdapterConfig):
+    method: ClassVar[str] = "copycat"
+
+
+@hookimpl
+def adapters_register_methods(register):
+    register(MethodSpec("copycat", (CopycatConfig,), {"hidden_scale": CopycatConfig()}))
+"""
+
+
+def _plugins_command(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
+    return subprocess.run(
+        [sys.executable, "-m", "adapters.cli", "plugins"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
+
+
+def test_an_installed_plugin_claiming_the_examples_preset_is_refused(tmp_path):
+    # Entry points load in name order: "zz_copycat" comes after "hidden_scale".
+    _installed_distribution(tmp_path, "adapters-copycat", "zz_copycat", COPYCAT)
+    out = _plugins_command(tmp_path)
+    assert out.returncode == 1
+    assert (
+        "CONFLICT: plugin 'zz_copycat' (adapters-copycat) was not loaded: PluginConflictError: "
+        "preset 'hidden_scale' is already provided by plugin 'hidden_scale' "
+        "(adapters-hidden-scale 0.1.0)"
+    ) in out.stderr
+    assert "hidden_scale" in out.stdout and "copycat" not in out.stdout
+
+
+def test_an_installed_0_1_plugin_is_refused_and_the_example_still_loads(tmp_path):
+    old = COPYCAT.replace('ADAPTERS_CONTRACT = "1.0"\n', "").replace('"hidden_scale"', '"old"')
+    _installed_distribution(tmp_path, "adapters-old", "old_plugin", old)
+    out = _plugins_command(tmp_path)
+    assert out.returncode == 1
+    assert (
+        "FAILED to load plugin 'old_plugin' (adapters-old): PluginContractError: plugin "
+        "'old_plugin' (adapters-old 1.0) declares no plugin contract version"
+    ) in out.stderr
+    assert "serves contract 1.0" in out.stderr
+    assert "hidden_scale" in out.stdout

@@ -167,3 +167,32 @@ def test_a_plain_trainer_checkpoint_is_refused_with_the_fix(tmp_path):
 def test_a_model_without_adapters_init_is_refused(tmp_path):
     with pytest.raises(NotInitializedError, match="adapters.init"):
         AdapterTrainer(model=llama(), args=_args(tmp_path))
+
+
+def test_training_a_fusion_adds_its_regularization_to_the_loss(tmp_path):
+    from adapters import Fuse, plugins
+    from tests.core.conftest import init_toy
+    from tests.core.toy_fusion import ToyFusablePlugin
+
+    registry = plugins.get_registry()
+    registry.register(ToyFusablePlugin(), "toy_fusable")
+    try:
+        model = init_toy(llama(), methods=["toy_fusable"])
+        model.add_adapter("a", config="toy_fusable")
+        model.add_adapter("b", config="toy_fusable")
+        model.add_adapter_fusion(Fuse("a", "b"))
+        with torch.no_grad():
+            for layer in model.get_adapter_fusion("a,b").values():
+                layer.logits.copy_(torch.tensor([3.0, -1.0]))
+        model.train_adapter_fusion(Fuse("a", "b"))
+        trainer = AdapterTrainer(model=model, args=_args(tmp_path, max_steps=1))
+        batch = trainer._prepare_inputs({"input_ids": _data(2)[0]["input_ids"][None]})
+        batch["labels"] = batch["input_ids"]
+        plain = model(**batch).loss
+        with_reg = trainer.compute_loss(model, batch)
+        expected = 0.01 * 2 * (9.0 + 1.0)  # the toy's term: 0.01 * sum of squared logits
+        torch.testing.assert_close(with_reg - plain, torch.tensor(expected), rtol=1e-4, atol=1e-6)
+        model.eval()
+        torch.testing.assert_close(trainer.compute_loss(model, batch), plain)
+    finally:
+        registry.unregister("toy_fusable")

@@ -1,18 +1,282 @@
-"""AdapterHub bottleneck checkpoints (format ``"adapterhub-bottleneck"``)."""
+"""AdapterHub bottleneck checkpoints: format ``"adapterhub-bottleneck"`` (read and write).
+
+An AdapterHub adapter directory holds ``adapter_config.json`` (``{"config": {...}, "name": ...,
+...}`` with ``"architecture"`` absent or null for bottleneck adapters) and
+``pytorch_adapter.bin`` or ``adapter.safetensors``. Two key layouts are read, given the
+matching interface:
+
+- AdapterHub's plugin interface: ``{layer}.attention_adapters.adapters.<name>.<param>`` and
+  ``{layer}.output_adapters.adapters.<name>.<param>`` (``model.layers.0....`` on a Llama);
+- AdapterHub's built-in models (BERT, RoBERTa, XLM-R, ...): ``{layer}.attention.output.adapters.
+  <name>.<param>``, ``{layer}.output.adapters.<name>.<param>`` and
+  ``{layer}.crossattention.output.adapters.<name>.<param>`` (``encoder.layer.0....``, with a
+  ``bert.`` / ``roberta.`` prefix when saved from a model with a head).
+
+Both also hold ``invertible_adapters.<name>.<param>`` and ``shared_parameters.<name>.<param>``
+(Compacter's shared rule). Parameter names below ``<name>`` are the same as this package's.
+``.bin`` files are read with ``torch.load(weights_only=True)``: nothing is ever unpickled
+beyond tensors. AdapterHub's GLOW coupling is not the GLOW of the paper (its forward ignores
+its first subnetwork), so GLOW checkpoints are refused.
+
+Writing produces AdapterHub's plugin-interface layout (``pytorch_adapter.bin`` and
+``adapter.safetensors`` with the same tensors), loadable by AdapterHub on a model initialised
+with the matching ``AdapterModelInterface``.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
 from adapters import CheckpointFormat
+from adapters.configs import AdapterConfig
+from adapters.errors import CheckpointError
+from adapters.saving import load_tensor_file, read_json_object
+from adapters.sites import ModelSites
+
+from .config import BnConfig
 
 FORMAT_NAME = "adapterhub-bottleneck"
+CONFIG_FILE = "adapter_config.json"
+WEIGHT_FILES = ("adapter.safetensors", "pytorch_adapter.bin")
+AH_VERSION = "adapters.1.3.0"
+
+#: AdapterHub's container names -> our locations.
+_CONTAINERS = {
+    "attention_adapters.adapters": "mh_adapter",
+    "output_adapters.adapters": "output_adapter",
+    "cross_attention_adapters.adapters": "cross_adapter",
+    "attention.output.adapters": "mh_adapter",
+    "output.adapters": "output_adapter",
+    "crossattention.output.adapters": "cross_adapter",
+}
+_LAYER_KEY = re.compile(
+    r"^(?P<layer>.+?)\.(?P<container>attention_adapters\.adapters|output_adapters\.adapters|"
+    r"cross_attention_adapters\.adapters|crossattention\.output\.adapters|"
+    r"attention\.output\.adapters|output\.adapters)\.(?P<name>[^.]+)\.(?P<param>.+)$"
+)
+_MODEL_KEY = re.compile(
+    r"^(?:(?P<prefix>.+)\.)?(?P<kind>invertible_adapters|shared_parameters)\.(?P<name>[^.]+)\."
+    r"(?P<param>.+)$"
+)
+_WRITE_CONTAINERS = {
+    "mh_adapter": "attention_adapters.adapters",
+    "output_adapter": "output_adapters.adapters",
+    "cross_adapter": "cross_attention_adapters.adapters",
+}
+
+
+def _saved(path: str) -> dict[str, Any] | None:
+    data = read_json_object(os.path.join(path, CONFIG_FILE))
+    if data is None or data.get("format") == "adapters" or "peft_type" in data:
+        return None
+    return data if isinstance(data.get("config"), dict) else None
 
 
 def detect(path: str) -> bool:
-    return False
+    """True for an AdapterHub directory whose adapter is a bottleneck adapter."""
+    data = _saved(path)
+    if data is None or data["config"].get("architecture") is not None:
+        return False
+    return any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES)
 
 
-def read(path, model, sites, config):
-    raise NotImplementedError
+def config_from_adapterhub(raw: dict[str, Any]) -> BnConfig:
+    """Our `BnConfig` for an AdapterHub bottleneck config dict (every field carried over)."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(BnConfig)}
+    values = {k: v for k, v in raw.items() if k != "architecture"}
+    legacy = values.pop("invertible_adapter", None)  # AdapterHub v1's nested form
+    if isinstance(legacy, dict):
+        values.setdefault("inv_adapter", legacy.get("block_type"))
+        values.setdefault("inv_adapter_reduction_factor", legacy.get("reduction_factor"))
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise CheckpointError(
+            f"AdapterHub bottleneck config has options {unknown} that adapters-bottleneck "
+            "does not know; its outputs could not be reproduced"
+        )
+    if values.get("inv_adapter") == "glow":
+        raise CheckpointError(
+            "AdapterHub's GLOW invertible adapter is not the GLOW coupling of the paper (its "
+            "forward does not use its first subnetwork), so its outputs cannot be reproduced; "
+            "NICE ('nice') checkpoints are supported"
+        )
+    if isinstance(values.get("scaling"), int) and not isinstance(values.get("scaling"), bool):
+        values["scaling"] = float(values["scaling"])
+    missing = [k for k in ("mh_adapter", "output_adapter", "reduction_factor") if k not in values]
+    if missing:
+        raise CheckpointError(f"AdapterHub bottleneck config lacks {missing}")
+    values.setdefault("non_linearity", "relu")
+    return BnConfig(**values)
 
 
-ADAPTERHUB_FORMAT = CheckpointFormat(name=FORMAT_NAME, detect=detect, read=read)
+def _layer_for(path: str, candidates: dict[str, Any]) -> Any | None:
+    if path in candidates:
+        return candidates[path]
+    found = [c for p, c in candidates.items() if p.endswith("." + path) or path.endswith("." + p)]
+    return found[0] if len(found) == 1 else None
+
+
+def read(
+    path: str, model: nn.Module, sites: ModelSites, config: AdapterConfig | None
+) -> tuple[BnConfig, dict[str, torch.Tensor]]:
+    """Read an AdapterHub bottleneck directory: (config, tensors under this plugin's keys)."""
+    from .plugin import adapter_key, invertible_key, plan, shared_key
+
+    data = _saved(path)
+    if data is None:
+        raise CheckpointError(f"{path!r} has no AdapterHub {CONFIG_FILE}")
+    saved = config_from_adapterhub(data["config"])
+    if config is not None and not isinstance(config, BnConfig):
+        raise CheckpointError(
+            f"{path!r} holds an AdapterHub bottleneck adapter but config="
+            f"{type(config).__name__} was given; pass a bottleneck config or none"
+        )
+    chosen = config if config is not None else saved
+    raw = _load(path)
+    layers = {layer.layer.path: layer for layer in sites.layers}
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"AdapterHub entry {key!r} in {path!r} is not a tensor")
+        match = _MODEL_KEY.match(key)
+        if match is not None:
+            if match["kind"] == "invertible_adapters":
+                if sites.embeddings is None:
+                    raise CheckpointError(
+                        f"{path!r} has an invertible adapter but the interface names no "
+                        "model_embeddings"
+                    )
+                tensors[f"{invertible_key(sites)}.{match['param']}"] = value
+            else:
+                tensors[f"{shared_key(sites)}.{match['param']}"] = value
+            continue
+        match = _LAYER_KEY.match(key)
+        if match is None:
+            raise CheckpointError(
+                f"AdapterHub tensor {key!r} in {path!r} is not a bottleneck adapter weight"
+            )
+        layer = _layer_for(match["layer"], layers)
+        if layer is None:
+            raise CheckpointError(
+                f"AdapterHub adapter tensor {key!r} belongs to layer {match['layer']!r}, which "
+                "is not a layer of this model's AdapterModelInterface; check model_layers"
+            )
+        location = _CONTAINERS[match["container"]]
+        tensors[f"{adapter_key(layer, location)}.{match['param']}"] = value
+    _check_complete(path, chosen, sites, tensors, plan)
+    return chosen, tensors
+
+
+def _check_complete(path: str, config: BnConfig, sites: ModelSites, tensors, plan) -> None:
+    """Refuse a checkpoint that lacks what the adapter needs (a missing shared PHM rule:
+    AdapterHub drops it from built-in models, pitfall 26) or that adapts other sub-blocks."""
+    from .plugin import shared_key
+
+    wanted = {p.key for p in plan(sites, config)}
+    given = set()
+    for key in tensors:
+        layer, found, rest = key.partition(".bottleneck.")
+        if found:
+            given.add(f"{layer}.bottleneck.{rest.split('.')[0]}")
+    if wanted != given:
+        raise CheckpointError(
+            f"the AdapterHub checkpoint {path!r} adapts {sorted(given)[:4]}..., but its config "
+            f"({config}) adapts {sorted(wanted)[:4]}... on this model; check the interface"
+        )
+    if config.phm_layer and (config.shared_phm_rule or config.shared_W_phm):
+        prefix = shared_key(sites) + "."
+        if not any(k.startswith(prefix) for k in tensors):
+            raise CheckpointError(
+                f"the AdapterHub Compacter checkpoint {path!r} lacks its shared PHM parameters "
+                "(shared_parameters.<name>.phm_rule): AdapterHub's save drops them on its "
+                "built-in models, so the adapter cannot be restored from this directory; save "
+                "it again from AdapterHub with the shared parameters, or from this library"
+            )
+
+
+def _load(path: str) -> dict[str, torch.Tensor]:
+    for name in WEIGHT_FILES:
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            return load_tensor_file(file)
+    raise CheckpointError(f"{path!r} holds none of the weight files {list(WEIGHT_FILES)}")
+
+
+def write(
+    path: str,
+    model: nn.Module,
+    sites: ModelSites,
+    name: str,
+    config: AdapterConfig,
+    state_dict: dict[str, torch.Tensor],
+) -> None:
+    """Write adapter ``name`` in AdapterHub's plugin-interface layout into ``path``."""
+    from .plugin import invertible_key, shared_key
+
+    if not isinstance(config, BnConfig):
+        raise CheckpointError(
+            f"format {FORMAT_NAME!r} writes bottleneck adapters; {name!r} is a "
+            f"{type(config).__name__}"
+        )
+    if config.inv_adapter == "glow":
+        raise CheckpointError(
+            "AdapterHub's GLOW coupling computes something else than this package's (see "
+            "adapters_bottleneck.interop); a GLOW adapter cannot be written for AdapterHub"
+        )
+    if "." in name:
+        raise CheckpointError(f"AdapterHub adapter names cannot contain '.': {name!r}")
+    layer_paths = {layer.layer.path for layer in sites.layers}
+    out: dict[str, torch.Tensor] = {}
+    inv_prefix = invertible_key(sites) + "." if sites.embeddings is not None else None
+    shared_prefix = shared_key(sites) + "."
+    base = sites.base_model.path
+    base_dot = f"{base}." if base else ""
+    for key, value in state_dict.items():
+        if inv_prefix and key.startswith(inv_prefix):
+            out[f"{base_dot}invertible_adapters.{name}.{key[len(inv_prefix) :]}"] = value
+            continue
+        if key.startswith(shared_prefix):
+            out[f"{base_dot}shared_parameters.{name}.{key[len(shared_prefix) :]}"] = value
+            continue
+        layer, _, rest = key.partition(".bottleneck.")
+        location, _, param = rest.partition(".")
+        if layer not in layer_paths or location not in _WRITE_CONTAINERS:
+            raise CheckpointError(f"cannot place tensor {key!r} in AdapterHub's layout")
+        out[f"{layer}.{_WRITE_CONTAINERS[location]}.{name}.{param}"] = value
+    out = {k: v.detach().contiguous().cpu() for k, v in out.items()}
+    raw_config = {k: _plain(v) for k, v in config.to_dict().items()}
+    raw_config.pop("method", None)
+    raw_config.pop("config_class", None)
+    meta = {
+        "config": {**raw_config, "architecture": None},
+        "hidden_size": sites.hidden_size,
+        "model_class": type(model).__name__.removesuffix("WithAdapters"),
+        "model_name": "",
+        "model_type": getattr(getattr(model, "config", None), "model_type", None),
+        "name": name,
+        "version": AH_VERSION,
+    }
+    with open(os.path.join(path, CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+    torch.save(out, os.path.join(path, "pytorch_adapter.bin"))
+    save_file(out, os.path.join(path, "adapter.safetensors"), metadata={"format": "pt"})
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, dict):
+        return dict(value)
+    return value
+
+
+ADAPTERHUB_FORMAT = CheckpointFormat(name=FORMAT_NAME, detect=detect, read=read, write=write)

@@ -21,6 +21,7 @@ of the model's output embeddings (``get_output_embeddings()``), when it has them
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -30,8 +31,11 @@ from adapters.composition import (
     AdapterCompositionBlock,
     Average,
     BatchSplit,
+    Compose,
+    PerExample,
+    Rows,
     Split,
-    Stack,
+    apply_setup,
 )
 from adapters.context import context_for
 from adapters.errors import AdaptersError, CompositionError
@@ -77,7 +81,7 @@ class SubBlockHost(nn.Module):
         self.__dict__["model"] = model
         self.__dict__["norm"] = norm
         self._residual: torch.Tensor | None = None
-        self._norm_output: torch.Tensor | None = None
+        self._norm_output: tuple[torch.Tensor, torch.Tensor] | None = None
         self._activity: tuple[Any, bool] = (None, False)
 
     def forget_setup(self) -> None:
@@ -88,12 +92,6 @@ class SubBlockHost(nn.Module):
     def capture_residual(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook on the residual-input module: remember the sub-block's input."""
         self._residual = _first_tensor(args, kwargs)
-
-    def replace_norm(self, module: nn.Module, args: Any, output: Any) -> Any:
-        """Forward hook on the layer's norm after the residual add: with
-        ``original_ln_after=False`` the adapter's output replaces the norm's."""
-        replacement, self._norm_output = self._norm_output, None
-        return replacement
 
     def hook(self, module: nn.Module, args: Any, output: Any) -> Any:
         """Forward hook on the sub-block's output projection: apply the active adapters."""
@@ -124,15 +122,27 @@ class SubBlockHost(nn.Module):
     def run(
         self, setup: AdapterCompositionBlock, hidden: torch.Tensor, residual: torch.Tensor | None
     ) -> torch.Tensor:
-        """The sub-block output the model should continue with, for ``setup``."""
-        state = self.compose(setup, hidden, residual)
-        last = [name for name in setup.flatten() if name in self.adapters][-1]
-        if self.adapters[last].original_ln_after:
-            return state  # the model's own residual add (and norm) follow
+        """The sub-block output the model should continue with, for ``setup``.
+
+        Examples whose last adapter here has ``original_ln_after=False`` skip the model's
+        residual add and norm: on a post-LN sub-block the norm's output is replaced for them,
+        on a pre-LN one the residual is subtracted (the model adds it back)."""
+        out, replaced = self._evaluate(setup, hidden, residual)
+        if replaced is None:
+            return out  # the model's own residual add (and norm) follow
         if self.norm is not None:
-            self._norm_output = state  # replace the norm's output with the adapter's
-            return state
-        return state - residual  # the model adds the residual back
+            self._norm_output = (out, replaced)
+            return out
+        return torch.where(replaced, out - residual, out)
+
+    def replace_norm(self, module: nn.Module, args: Any, output: Any) -> Any:
+        """Forward hook on the layer's norm after the residual add: with
+        ``original_ln_after=False`` the adapter's output replaces the norm's."""
+        pending, self._norm_output = self._norm_output, None
+        if pending is None:
+            return None
+        out, replaced = pending
+        return torch.where(replaced, out.to(output.dtype), output)
 
     def compose(
         self,
@@ -140,65 +150,61 @@ class SubBlockHost(nn.Module):
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Evaluate ``setup`` on ``hidden`` (see ``docs/bottleneck.md`` for each block)."""
-        if isinstance(setup, str):
-            adapter = self.adapters[setup] if setup in self.adapters else None
-            return hidden if adapter is None else adapter.step(hidden, residual, self.norm)
-        if isinstance(setup, Stack):
-            for child in setup.children:
-                hidden = self.compose(child, hidden, residual)
-            return hidden
-        if isinstance(setup, BatchSplit):
-            if sum(setup.batch_sizes) != hidden.shape[0]:
-                raise CompositionError(
-                    f"BatchSplit batch_sizes={setup.batch_sizes} sum to "
-                    f"{sum(setup.batch_sizes)} but the batch has {hidden.shape[0]} examples"
-                )
-            return torch.cat(
-                [
-                    self.compose(child, h, r)
-                    for child, h, r in zip(
-                        setup.children,
-                        hidden.split(setup.batch_sizes, dim=0),
-                        _split(residual, setup.batch_sizes, 0),
-                    )
-                ],
-                dim=0,
-            )
-        if isinstance(setup, Split):
-            if sum(setup.splits) != hidden.shape[1]:
-                raise CompositionError(
-                    f"Split splits={setup.splits} sum to {sum(setup.splits)} but the sequence "
-                    f"has {hidden.shape[1]} positions at {self.path}; give splits that sum to "
-                    "the input length"
-                )
-            return torch.cat(
-                [
-                    self.compose(child, h, r)
-                    for child, h, r in zip(
-                        setup.children,
-                        hidden.split(setup.splits, dim=1),
-                        _split(residual, setup.splits, 1),
-                    )
-                ],
-                dim=1,
-            )
-        if isinstance(setup, Average):
-            total = None
-            for child, weight in zip(setup.children, setup.weights):
-                delta = self.compose(child, hidden, residual) - hidden
-                total = weight * delta if total is None else total + weight * delta
-            return hidden + total
+        """``hidden`` after the adapters of ``setup`` (before the model's residual add)."""
+        return self._evaluate(setup, hidden, residual)[0]
+
+    def _evaluate(
+        self,
+        setup: AdapterCompositionBlock | str,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Evaluate ``setup`` with core's `apply_setup` (``Stack``, ``BatchSplit``,
+        ``Average``, ``PerExample``) and this method's ``Split`` handler.
+
+        ``hidden``, the residual and a flag "the last adapter applied here replaces the
+        model's residual add" travel together as one tensor ``[hidden | residual | flag]``
+        (last dimension), so that every block slices them alike. Returns the new hidden state
+        and the boolean flag (None when no adapter here replaces the residual add).
+        """
+        width = hidden.shape[-1]
+        parts = [hidden] if residual is None else [hidden, residual.to(hidden.dtype)]
+        flagged = any(not a.original_ln_after for a in self.adapters.values())
+        if flagged:
+            parts.append(hidden.new_zeros((*hidden.shape[:-1], 1)))
+        state = torch.cat(parts, dim=-1) if len(parts) > 1 else hidden
+        has_residual = residual is not None
+
+        def apply_one(name: str, packed: torch.Tensor, rows: Rows) -> torch.Tensor:
+            adapter = self.adapters[name]
+            h = packed[..., :width]
+            r = packed[..., width : 2 * width] if has_residual else None
+            pieces = [adapter.step(h, r, self.norm)]
+            if r is not None:
+                pieces.append(r)
+            if flagged:
+                flag = 0.0 if adapter.original_ln_after else 1.0
+                pieces.append(torch.full_like(packed[..., -1:], flag))
+            return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
+
+        handlers = {Split: functools.partial(_split_positions, self.path)}
+        out = apply_setup(setup, state, apply_one, self.adapters.__contains__, handlers=handlers)
+        replaced = out[..., -1:] > 0.5 if flagged else None
+        return out[..., :width], replaced
+
+
+def _split_positions(
+    path: str, block: Split, hidden: torch.Tensor, rows: Rows, compose: Compose
+) -> torch.Tensor:
+    """``Split``: positions ``splits[0]`` go through child 0, the next ``splits[1]`` through
+    child 1, ..."""
+    if sum(block.splits) != hidden.shape[1]:
         raise CompositionError(
-            f"bottleneck adapters do not support {type(setup).__name__} yet; use Stack, "
-            "Parallel, BatchSplit, Average or Split"
+            f"Split splits={block.splits} sum to {sum(block.splits)} but the sequence has "
+            f"{hidden.shape[1]} positions at {path}; give splits that sum to the input length"
         )
-
-
-def _split(tensor: torch.Tensor | None, sizes: list[int], dim: int) -> list[Any]:
-    if tensor is None:
-        return [None] * len(sizes)
-    return list(tensor.split(sizes, dim=dim))
+    parts = hidden.split(block.splits, dim=1)
+    return torch.cat([compose(c, p, rows) for c, p in zip(block.children, parts)], dim=1)
 
 
 class InvertibleHost(nn.Module):
@@ -237,6 +243,13 @@ class InvertibleHost(nn.Module):
                 change = weight * (self.apply(child, hidden, rev) - hidden)
                 total = change if total is None else total + change
             return hidden + total
+        if isinstance(setup, PerExample):
+            out = hidden
+            for child, rows in zip(setup.children, setup.rows):
+                rows = rows.to(hidden.device)
+                part = self.apply(child, hidden.index_select(0, rows), rev)
+                out = out.index_copy(0, rows, part)
+            return out
         if isinstance(setup, BatchSplit):
             return torch.cat(
                 [

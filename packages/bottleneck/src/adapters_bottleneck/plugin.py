@@ -312,6 +312,10 @@ def _embedding_width(module: nn.Module) -> int:
     weight = getattr(module, "weight", None)
     if weight is not None and weight.ndim == 2:
         return int(weight.shape[1])
+    # An embedding block (BERT's word + position embeddings and norm): its token embeddings.
+    inner = next((m for m in module.modules() if isinstance(m, nn.Embedding)), None)
+    if inner is not None:
+        return inner.embedding_dim
     raise ConfigError(
         f"cannot tell the width of the embeddings module {type(module).__name__}; "
         "model_embeddings must name an nn.Embedding (or a module with embedding_dim)"

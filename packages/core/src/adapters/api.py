@@ -514,6 +514,17 @@ class ModelAdaptersMixin:
         self._set_setup(setup)
         self.train()  # type: ignore[attr-defined]
 
+    def get_fusion_regularization_loss(self) -> torch.Tensor | None:
+        """The sum of the regularisation terms of the fusion layers that train and whose config
+        has ``regularization=True`` (the ``"dynamic"`` default), as their method defines it;
+        None when there is none. Add it to the loss while training a fusion::
+
+            loss = model(**batch).loss
+            reg = model.get_fusion_regularization_loss()
+            (loss if reg is None else loss + reg).backward()
+        """
+        return fusion.fusion_regularization_loss(self)
+
     def get_adapter_fusion(self, adapter_names: Fuse | list[str] | str) -> dict[str, nn.Module]:
         """The modules of a fusion layer under their name-independent keys."""
         return dict(fusion.fusion_entry(self, adapter_names).modules)

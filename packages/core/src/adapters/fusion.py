@@ -222,6 +222,27 @@ def delete_adapter_fusion(model: nn.Module, adapter_names: FuseLike) -> None:
         model._set_setup(None)  # type: ignore[operator]
 
 
+def fusion_regularization_loss(model: nn.Module) -> Any:
+    """See `ModelAdaptersMixin.get_fusion_regularization_loss`."""
+    state = get_state(model)
+    registry = get_registry()
+    total = None
+    for entry in state.fusions.values():
+        if not entry.config.regularization or not any(p.requires_grad for p in entry.parameters()):
+            continue
+        loss = registry.hook.adapters_fusion_regularization_loss(
+            model=model,
+            sites=state.sites,
+            name=entry.name,
+            children=list(entry.children),
+            config=entry.config,
+            method=entry.method,
+        )
+        if loss is not None:
+            total = loss if total is None else total + loss
+    return total
+
+
 def fusion_setup(model: nn.Module, adapter_setup: Any) -> AdapterCompositionBlock:
     """What ``train_adapter_fusion`` trains: a setup with at least one `Fuse`. A list of names
     is their fusion (``["a", "b"]`` → ``Fuse("a", "b")``) and a string a fusion's name."""

@@ -244,3 +244,24 @@ def adapters_delete_fusion(
 
     .. versionadded:: 1.0
     """
+
+
+@hookspec(firstresult=True)
+def adapters_fusion_regularization_loss(
+    model: nn.Module,
+    sites: ModelSites,
+    name: str,
+    children: list[str],
+    config: AdapterFusionConfig,
+    method: str,
+) -> Any:
+    """The regularisation term of fusion layer ``name`` if ``method`` is yours: a scalar
+    tensor the user adds to the training loss (AdapterHub's fusion pulls each value matrix
+    towards the identity, ``0.01 * ||I - V||^2`` summed over layers).
+
+    Core calls it from ``model.get_fusion_regularization_loss()`` for every fusion layer whose
+    ``config.regularization`` is True and whose parameters train, and sums the answers. Return
+    None if ``method`` is not yours or the layer has nothing to regularise.
+
+    .. versionadded:: 1.0
+    """

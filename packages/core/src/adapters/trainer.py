@@ -63,6 +63,19 @@ class AdapterTrainer(Trainer):
             )
         super().__init__(model, *args, **kwargs)
 
+    def compute_loss(self, model: nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's loss, plus ``get_fusion_regularization_loss()`` while a fusion layer
+        with ``regularization=True`` trains (as AdapterHub's trainer does)."""
+        result = super().compute_loss(model, inputs, *args, **kwargs)
+        if not self.model.training:
+            return result
+        regularization = self.model.get_fusion_regularization_loss()  # type: ignore[operator]
+        if regularization is None:
+            return result
+        if isinstance(result, tuple):
+            return (result[0] + regularization.to(result[0].device), *result[1:])
+        return result + regularization.to(result.device)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         save_training_checkpoint(self.model, output_dir)

@@ -1,0 +1,65 @@
+"""The ``hidden_scale`` method's hook implementations (the contract in ``adapters.hookspecs``),
+as plain module functions; the ``adapters.methods`` entry point names this module."""
+
+from __future__ import annotations
+
+from adapters import Average, BatchSplit, MethodSpec, Stack, hookimpl
+
+from .config import HiddenScaleConfig
+from .layer import ScaleHost, ScaleUnit
+
+#: The plugin contract version this plugin implements (see adapters.hookspecs).
+ADAPTERS_CONTRACT = "1.0"
+
+
+def _layers(sites, config: HiddenScaleConfig):
+    """The layer sites ``config`` adapts."""
+    for layer in sites.layers:
+        if config.layers == "all" or layer.index in config.layers:
+            yield layer
+
+
+@hookimpl
+def adapters_register_methods(register) -> None:
+    """Declare the ``hidden_scale`` method, its config and preset."""
+    register(
+        MethodSpec(
+            name="hidden_scale",
+            config_classes=(HiddenScaleConfig,),
+            presets={"hidden_scale": HiddenScaleConfig()},
+            compositions=(Stack, BatchSplit, Average),
+        )
+    )
+
+
+@hookimpl
+def adapters_add_adapter(model, sites, name, config):
+    """Give each adapted layer a `ScaleUnit` for ``name`` (and a `ScaleHost` on first use)."""
+    if not isinstance(config, HiddenScaleConfig):
+        return None
+    created = {}
+    for layer in _layers(sites, config):
+        module = layer.layer.module
+        host = getattr(module, "hidden_scale", None)
+        if host is None:
+            host = ScaleHost(model)
+            module.hidden_scale = host  # registered as a submodule of the layer
+            host.handle = module.register_forward_hook(host.hook)
+        host.units[name] = ScaleUnit(layer.hidden_size)
+        created[layer.layer.path] = host.units[name]
+    return created
+
+
+@hookimpl
+def adapters_delete_adapter(model, sites, name, config):
+    """Remove ``name``'s units; a layer left with none loses its host and hook."""
+    if not isinstance(config, HiddenScaleConfig):
+        return None
+    for layer in _layers(sites, config):
+        module = layer.layer.module
+        host = module.hidden_scale
+        del host.units[name]
+        if not len(host.units):
+            host.handle.remove()
+            del module.hidden_scale
+    return True

