@@ -345,6 +345,22 @@ def test_load_adapter_fusion_needs_its_adapters_and_its_tensors(model, tmp_path)
         fresh.load_adapter_fusion(str(tmp_path))
 
 
+def test_fusion_layers_in_a_plugins_foreign_format_round_trip(fusable_plugins, tmp_path, ids):
+    model = build()
+    model.add_adapter_fusion(Fuse("a", "b"), config="static")
+    set_logits(model, "a,b", [0.4, -1.1])
+    expected = run(model, Fuse("a", "b"), ids)
+    model.save_adapter_fusion(str(tmp_path / "f"), "a,b", format="toy_fusion_files")
+    assert sorted(os.listdir(tmp_path / "f")) == ["toy_fusion.json", "toy_fusion.safetensors"]
+    model.delete_adapter_fusion("a,b")
+    assert model.load_adapter_fusion(str(tmp_path / "f"), set_active=True) == "a,b"
+    assert model.adapter_fusions["a,b"].config == StaticAdapterFusionConfig()
+    torch.testing.assert_close(model(ids).logits, expected)
+    with pytest.raises(CheckpointError, match="cannot write fusion layers in format 'nope'"):
+        model.save_adapter_fusion(str(tmp_path / "g"), "a,b", format="nope")
+    assert not (tmp_path / "g").exists()
+
+
 def test_save_all_adapter_fusions(model, tmp_path):
     model.add_adapter_fusion(["a", "b"])
     model.add_adapter_fusion(["b", "c"], name="bc")

@@ -12,13 +12,26 @@ Core handles every other block, also inside a ``Fuse`` or ``Split``.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from adapters import AdapterConfig, Average, BatchSplit, Fuse, MethodSpec, Split, Stack, hookimpl
+from adapters import (
+    AdapterConfig,
+    Average,
+    BatchSplit,
+    CheckpointFormat,
+    Fuse,
+    MethodSpec,
+    Split,
+    Stack,
+    hookimpl,
+)
 from adapters.composition import apply_setup
 from adapters.context import context_for
 
@@ -87,8 +100,52 @@ class ToyFusableHost(nn.Module):
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
 
+def _never(path):
+    return False
+
+
+def _no_adapters(**kwargs):
+    raise AssertionError("toy_fusion_files holds fusion layers only")
+
+
+def _detect_fusion(path):
+    return os.path.isfile(os.path.join(path, "toy_fusion.json"))
+
+
+def _read_fusion(path, model, sites):
+    """The toy format keeps the layer's logits as ``layer{i}`` and its meta in a JSON file."""
+    with open(os.path.join(path, "toy_fusion.json")) as f:
+        meta = json.load(f)
+    raw = load_file(os.path.join(path, "toy_fusion.safetensors"))
+    tensors = {f"{layer.layer.path}.logits": raw[f"layer{layer.index}"] for layer in sites.layers}
+    return meta["fusion"], meta["adapters"], meta["kind"], tensors
+
+
+def _write_fusion(path, model, sites, name, children, config, state_dict):
+    kind = "dynamic" if config.value else "static"
+    with open(os.path.join(path, "toy_fusion.json"), "w") as f:
+        json.dump({"fusion": name, "adapters": children, "kind": kind}, f)
+    raw = {
+        f"layer{layer.index}": state_dict[f"{layer.layer.path}.logits"] for layer in sites.layers
+    }
+    save_file(raw, os.path.join(path, "toy_fusion.safetensors"))
+
+
 class ToyFusablePlugin:
     ADAPTERS_CONTRACT = "1.0"
+
+    @hookimpl
+    def adapters_register_checkpoint_formats(self, register):
+        register(
+            CheckpointFormat(
+                "toy_fusion_files",
+                detect=_never,
+                read=_no_adapters,
+                detect_fusion=_detect_fusion,
+                read_fusion=_read_fusion,
+                write_fusion=_write_fusion,
+            )
+        )
 
     @hookimpl
     def adapters_register_methods(self, register):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .api import ModelAdaptersMixin
-from .composition import Average, BatchSplit, Fuse, Parallel, Split, Stack
+from .composition import Average, BatchSplit, Fuse, MultiTask, Parallel, Split, Stack
 from .configs import AdapterConfig, ConfigUnion
 from .context import AdapterSetup, ForwardContext, current_context
 from .errors import (
@@ -114,6 +114,7 @@ __all__ = [
     "MethodNotInstalledError",
     "MethodSpec",
     "ModelAdaptersMixin",
+    "MultiTask",
     "NotInitializedError",
     "Parallel",
     "Split",

@@ -8,12 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import averaging, fusion, lifecycle, saving, selection
+from . import averaging, embeddings, fusion, lifecycle, multitask, saving, selection
 from . import context as ctx_mod
 from .composition import (
     AdapterCompositionBlock,
     BatchSplit,
     Fuse,
+    MultiTask,
     Parallel,
     PerExample,
     SetupLike,
@@ -222,6 +223,11 @@ class ModelAdaptersMixin:
         state = get_state(self)
         registry = get_registry()
         expand_parallel(setup)  # raises for Parallel in unsupported places
+        if not isinstance(setup, MultiTask) and find_blocks(setup, MultiTask):
+            raise CompositionError(
+                f"MultiTask is supported at the top of a setup only; found it nested in "
+                f"{setup.name}"
+            )
         for name, blocks in blocks_used_by(setup).items():
             if name not in state.adapters:
                 known = ", ".join(state.adapters) or "(none)"
@@ -233,7 +239,7 @@ class ModelAdaptersMixin:
                 supported = set(spec.compositions)
                 if BatchSplit in supported:
                     # core serves both by batch replication / row selection over BatchSplit
-                    supported.update((Parallel, PerExample))
+                    supported.update((Parallel, PerExample, MultiTask))
                 unsupported = sorted(b.__name__ for b in blocks - supported)
                 if unsupported:
                     allowed = sorted(b.__name__ for b in supported) or ["a single adapter"]
@@ -447,6 +453,51 @@ class ModelAdaptersMixin:
             return rows
         return _format_summary(rows)
 
+    # -- embeddings for new vocabularies (see adapters.embeddings) -------------------------
+    def add_embeddings(
+        self,
+        name: str,
+        tokenizer: Any,
+        reference_embedding: str | None = None,
+        reference_tokenizer: Any = None,
+        embedding_dim: int | None = None,
+    ) -> None:
+        """Add an input embedding for ``tokenizer``'s vocabulary and make it active.
+
+        Rows are drawn from ``N(0, 0.02)``; with ``reference_embedding`` (an embedding's name,
+        e.g. ``"default"``, the model's own) and its ``reference_tokenizer``, the rows of the
+        tokens both vocabularies share are copied from it. The new embedding is frozen;
+        ``train_adapter(..., train_embeddings=True)`` trains the active one. An LM head tied to
+        the input embedding switches with it. ``embedding_dim`` must equal the model's width.
+        """
+        embeddings.add_embeddings(
+            self, name, tokenizer, reference_embedding, reference_tokenizer, embedding_dim
+        )
+
+    def set_active_embeddings(self, name: str) -> None:
+        """Make embedding ``name`` the model's input embedding (``"default"``: the original);
+        sets ``config.vocab_size`` to its number of rows, as AdapterHub does."""
+        embeddings.set_active_embeddings(self, name)
+
+    @property
+    def active_embeddings(self) -> str:
+        """The name of the active embedding (``"default"`` until another is activated)."""
+        return embeddings.active_embeddings(self)
+
+    def delete_embeddings(self, name: str) -> None:
+        """Delete embedding ``name``; if it is active, ``"default"`` becomes active."""
+        embeddings.delete_embeddings(self, name)
+
+    def save_embeddings(self, path: str, name: str, tokenizer: Any = None) -> None:
+        """Save embedding ``name`` into directory ``path`` (``embedding.safetensors``, and
+        ``tokenizer/`` when ``tokenizer`` is given)."""
+        embeddings.save_embeddings(self, path, name, tokenizer)
+
+    def load_embeddings(self, path: str, name: str) -> Any:
+        """Load an embedding saved by ``save_embeddings`` (or AdapterHub's ``embedding.pt``) as
+        ``name`` and make it active; returns the tokenizer saved with it, or None."""
+        return embeddings.load_embeddings(self, path, name)
+
     # -- fusion (see adapters.fusion) ------------------------------------------------------
     @property
     def adapter_fusions(self) -> dict[str, AdapterFusion]:
@@ -540,12 +591,16 @@ class ModelAdaptersMixin:
             module.to(device=device, dtype=dtype)
 
     def save_adapter_fusion(
-        self, save_directory: str, adapter_names: Fuse | list[str] | str
+        self,
+        save_directory: str,
+        adapter_names: Fuse | list[str] | str,
+        format: str | None = None,
     ) -> None:
         """Save a fusion layer into ``save_directory`` (created or replaced atomically):
         ``fusion_config.json`` + ``fusion_model.safetensors``. The fused adapters are saved
-        separately (``save_adapter``)."""
-        fusion.save_adapter_fusion(self, save_directory, adapter_names)
+        separately (``save_adapter``). ``format=`` a plugin's checkpoint format that writes
+        fusion layers (e.g. AdapterHub's) writes that format instead."""
+        fusion.save_adapter_fusion(self, save_directory, adapter_names, format=format)
 
     def load_adapter_fusion(
         self,
@@ -554,8 +609,9 @@ class ModelAdaptersMixin:
         set_active: bool = False,
         overwrite_ok: bool = False,
     ) -> str:
-        """Load a fusion layer saved by ``save_adapter_fusion``; the adapters it fuses must be
-        added already. Returns its name (``load_as`` renames it)."""
+        """Load a fusion layer saved by ``save_adapter_fusion`` (or in a foreign format a plugin
+        reads, such as AdapterHub's); the adapters it fuses must be added already. Returns its
+        name (``load_as`` renames it)."""
         return fusion.load_adapter_fusion(
             self, adapter_fusion_name_or_path, load_as, set_active, overwrite_ok
         )
@@ -616,6 +672,12 @@ class ModelAdaptersMixin:
         ``adapter_interface.json``, the active setup, every adapter in ``adapters/<name>`` and
         every fusion layer in ``adapter_fusions/<name>``;
         ``adapters.load_model(save_directory, ModelClass)`` restores all of it."""
+        if embeddings.active_embeddings(self) != embeddings.DEFAULT:
+            raise ConfigError(
+                f"save_pretrained with embedding {embeddings.active_embeddings(self)!r} active "
+                "would save it as the model's own; call set_active_embeddings('default') first "
+                "and keep the embedding with save_embeddings"
+            )
         parent_save = getattr(super(), "save_pretrained", None)
         saving.save_pretrained(
             self,
@@ -673,6 +735,17 @@ class GenerateMixin:
         example for every step, as in a forward call."""
         names = kwargs.pop(selection.KWARG, None)
         setup = ctx_mod.effective_setup(self)  # type: ignore[arg-type]
+        if isinstance(setup, MultiTask) or (
+            multitask.KWARG in kwargs and not multitask.forward_takes_task_ids(self)  # type: ignore[arg-type]
+        ):
+            kwargs, task_names = multitask.take_task_ids(
+                self,  # type: ignore[arg-type]
+                kwargs,
+                setup,
+                names is not None,
+                _prompt_count(args, kwargs),
+            )
+            names = task_names if task_names is not None else names
         if names is None and setup is not None and expand_parallel(setup) is not None:
             raise CompositionError(
                 f"generate() cannot run the Parallel setup {setup.name}; generate once per "
@@ -700,6 +773,14 @@ class GenerateMixin:
                 )
         with ctx_mod.generation_scope(prompt), selection.generation_names(names):
             return super().generate(*args, **kwargs)  # type: ignore[misc]
+
+
+def _prompt_count(args: tuple, kwargs: dict) -> int | None:
+    inputs = kwargs.get(
+        "input_ids",
+        args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("inputs_embeds"),
+    )
+    return int(inputs.shape[0]) if isinstance(inputs, torch.Tensor) and inputs.ndim >= 1 else None
 
 
 def _format_summary(rows: list[dict[str, Any]]) -> str:

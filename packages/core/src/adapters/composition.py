@@ -235,6 +235,25 @@ class PerExample(AdapterCompositionBlock):
         return f"names={list(self.names)}"
 
 
+class MultiTask(AdapterCompositionBlock):
+    """One of the children per example, chosen by the ``task_ids`` the model is called with:
+    ``model(**inputs, task_ids=[0, 1, 0])`` (indices into the children, a tensor or list) or
+    ``task_ids=["a", "b", "a"]`` (child names), as in AdapterHub. Core turns the call into a
+    `PerExample` selection, so every method that supports ``BatchSplit`` runs it; the children
+    are adapter names, and the block stands at the top of the setup."""
+
+    def __init__(self, *children: str | AdapterCompositionBlock) -> None:
+        super().__init__(*children)
+        for child in self.children:
+            if not isinstance(child, str):
+                raise CompositionError(
+                    f"MultiTask children must be adapter names here, got {child!r}; a block per "
+                    "task is not supported (AdapterHub allows Stack/Average/Fuse children)"
+                )
+        if len(set(self.children)) != len(self.children):
+            raise CompositionError(f"MultiTask names an adapter twice: {self.children}")
+
+
 SetupLike = str | Sequence[str] | AdapterCompositionBlock | None
 
 BLOCK_TYPES: tuple[type[AdapterCompositionBlock], ...] = (
@@ -245,6 +264,7 @@ BLOCK_TYPES: tuple[type[AdapterCompositionBlock], ...] = (
     Fuse,
     Split,
     PerExample,
+    MultiTask,
 )
 
 
@@ -260,11 +280,20 @@ def parse_composition(setup: SetupLike) -> AdapterCompositionBlock | None:
     if isinstance(setup, list | tuple):
         if not setup:
             return None
-        return Stack(*setup)
+        # AdapterHub's list form: a list inside the list is a Fuse of its names
+        return Stack(*(_parse_list_child(child) for child in setup))
     raise CompositionError(
         f"an adapter setup must be a name, a list of names, a composition block or None; "
         f"got {type(setup).__name__}"
     )
+
+
+def _parse_list_child(child: Any) -> str | AdapterCompositionBlock:
+    if isinstance(child, list | tuple):
+        if not child:
+            raise CompositionError("an empty list inside an adapter setup list names no adapter")
+        return Fuse(*(Stack(*c) if isinstance(c, list | tuple) else c for c in child))
+    return child
 
 
 def expand_parallel(setup: AdapterCompositionBlock) -> AdapterCompositionBlock | None:

@@ -64,6 +64,13 @@ class CheckpointFormat:
         write: ``write(path, model, sites, name, config, state_dict)``: write the adapter in this
             format into the (empty, temporary) directory ``path``; None if read-only.
         plugin: filled in by core: the name of the plugin that registered the format.
+        detect_fusion / read_fusion / write_fusion: the same for fusion layers
+            (``load_adapter_fusion`` / ``save_adapter_fusion(..., format=name)``), all optional:
+            ``detect_fusion(path) -> bool``; ``read_fusion(path, model, sites) -> (name or
+            None, adapter_names, config, state_dict)`` with ``config`` anything
+            ``add_adapter_fusion`` accepts and tensors under the keys your
+            ``adapters_add_fusion`` produces; ``write_fusion(path, model, sites, name, children,
+            config, state_dict)``. (New in contract 1.0.)
     """
 
     name: str
@@ -71,3 +78,6 @@ class CheckpointFormat:
     read: Callable[..., tuple[AdapterConfig, dict[str, Any]]]
     write: Callable[..., None] | None = None
     plugin: str | None = None
+    detect_fusion: Callable[[str], bool] | None = None
+    read_fusion: Callable[..., tuple[str | None, list[str], Any, dict[str, Any]]] | None = None
+    write_fusion: Callable[..., None] | None = None

@@ -14,11 +14,12 @@ import torch
 from torch import nn
 
 from . import context as ctx_mod
+from . import multitask
 from .composition import AdapterCompositionBlock, BatchSplit, expand_parallel
 from .context import effective_setup
 from .errors import CompositionError
 from .naming import validate_setup_names
-from .selection import NO_SELECTION, take_adapter_names
+from .selection import NO_SELECTION, NoSelection, per_example, take_adapter_names
 from .state import STATE_ATTR
 
 
@@ -63,10 +64,23 @@ def _per_example_selection(
     the setup the call runs: the per-example selection if any, else the effective setup."""
     main = _main_input(args, kwargs)
     batch = int(main.shape[0]) if main is not None and main.ndim >= 1 else None
-    kwargs, selected = take_adapter_names(
-        model, kwargs, batch, main.device if main is not None else None
-    )
+    device = main.device if main is not None else None
+    kwargs, selected = take_adapter_names(model, kwargs, batch, device)
+    if selected is NO_SELECTION:
+        kwargs, selected = _multitask_selection(model, kwargs, batch, device)
+    else:
+        multitask.take_task_ids(model, kwargs, None, True, batch)  # refuses both at once
     return kwargs, effective_setup(model) if selected is NO_SELECTION else selected
+
+
+def _multitask_selection(
+    model: nn.Module, kwargs: dict, batch: int | None, device: torch.device | None
+) -> tuple[dict, AdapterCompositionBlock | NoSelection | None]:
+    """``task_ids=`` of an active `MultiTask` setup as a per-example selection."""
+    kwargs, names = multitask.take_task_ids(model, kwargs, effective_setup(model), False, batch)
+    if names is None:
+        return kwargs, NO_SELECTION
+    return kwargs, per_example(model, names, device)
 
 
 _POSITIONAL_NAMES: dict[type, list[str]] = {}

@@ -273,10 +273,36 @@ def fusion_parameters(state: AdaptersState, setup: AdapterCompositionBlock | Non
     return params
 
 
-def save_adapter_fusion(model: nn.Module, save_directory: str, adapter_names: FuseLike) -> None:
+def save_adapter_fusion(
+    model: nn.Module, save_directory: str, adapter_names: FuseLike, format: str | None = None
+) -> None:
     """See `ModelAdaptersMixin.save_adapter_fusion`."""
     entry = fusion_entry(model, adapter_names)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in entry.state_dict().items()}
+    if format not in (None, FUSION_FORMAT):
+        fmt = get_registry().formats.get(format)
+        if fmt is None or fmt.write_fusion is None:
+            writable = sorted(
+                n for n, f in get_registry().formats.items() if f.write_fusion is not None
+            )
+            raise CheckpointError(
+                f"cannot write fusion layers in format {format!r}; fusion formats: "
+                f"{[*writable, FUSION_FORMAT]}"
+            )
+
+        def write_foreign(tmp: str) -> None:
+            fmt.write_fusion(
+                path=tmp,
+                model=model,
+                sites=model.adapter_sites,  # type: ignore[attr-defined]
+                name=entry.name,
+                children=list(entry.children),
+                config=entry.config,
+                state_dict=tensors,
+            )
+
+        write_directory_atomically(save_directory, write_foreign)
+        return
     meta = {
         "format": FUSION_FORMAT,
         "format_version": FUSION_FORMAT_VERSION,
@@ -296,21 +322,37 @@ def save_adapter_fusion(model: nn.Module, save_directory: str, adapter_names: Fu
     write_directory_atomically(save_directory, write)
 
 
-def load_adapter_fusion(
-    model: nn.Module,
-    path: str,
-    load_as: str | None = None,
-    set_active: bool = False,
-    overwrite_ok: bool = False,
-) -> str:
-    """See `ModelAdaptersMixin.load_adapter_fusion`. Atomic: on error the model is unchanged."""
-    path = os.fspath(path)
+def read_fusion_checkpoint(
+    model: nn.Module, path: str
+) -> tuple[str | None, list[str], AdapterFusionConfig, dict[str, Any]]:
+    """(saved name or None, fused adapter names, config, tensors under name-independent keys)
+    of a fusion directory in this library's format, or in a foreign one whose
+    `CheckpointFormat` reads fusion layers (``detect_fusion`` / ``read_fusion``)."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path!r} is not a directory; load_adapter_fusion reads one")
     meta = read_json(os.path.join(path, FUSION_CONFIG_NAME))
     if meta is None or meta.get("format") != FUSION_FORMAT:
-        raise CheckpointError(
-            f"{path!r} is not an adapter fusion saved by save_adapter_fusion (expected "
-            f"{FUSION_CONFIG_NAME} with format {FUSION_FORMAT!r} and {FUSION_WEIGHTS_NAME})"
+        registry = get_registry()
+        claims = [
+            f
+            for f in registry.formats.values()
+            if f.detect_fusion is not None and f.read_fusion is not None and f.detect_fusion(path)
+        ]
+        if len(claims) > 1:
+            names = ", ".join(f"{f.name!r} ({f.plugin})" for f in claims)
+            raise CheckpointError(f"{path!r} is claimed by several fusion formats: {names}")
+        if not claims:
+            raise CheckpointError(
+                f"{path!r} is not an adapter fusion saved by save_adapter_fusion (expected "
+                f"{FUSION_CONFIG_NAME} with format {FUSION_FORMAT!r} and {FUSION_WEIGHTS_NAME}) "
+                "nor one an installed plugin's checkpoint format reads"
+            )
+        name, children, config, tensors = claims[0].read_fusion(
+            path=path,
+            model=model,
+            sites=model.adapter_sites,  # type: ignore[attr-defined]
         )
+        return name, list(children), resolve_fusion_config(config), dict(tensors)
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FUSION_FORMAT_VERSION:
         raise CheckpointError(
@@ -320,19 +362,31 @@ def load_adapter_fusion(
     children = meta.get("adapter_names")
     if not isinstance(children, list) or not all(isinstance(c, str) for c in children):
         raise CheckpointError(f"{path!r}: 'adapter_names' must be a list of adapter names")
-    state = get_state(model)
-    missing = [c for c in children if c not in state.adapters]
-    if missing:
-        raise CheckpointError(
-            f"fusion {meta.get('name')!r} in {path!r} fuses {children}, but {missing} are not "
-            "added; load those adapters first (model.load_adapter(...))"
-        )
     config = AdapterFusionConfig.from_dict(meta.get("config") or {})
     weights = os.path.join(path, FUSION_WEIGHTS_NAME)
     if not os.path.isfile(weights):
         raise CheckpointError(f"{path!r} has {FUSION_CONFIG_NAME} but no {FUSION_WEIGHTS_NAME}")
-    tensors = load_safetensors(weights)
-    name = load_as or meta.get("name") or ",".join(children)
+    return meta.get("name"), children, config, load_safetensors(weights)
+
+
+def load_adapter_fusion(
+    model: nn.Module,
+    path: str,
+    load_as: str | None = None,
+    set_active: bool = False,
+    overwrite_ok: bool = False,
+) -> str:
+    """See `ModelAdaptersMixin.load_adapter_fusion`. Atomic: on error the model is unchanged."""
+    path = os.fspath(path)
+    saved_name, children, config, tensors = read_fusion_checkpoint(model, path)
+    state = get_state(model)
+    missing = [c for c in children if c not in state.adapters]
+    if missing:
+        raise CheckpointError(
+            f"fusion {saved_name!r} in {path!r} fuses {children}, but {missing} are not "
+            "added; load those adapters first (model.load_adapter(...))"
+        )
+    name = load_as or saved_name or ",".join(children)
     snapshot = Snapshot(model)
     old = state.fusions.get(name)
     old_active = state.active_setup

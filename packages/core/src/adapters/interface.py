@@ -103,7 +103,10 @@ class AdapterModelInterface:
             residual stream before the respective sub-block (usually its layer norm).
         layer_ln_1 / layer_ln_2: the norms after the attention and feed-forward sub-blocks.
         base_model: path from the top-level model to the base model; defaults to the model's
-            ``base_model`` attribute when it has one, else the model itself.
+            ``base_model`` attribute when it has one, else the model itself. When the path is
+            absent but ``model_layers`` resolves from the model itself (a bare backbone such as
+            ``LlamaModel`` given an interface written for ``LlamaForCausalLM``), the model is
+            its own base model, as in AdapterHub.
         model_final_norm: the norm whose output feeds the LM head (``"norm"`` in Llama,
             ``"decoder.final_layer_norm"`` in T5), relative to the base model.
         model_lm_head: the output embeddings / LM head, relative to the **top-level** model

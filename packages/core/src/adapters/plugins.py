@@ -1,17 +1,16 @@
 """Plugin loading: entry points of the group ``adapters.methods``, loaded one by one.
 
 A plugin that fails to import, or that breaks the contract of `adapters.hookspecs` (an
-incompatible or missing ``ADAPTERS_CONTRACT``, a hook name that matches no spec, a method /
-preset / config-class / format name another plugin owns) is recorded with its name and error,
-and the others still load. Registration is atomic: a refused plugin leaves the registry as it
-was. ``ADAPTERS_DISABLE_PLUGINS=name,other`` skips plugins by entry-point name. Tests and
+incompatible or missing ``ADAPTERS_CONTRACT`` or a hook name that matches no spec: see
+`adapters.contract`; a method / preset / config-class / format name another plugin owns) is
+recorded with its name and error, and the others still load. Registration is atomic: a refused
+plugin leaves the registry as it was. ``ADAPTERS_DISABLE_PLUGINS=name,other`` skips plugins by entry-point name. Tests and
 applications may register plugin objects directly with `register_plugin` (same rules).
 """
 
 from __future__ import annotations
 
 import os
-import re
 import traceback
 from dataclasses import dataclass
 from importlib import metadata
@@ -22,17 +21,15 @@ import pluggy
 from . import _catalog, hookspecs
 from ._known import FIRST_PARTY
 from .configs import AdapterConfig, ConfigUnion, make_missing_error
+from .contract import check_contract, check_hook_names, check_marked_hooks
 from .declarations import CheckpointFormat, MethodSpec
 from .errors import (
     MethodNotInstalledError,
     PluginConflictError,
-    PluginContractError,
     PluginError,
 )
 
 ENTRY_POINT_GROUP = "adapters.methods"
-#: The attribute of a plugin object that declares the contract version it implements.
-CONTRACT_ATTRIBUTE = "ADAPTERS_CONTRACT"
 hookimpl = pluggy.HookimplMarker("adapters")
 
 
@@ -127,14 +124,14 @@ class Registry:
                 "uninstall one of them, or register under another name"
             )
         check_contract(plugin, label)
-        _check_unmarked_hooks(plugin, label)
+        check_marked_hooks(plugin, label)
         try:
             self.pm.register(plugin, name=name)
         except pluggy.PluginValidationError as error:
             detail = str(error).replace("\n", "; ")
             raise PluginError(f"{label} does not match the hook specs: {detail}") from None
         try:
-            _check_hook_names(self.pm, plugin, label)
+            check_hook_names(self.pm, plugin, label)
             methods: list[MethodSpec] = []
             formats: list[CheckpointFormat] = []
             _call_own(self.pm, plugin, "adapters_register_methods", register=methods.append)
@@ -265,76 +262,6 @@ class Registry:
         return make_missing_error(name, distribution_for(preset=name), list(self.presets))
 
 
-def check_contract(plugin: object, label: str) -> None:
-    """Refuse ``plugin`` unless its ``ADAPTERS_CONTRACT`` is served by this core.
-
-    Served: the same major version as `hookspecs.CONTRACT_VERSION` and a minor version at most
-    its minor. A plugin without the attribute was written for adapters 0.1 (before contract
-    versions) and is refused.
-
-    Raises:
-        PluginContractError: naming both versions and the fix.
-    """
-    core = hookspecs.CONTRACT_VERSION
-    declared = getattr(plugin, CONTRACT_ATTRIBUTE, None)
-    if declared is None:
-        raise PluginContractError(
-            f"{label} declares no plugin contract version ({CONTRACT_ATTRIBUTE} is missing: a "
-            f"plugin written for adapters 0.1); adapters-core {_core_version()} serves contract "
-            f"{core}. Fix: upgrade the plugin; if you maintain it, follow the migration notes "
-            f'("Plugin contract 1.0") in CHANGELOG.md and set {CONTRACT_ATTRIBUTE} = "{core}" '
-            "in its plugin module"
-        )
-    if not isinstance(declared, str) or not re.fullmatch(r"\d+\.\d+", declared):
-        raise PluginContractError(
-            f"{label} declares {CONTRACT_ATTRIBUTE} = {declared!r}; expected a string "
-            f'"MAJOR.MINOR" such as "{core}" (the contract version the plugin implements)'
-        )
-    major, minor = (int(part) for part in declared.split("."))
-    core_major, core_minor = (int(part) for part in core.split("."))
-    if major == core_major and minor <= core_minor:
-        return
-    if (major, minor) > (core_major, core_minor):
-        fix = "upgrade adapters-core (pip install -U adapters-core)"
-    else:
-        fix = f"upgrade the plugin to a release written for contract {core_major}.x"
-    raise PluginContractError(
-        f"{label} implements plugin contract {declared}, but adapters-core {_core_version()} "
-        f"serves contract {core} (same major, minor <= {core_minor} required). Fix: {fix}"
-    )
-
-
-def _check_unmarked_hooks(plugin: object, label: str) -> None:
-    """A function named like a hook but without ``@hookimpl`` would silently never run."""
-    unmarked = sorted(
-        attr
-        for attr in dir(plugin)
-        if attr.startswith("adapters_")
-        and callable(getattr(plugin, attr, None))
-        and not hasattr(getattr(plugin, attr), "adapters_impl")
-    )
-    if unmarked:
-        raise PluginError(
-            f"{label} defines {', '.join(unmarked)} without @adapters.hookimpl, so core would "
-            "never call it; decorate it with @adapters.hookimpl (or rename it: the adapters_ "
-            "prefix is reserved for hooks)"
-        )
-
-
-def _check_hook_names(pm: pluggy.PluginManager, plugin: object, label: str) -> None:
-    """Refuse hook implementations whose name matches no spec (a misspelling)."""
-    unknown = sorted(
-        caller.name for caller in pm.get_hookcallers(plugin) or [] if not caller.has_spec()
-    )
-    if unknown:
-        known = sorted(n for n in dir(hookspecs) if n.startswith("adapters_"))
-        raise PluginError(
-            f"{label} implements {', '.join(unknown)}, which no hook spec of contract "
-            f"{hookspecs.CONTRACT_VERSION} names; known hooks: {', '.join(known)}. Fix the "
-            "name, or upgrade adapters-core if the hook is newer"
-        )
-
-
 def _call_own(pm: pluggy.PluginManager, plugin: object, hook_name: str, **kwargs: Any) -> None:
     """Call ``plugin``'s own implementation of ``hook_name`` (registration hooks are per
     plugin: each registration must see only what this plugin declares)."""
@@ -347,13 +274,6 @@ def _label(name: str | None, dist: str | None, version: str | None) -> str:
     """``plugin 'lora' (adapters-lora 0.1.0)``, or ``plugin 'x' (in-process)``."""
     where = f"{dist} {version}" if dist and version else dist or "in-process"
     return f"plugin {name!r} ({where})"
-
-
-def _core_version() -> str:
-    try:
-        return metadata.version("adapters-core")
-    except metadata.PackageNotFoundError:  # running from a source checkout
-        return "(source checkout)"
 
 
 def distribution_for(

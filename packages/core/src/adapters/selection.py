@@ -66,7 +66,7 @@ def take_adapter_names(
         )
     if all(n is None for n in names):
         return kwargs, None
-    return kwargs, _per_example(model, names, device)
+    return kwargs, per_example(model, names, device)
 
 
 def check_names(names: Any) -> tuple[str | None, ...]:
@@ -85,9 +85,10 @@ def check_names(names: Any) -> tuple[str | None, ...]:
     return tuple(names)
 
 
-def _per_example(
+def per_example(
     model: nn.Module, names: tuple[str | None, ...], device: torch.device | None
 ) -> PerExample:
+    """The (cached, validated) `PerExample` setup running adapter ``names[i]`` on example i."""
     from .state import get_state
 
     state = get_state(model)

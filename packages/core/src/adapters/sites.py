@@ -659,11 +659,31 @@ def _fill_geometry(
 
 def _resolve_base(model: nn.Module, interface: AdapterModelInterface, lookup: _Lookup) -> nn.Module:
     if interface.base_model is not None:
-        return lookup.find(model, "", "base_model", interface.base_model).module
+        try:
+            return lookup.find(model, "", "base_model", interface.base_model).module
+        except InterfacePathError:
+            if _is_bare_backbone(model, interface):
+                return model
+            raise
     candidate = getattr(model, "base_model", None)
     if isinstance(candidate, nn.Module):
         return candidate
     return model
+
+
+def _is_bare_backbone(model: nn.Module, interface: AdapterModelInterface) -> bool:
+    """Whether ``model`` is itself the base model an interface's ``base_model`` path names:
+    the path is absent but the layer stacks resolve from the model. AdapterHub resolves the
+    base model as ``getattr(model, base_model, model)``, so an interface written for
+    ``LlamaForCausalLM`` (``base_model="model"``) also serves a bare ``LlamaModel``; the
+    layer check keeps the error about ``base_model`` for a model that has neither."""
+    for stack in interface.layer_stacks:
+        current: object = model
+        for part in stack.split("."):
+            current = _child(current, part)
+            if current is None:
+                return False
+    return True
 
 
 def _resolve_layer(

@@ -92,6 +92,8 @@ class AdaptersState:
     layer_hook_handles: list[Any] = field(default_factory=list)  # only while in train mode
     # ``adapter_names`` lists seen recently → their `PerExample` setup (index tensors made once)
     per_example_setups: OrderedDict = field(default_factory=OrderedDict)
+    # ``add_embeddings`` / ``set_active_embeddings`` (an `adapters.embeddings.EmbeddingsState`)
+    embeddings: Any = None
 
     def __deepcopy__(self, memo: dict) -> AdaptersState:
         # Modules inside are deep-copied through the memo, so copies point at the copied model.
@@ -100,6 +102,7 @@ class AdaptersState:
         new.sites = copy.deepcopy(self.sites, memo)
         new.adapters = copy.deepcopy(self.adapters, memo)
         new.fusions = copy.deepcopy(self.fusions, memo)
+        new.embeddings = copy.deepcopy(self.embeddings, memo)
         new.per_example_setups = OrderedDict()  # index tensors may sit on another device
         new.active_setup = self.active_setup
         new.hook_handles = []  # the copied model's hooks live in its own hook dicts
