@@ -257,9 +257,10 @@ def name_problem_of_path(rel: str) -> bool:
 
 
 def write_directory_atomically(
-    target: str, write: Callable[[str], Any], manifest: bool = True
+    target: str, write: Callable[[str], Any], manifest: bool = False
 ) -> None:
-    """Call ``write(tmp_dir)``, add a manifest, and make ``tmp_dir`` the folder ``target``.
+    """Call ``write(tmp_dir)``, add a manifest if asked (``manifest=True``: this library's own
+    formats; `verify_manifest` checks it on load), and make ``tmp_dir`` the folder ``target``.
 
     The new set of files appears whole or not at all: ``tmp_dir`` is a sibling of ``target``
     and replaces it by ``rename`` (an existing ``target`` is renamed away first and removed
@@ -428,12 +429,11 @@ def save_adapter(
                 state_dict=state_dict,
             )
 
-        write_directory_atomically(save_directory, write_foreign, manifest=False)
+        write_directory_atomically(save_directory, write_foreign)
         return
+    # write_adapter_files writes the manifest itself
     write_directory_atomically(
-        save_directory,
-        lambda tmp: write_adapter_files(model, tmp, adapter_name),
-        manifest=False,  # write_adapter_files writes it
+        save_directory, lambda tmp: write_adapter_files(model, tmp, adapter_name)
     )
 
 
@@ -447,7 +447,7 @@ def save_all_adapters(model: nn.Module, save_directory: str, **kwargs: Any) -> N
         for name in names:
             write_adapter_files(model, safe_join(tmp, name), name)
 
-    write_directory_atomically(save_directory, write)
+    write_directory_atomically(save_directory, write, manifest=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -836,7 +836,7 @@ def save_pretrained(
         with open(os.path.join(tmp, SETUP_NAME), "w", encoding="utf-8") as f:
             json.dump(setup, f, indent=2)
 
-    write_directory_atomically(save_directory, write)
+    write_directory_atomically(save_directory, write, manifest=True)
 
 
 def _our_file(rel: str) -> bool:
