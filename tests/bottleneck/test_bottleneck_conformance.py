@@ -6,12 +6,6 @@ from adapters.testing import AdapterMethodConformance
 from adapters_bottleneck import SeqBnConfig
 from tests.conformance import CORE_GAPS
 
-_PER_EXAMPLE = (
-    "bottleneck declares BatchSplit, so core accepts adapter_names= (PerExample) for it, but its "
-    "layers raise 'bottleneck adapters do not support PerExample yet'. Delete this entry once "
-    "the bottleneck plugin serves PerExample."
-)
-
 
 class TestBottleneckConformance(AdapterMethodConformance):
     method_config = [
@@ -34,8 +28,4 @@ class TestBottleneckConformance(AdapterMethodConformance):
         "compacter[reduction_factor=3]",  # phm_dim=4 does not divide the bottleneck size
         lambda: SeqBnConfig(residual_before_ln="post_add", original_ln_before=False),
     ]
-    known_failures = {
-        **CORE_GAPS,
-        "test_per_example_adapter_names": _PER_EXAMPLE,
-        "test_generate_with_adapter_names_equals_each_adapter_alone": _PER_EXAMPLE,
-    }
+    known_failures = CORE_GAPS
