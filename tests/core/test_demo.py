@@ -32,7 +32,16 @@ def test_demo_trains_saves_and_reloads_an_adapter_of_the_chosen_method(
 
 def test_demo_takes_any_config_string(toy_plugins, tmp_path, capsys):
     code = cli.main(
-        ["demo", "--config", "toy_wide_lora[r=3]", "--steps", "4", "--output-dir", str(tmp_path)]
+        [
+            "demo",
+            "--config",
+            "toy_wide_lora[r=3]",
+            "--steps",
+            "4",
+            "--output-dir",
+            str(tmp_path),
+            "--quick",
+        ]
     )
     out, err = capsys.readouterr()
     assert code == 0, err

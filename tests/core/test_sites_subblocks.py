@@ -220,6 +220,7 @@ def test_self_and_cross_attention_are_distinct_sub_blocks():
             "layer_pre_ffn": "fc1",
             "layer_ln_1": "self_attn_layer_norm",
             "layer_ln_2": "final_layer_norm",
+            "layer_ln_cross_attn": "encoder_attn_layer_norm",
         }
     )
     decoder = resolve_sites(model, interface).layers[2]
@@ -228,7 +229,8 @@ def test_self_and_cross_attention_are_distinct_sub_blocks():
     assert own.output.module is block.self_attn.out_proj
     assert cross.output.module is block.encoder_attn.out_proj
     assert cross.residual.module is block.encoder_attn
-    assert own.norm.module is block.self_attn_layer_norm and cross.norm is None
+    assert own.norm.module is block.self_attn_layer_norm
+    assert cross.norm.module is block.encoder_attn_layer_norm and cross.can_replace_add
 
 
 def test_sandwich_norms_of_gemma2():
@@ -504,3 +506,25 @@ def test_post_ln_replace_add_matches_the_hand_computed_reference_on_minilm(plugi
     assert (got - base).abs().max() > 1e-2
     # every layer really uses its own norm: the last layer's norm everywhere gives another answer
     assert (last_norm - expected).abs().max() > 1e-2
+
+
+def test_a_tuple_returning_output_module_is_edited_in_place_of_its_first_element(ids):
+    """Without ``attn_o_proj`` the attention module itself is the output (it returns a tuple);
+    the edit lands exactly where it lands on ``o_proj``'s tensor output."""
+
+    def run(fields):
+        model = llama()
+        site = (
+            resolve_sites(model, AdapterModelInterface(**fields)).layers[0].sub_block("self_attn")
+        )
+        handle = register_hook(site, lambda out, residual: out + 0.5 * residual)
+        with torch.no_grad():
+            logits = model(ids).logits
+        handle.remove()
+        return site, logits
+
+    tuple_site, via_module = run({**LLAMA, "attn_o_proj": None})
+    tensor_site, via_o_proj = run(LLAMA)
+    assert tuple_site.output.path == "model.layers.0.self_attn"
+    assert tensor_site.output.path == "model.layers.0.self_attn.o_proj"
+    torch.testing.assert_close(via_module, via_o_proj, rtol=0, atol=1e-6)

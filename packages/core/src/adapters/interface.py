@@ -37,6 +37,7 @@ _PATH_FIELDS = (
     "base_model",
     "model_final_norm",
     "model_lm_head",
+    "layer_ln_cross_attn",
 )
 
 #: Fields a stack may override in ``stack_paths`` (everything resolved from a layer or an
@@ -56,6 +57,7 @@ STACK_FIELDS = (
     "layer_pre_ffn",
     "layer_ln_1",
     "layer_ln_2",
+    "layer_ln_cross_attn",
     "layer_norm_placement",
     "layer_parameters",
 )
@@ -66,6 +68,7 @@ NORM_PLACEMENTS = ("pre", "post", "sandwich")
 #: Fields added after 0.1; ``to_dict`` leaves them out while unset so that an interface that
 #: does not use them still loads in adapters-core 0.1.
 _NEW_FIELDS = (
+    "layer_ln_cross_attn",
     "model_final_norm",
     "model_lm_head",
     "layer_norm_placement",
@@ -112,6 +115,8 @@ class AdapterModelInterface:
         model_lm_head: the output embeddings / LM head, relative to the **top-level** model
             (the head sits outside the base model); when not given, the model's
             ``get_output_embeddings()`` is used if it returns a module.
+        layer_ln_cross_attn: the norm at the cross-attention sub-block's residual add (BART's
+            ``encoder_attn_layer_norm``), relative to a layer.
         layer_norm_placement: where the norms named by ``layer_ln_1``/``layer_ln_2`` sit
             relative to each sub-block's residual add: ``"post"`` (``norm(residual + out)``,
             BERT), ``"sandwich"`` (``residual + norm(out)``, Gemma 2/3) or ``"pre"`` (no norm at
@@ -146,6 +151,7 @@ class AdapterModelInterface:
     base_model: str | None = None
     model_final_norm: str | None = None
     model_lm_head: str | None = None
+    layer_ln_cross_attn: str | None = None
     layer_norm_placement: str | None = None
     layer_parameters: dict[str, str] = field(default_factory=dict)
     stack_paths: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -174,6 +180,7 @@ class AdapterModelInterface:
         adapter_types: list[str] | None = None,
         model_final_norm: str | None = None,
         model_lm_head: str | None = None,
+        layer_ln_cross_attn: str | None = None,
         layer_norm_placement: str | None = None,
         layer_parameters: dict[str, str] | None = None,
         stack_paths: dict[str, dict[str, Any]] | None = None,
@@ -212,6 +219,7 @@ class AdapterModelInterface:
         self.base_model = base_model
         self.model_final_norm = model_final_norm
         self.model_lm_head = model_lm_head
+        self.layer_ln_cross_attn = layer_ln_cross_attn
         self.layer_norm_placement = layer_norm_placement
         self.layer_parameters = dict(layer_parameters or {})
         self.stack_paths = {

@@ -25,8 +25,9 @@ from torch import nn
 from .errors import InterfaceError, InterfacePathError
 from .interface import AdapterModelInterface
 
-#: Positional kinds a model may use (`ModelSites.positional`); ``None`` there means unknown.
-POSITIONAL_KINDS = ("rotary", "absolute", "relative", "none")
+#: Positional kinds `ModelSites.positional` reports; ``None`` there means that neither the
+#: config nor the modules tell (a model without positions looks the same as an unknown one).
+POSITIONAL_KINDS = ("rotary", "absolute", "relative")
 
 
 @dataclass(eq=False)
@@ -191,8 +192,9 @@ class SubBlockSite:
             attention module itself) or ``layer_output_proj``.
         residual: the module whose first input is ``x`` (``layer_pre_self_attn``,
             ``layer_pre_cross_attn``, ``layer_pre_ffn``), or None when the interface names none.
-        norm: the norm at the residual add (``layer_ln_1`` for attention, ``layer_ln_2`` for
-            the feed-forward; None in ``"pre"`` placement and for cross-attention).
+        norm: the norm at the residual add (``layer_ln_1`` for self-attention,
+            ``layer_ln_cross_attn`` for cross-attention, ``layer_ln_2`` for the feed-forward;
+            None in ``"pre"`` placement).
         norm_placement: ``"pre"``, ``"post"`` or ``"sandwich"``.
         layer: the layer module it belongs to.
 
@@ -247,6 +249,7 @@ class LayerSite:
         pre_self_attn / pre_cross_attn / pre_ffn: modules whose input is the residual stream
             before the corresponding sub-block.
         ln_1 / ln_2: norms after the attention and feed-forward sub-blocks.
+        ln_cross_attn: the norm after the cross-attention sub-block.
         parameters: parameter sites by their ``layer_parameters`` name.
         sub_blocks: ``"self_attn"`` / ``"cross_attn"`` / ``"ffn"`` sub-block sites (see
             `SubBlockSite`), for the sub-blocks whose output module the interface names.
@@ -265,6 +268,7 @@ class LayerSite:
     pre_ffn: ModuleSite | None = None
     ln_1: ModuleSite | None = None
     ln_2: ModuleSite | None = None
+    ln_cross_attn: ModuleSite | None = None
     parameters: dict[str, ParameterSite] = field(default_factory=dict)
     sub_blocks: dict[str, SubBlockSite] = field(default_factory=dict)
 
@@ -462,6 +466,7 @@ _LAYER_FIELDS = {
     "pre_ffn": "layer_pre_ffn",
     "ln_1": "layer_ln_1",
     "ln_2": "layer_ln_2",
+    "ln_cross_attn": "layer_ln_cross_attn",
 }
 _ATTN_FIELDS = {
     "q": "attn_q_proj",
@@ -740,12 +745,17 @@ def _resolve_layer(
 
 def _sub_blocks(site: LayerSite, interface: AdapterModelInterface) -> dict[str, SubBlockSite]:
     placement = interface.layer_norm_placement or (
-        "post" if interface.layer_ln_1 is not None or interface.layer_ln_2 is not None else "pre"
+        "post"
+        if any(
+            getattr(interface, name) is not None
+            for name in ("layer_ln_1", "layer_ln_2", "layer_ln_cross_attn")
+        )
+        else "pre"
     )
     blocks: dict[str, SubBlockSite] = {}
     for kind, attn, residual, norm in (
         ("self_attn", site.self_attn, site.pre_self_attn, site.ln_1),
-        ("cross_attn", site.cross_attn, site.pre_cross_attn, None),
+        ("cross_attn", site.cross_attn, site.pre_cross_attn, site.ln_cross_attn),
     ):
         if attn is not None:
             blocks[kind] = SubBlockSite(

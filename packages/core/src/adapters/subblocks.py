@@ -157,7 +157,9 @@ def register_hook(
                 "instead (register_hook without replace_add)"
                 if site.norm_placement != "post"
                 else "followed by a norm the interface does not name; set "
-                + ("layer_ln_1" if site.kind == "self_attn" else "layer_ln_2")
+                + {"self_attn": "layer_ln_1", "cross_attn": "layer_ln_cross_attn"}.get(
+                    site.kind, "layer_ln_2"
+                )
                 + " to that norm"
             )
         )
