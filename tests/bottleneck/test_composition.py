@@ -92,11 +92,6 @@ def test_split_gives_each_adapter_its_positions(model, ids):
         run(model, Split("a", "b", splits=[2, 2]), ids)
 
 
-def test_fuse_is_refused_until_fusion_lands(model):
-    with pytest.raises(CompositionError):
-        model.set_active_adapters(Fuse("a", "b"))
-
-
 def test_average_adapter_linear_combines_parameters(model, ids):
     model.average_adapter("avg", ["a", "a"], weights=[0.5, 0.5])
     torch.testing.assert_close(run(model, "avg", ids), run(model, "a", ids), atol=1e-6, rtol=0)
@@ -105,3 +100,52 @@ def test_average_adapter_linear_combines_parameters(model, ids):
 def test_merge_is_refused(model):
     with pytest.raises(Exception, match="merge"):
         model.merge_adapter("a")
+
+
+def test_fuse_attends_over_the_adapters_up_projections(ids):
+    model = toy(True)
+    model.add_adapter("a", config="seq_bn[reduction_factor=4]")
+    model.add_adapter("b", config="seq_bn[reduction_factor=2]")
+    randomize(model, "a", seed=1)
+    randomize(model, "b", seed=2)
+    model.add_adapter_fusion(Fuse("a", "b"), config="dynamic")
+    host = model.layers[0].bottleneck_output
+    fusion = host.fusions["a,b"]
+    with torch.no_grad():
+        for p in fusion.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    h, r = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    ln = model.layers[0].ln2
+    with torch.no_grad():
+        x = ln(h + r)
+        ups = [host.adapters[n].up(x) for n in ("a", "b")]
+        q = fusion.query(x)
+        scores = torch.stack([(q * fusion.key(u)).sum(-1) for u in ups], dim=-1)
+        probs = scores.softmax(dim=-1)
+        mixed = sum(probs[..., i : i + 1] * fusion.value(u) for i, u in enumerate(ups))
+        torch.testing.assert_close(host.compose(Fuse("a", "b"), h, r), mixed + h)
+    fused = run(model, Fuse("a", "b"), ids)
+    assert not torch.allclose(fused, run(model, "a", ids))
+    assert not torch.allclose(fused, run(model, "b", ids))
+
+
+def test_train_adapter_fusion_trains_only_the_fusion_layer_and_saves_it(tmp_path, ids):
+    model = toy(True)
+    model.add_adapter("a", config="seq_bn[reduction_factor=4]")
+    model.add_adapter("b", config="double_seq_bn[reduction_factor=4]")
+    model.add_adapter_fusion(Fuse("a", "b"))
+    model.train_adapter_fusion(Fuse("a", "b"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".fusions.a,b." in n for n in trainable)
+    loss = model.get_fusion_regularization_loss()
+    assert loss is not None and 0 <= loss.item() < 1e-6  # value starts at identity
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05)
+    model.eval()
+    expected = run(model, Fuse("a", "b"), ids)
+    model.save_adapter_fusion(str(tmp_path / "fusion"), Fuse("a", "b"))
+    model.delete_adapter_fusion(Fuse("a", "b"))
+    model.load_adapter_fusion(str(tmp_path / "fusion"))
+    torch.testing.assert_close(run(model, Fuse("a", "b"), ids), expected, atol=0, rtol=0)

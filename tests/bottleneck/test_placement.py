@@ -310,3 +310,35 @@ def test_llama_real_model_seq_bn_changes_and_trains():
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_sandwich_norm_model_edits_before_the_norm_and_refuses_replacing_the_add():
+    from tests.models import SEED_INTERFACE_2, gemma2
+
+    model = gemma2()
+    fields = {k: v for k, v in SEED_INTERFACE_2.items() if k != "adapter_types"}
+    interface = adapters.AdapterModelInterface(
+        **fields, adapter_methods=["bottleneck"], layer_norm_placement="sandwich"
+    )
+    adapters.init(model, interface=interface)
+    with pytest.raises(ConfigError, match="sandwich"):
+        model.add_adapter("plus", config="adapterplus[reduction_factor=4]")
+    model.add_adapter("a", config="seq_bn[reduction_factor=4]", set_active=True)
+    randomize(model, "a")
+    ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+    layer = model.model.layers[0]
+    seen = {}
+    layer.post_feedforward_layernorm.register_forward_pre_hook(
+        lambda m, a: seen.setdefault("normed_input", a[0])
+    )
+    layer.pre_feedforward_layernorm.register_forward_pre_hook(
+        lambda m, a: seen.setdefault("r", a[0])
+    )
+    layer.mlp.down_proj.register_forward_hook(lambda m, a, o: seen.setdefault("h", o), prepend=True)
+    with torch.no_grad():
+        model(ids)
+        h, r = seen["h"], seen["r"]
+        expected = model.get_adapter("a")["model.layers.0.bottleneck.output_adapter"].step(
+            h, r, None
+        )
+    torch.testing.assert_close(seen["normed_input"], expected)

@@ -136,3 +136,19 @@ def test_multitask_setup_survives_save_pretrained(two, ids, tmp_path):
     loaded = adapters.load_model(str(tmp_path), type(two))
     assert loaded.active_adapters == MultiTask("a", "b")
     torch.testing.assert_close(loaded(ids, task_ids=[1, 0]).logits, expected)
+
+
+def test_get_layer_iter_attentions_iter_layer_ffns_as_adapterhub(toy_plugins):
+    model = init_toy()
+    layers = model.model.layers
+    assert model.get_layer(1) is layers[1] and model.get_layer(-1) is layers[-1]
+    with pytest.raises(IndexError, match="out of range"):
+        model.get_layer(2)
+    assert list(model.iter_attentions()) == [
+        (i, "self", layer.self_attn) for i, layer in enumerate(layers)
+    ]
+    assert list(model.iter_layer_ffns()) == [
+        (i, kind, module)
+        for i, layer in enumerate(layers)
+        for kind, module in (("intermediate", layer.mlp.up_proj), ("output", layer.mlp.down_proj))
+    ]

@@ -260,3 +260,20 @@ def test_models_without_attention_dispatch_are_refused_with_the_fix():
     )
     with pytest.raises(InterfaceError, match="attn_implementation='sdpa'"):
         register_kv_prefix(flex, site.layers[0].self_attn, lambda module: None)
+
+
+@pytest.mark.skipif(
+    not hasattr(adapters.context, "is_compiling"),
+    reason="core's forward context is not compile-safe yet (issue 7.1)",
+)
+def test_the_whole_model_compiles_fullgraph_with_kv_prefixes(plugin):
+    model, _ = prefixed_llama()
+    ids, mask, _ = batch()
+    with torch.no_grad():
+        eager = model(ids, attention_mask=mask).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        torch.testing.assert_close(
+            compiled(ids, attention_mask=mask).logits, eager, rtol=0, atol=1e-5
+        )
+    torch._dynamo.reset()

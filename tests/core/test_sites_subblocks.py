@@ -528,3 +528,25 @@ def test_a_tuple_returning_output_module_is_edited_in_place_of_its_first_element
     assert tuple_site.output.path == "model.layers.0.self_attn"
     assert tensor_site.output.path == "model.layers.0.self_attn.o_proj"
     torch.testing.assert_close(via_module, via_o_proj, rtol=0, atol=1e-6)
+
+
+COMPILE_SAFE_CORE = hasattr(adapters.context, "is_compiling")
+
+
+@pytest.mark.skipif(
+    not COMPILE_SAFE_CORE, reason="core's forward context is not compile-safe yet (issue 7.1)"
+)
+def test_the_whole_model_compiles_fullgraph_with_a_sub_block_method(plugin, ids):
+    model, _ = llama_with_bottleneck()
+    with torch.no_grad():
+        eager = model(ids).logits
+        with adapters.AdapterSetup(None):
+            base = model(ids).logits
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model)(ids)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(ids).logits, eager, rtol=0, atol=1e-5)
+        with adapters.AdapterSetup(None):  # a setup change is followed, not a stale graph
+            torch.testing.assert_close(compiled(ids).logits, base, rtol=0, atol=1e-5)
+    torch._dynamo.reset()

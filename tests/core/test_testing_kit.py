@@ -25,6 +25,9 @@ from adapters.composition import apply_setup
 from adapters.context import context_for
 from adapters.testing import AdapterMethodConformance, model_fingerprint
 
+from ..conformance import CORE_GAPS
+from .toy_fusion import ToyFusableConfig, ToyFusablePlugin
+
 FAULTS = (
     "none",
     "leaks_hook",
@@ -218,3 +221,19 @@ def test_the_default_model_is_a_tiny_llama_with_the_methods_of_the_configs(kit):
     assert type(model).__name__ == "LlamaForCausalLM"
     assert interface.adapter_methods == ["faulty"]
     assert not adapters.is_initialized(model)
+
+
+class TestToyFusableConformance(AdapterMethodConformance):
+    """The whole kit on core's in-test ``toy_fusable`` plugin, the one method here that
+    declares ``Fuse`` and ``Split`` (so the kit's Fuse and Split checks run)."""
+
+    method_config = [ToyFusableConfig()]
+    bad_configs = [{"method": "toy_fusable", "size": 3}]
+    known_failures = CORE_GAPS
+
+    @pytest.fixture(autouse=True)
+    def _registered(self):
+        registry = plugins.get_registry()
+        registry.register(ToyFusablePlugin(), "toy_fusable")
+        yield
+        registry.unregister("toy_fusable")

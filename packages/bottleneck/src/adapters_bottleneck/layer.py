@@ -333,6 +333,32 @@ class BottleneckAdapter(nn.Module):
             out = out * gate
         return out
 
+    def prepare(
+        self, hidden: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the adapter's input, its own residual) for a sequential adapter, in the compute
+        dtype (see `step`)."""
+        dtype = hidden.dtype
+        compute = self._compute_dtype(dtype)
+        hidden_c = hidden.to(compute)
+        residual_c = None if residual is None else residual.to(compute)
+        adapter_residual = hidden_c
+        x = hidden_c
+        if self.original_ln_before:
+            x = hidden_c + residual_c
+            if self.residual_before_ln == "post_add":
+                adapter_residual = x
+            if norm is not None:
+                x = norm(x.to(dtype)).to(compute)
+        if self.residual_before_ln is False:
+            adapter_residual = x
+        return x, adapter_residual
+
+    def up(self, x: torch.Tensor) -> torch.Tensor:
+        """The scaled up-projection for input ``x`` (what AdapterFusion attends over)."""
+        up = self.adapter_up(self.adapter_down(x.to(self._compute_dtype(x.dtype))))
+        return up * self.scaling
+
     def step(
         self, hidden: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module | None
     ) -> torch.Tensor:
@@ -346,16 +372,7 @@ class BottleneckAdapter(nn.Module):
         residual_c = None if residual is None else residual.to(compute)
         if self.is_parallel:
             return (hidden_c + self._post_norm(self.delta(residual_c))).to(dtype)
-        adapter_residual = hidden_c
-        x = hidden_c
-        if self.original_ln_before:
-            x = hidden_c + residual_c
-            if self.residual_before_ln == "post_add":
-                adapter_residual = x
-            if norm is not None:
-                x = norm(x.to(dtype)).to(compute)
-        if self.residual_before_ln is False:
-            adapter_residual = x
+        x, adapter_residual = self.prepare(hidden, residual, norm)
         out = self.delta(x)
         if self.adapter_residual_before_ln:
             out = out + adapter_residual
@@ -472,3 +489,67 @@ def invertible_adapter(width: int, config: BnConfig) -> nn.Module:
                     sub.weight.normal_(0.0, 0.02)
                     sub.bias.zero_()
     return module
+
+
+# ---------------------------------------------------------------------------------------------
+# AdapterFusion
+# ---------------------------------------------------------------------------------------------
+
+
+class BottleneckFusion(nn.Module):
+    """AdapterFusion (Pfeiffer et al., 2021) at one sub-block: attention of a query (the
+    sub-block state) over the fused adapters' outputs.
+
+    ``scores_i = <Q q, K up_i>``; ``p = softmax(scores / T)``; the output is
+    ``sum_i p_i V up_i`` (value before the softmax, as AdapterHub; or ``V sum_i p_i up_i``),
+    plus the adapter residual (added to each ``up_i`` instead with ``residual_before``).
+    Parameter names (``query``, ``key``, ``value``) follow AdapterHub's.
+    """
+
+    def __init__(self, hidden: int, config: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.query = nn.Linear(hidden, hidden) if config.query else None
+        self.key = nn.Linear(hidden, hidden) if config.key else None
+        self.value = nn.Linear(hidden, hidden, bias=False) if config.value else None
+        with torch.no_grad():
+            for module in (self.query, self.key, self.value):
+                if module is not None:
+                    module.weight.normal_(0.0, 0.02)
+                    if module.bias is not None:
+                        module.bias.zero_()
+            if self.value is not None and config.value_initialized:
+                self.value.weight.copy_(torch.eye(hidden) + (1 - torch.eye(hidden)) * 1e-6)
+        self.dropout = nn.Dropout(config.dropout_prob or 0.0)
+        self.temperature = 50.0 if config.temperature else 1.0
+        self.reduction = self.temperature / 1000.0
+
+    def forward(
+        self, query: torch.Tensor, ups: torch.Tensor, residual: torch.Tensor
+    ) -> torch.Tensor:
+        """``query`` and ``residual`` (batch, length, d); ``ups`` (batch, length, n, d)."""
+        if self.config.residual_before:
+            ups = ups + residual.unsqueeze(2)
+        q = self.query(query) if self.query is not None else query
+        k = self.key(ups) if self.key is not None else ups
+        v = ups
+        if self.value is not None and self.config.value_before_softmax:
+            v = self.value(ups)
+        scores = torch.einsum("bld,blnd->bln", q, k)
+        probs = torch.softmax(self.dropout(scores) / self.temperature, dim=-1)
+        if self.training and self.config.temperature:
+            self.temperature = max(self.temperature - self.reduction, 1.0)
+        context = torch.einsum("bln,blnd->bld", probs, v)
+        if self.value is not None and not self.config.value_before_softmax:
+            context = self.value(context)
+        if not self.config.residual_before:
+            context = context + residual
+        return context
+
+    def regularization(self) -> torch.Tensor | None:
+        """``0.01 * ||I - V||^2`` (AdapterHub's pull of the value matrix to identity)."""
+        if self.value is None:
+            return None
+        weight = self.value.weight
+        eye = torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        return 0.01 * (eye - weight).pow(2).sum()

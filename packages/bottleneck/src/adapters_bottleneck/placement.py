@@ -2,21 +2,21 @@
 
 A `SubBlockHost` lives on each adapted layer (child ``bottleneck_attention``,
 ``bottleneck_cross_attention`` or ``bottleneck_output``) and holds that sub-block's adapters.
-It uses three hook points of the layer, all taken from **that layer's own** sites (never a
-getter resolved later, pitfall 13):
+It runs through core's sub-block sites (`adapters.sites.SubBlockSite`,
+`adapters.subblocks.register_hook`), taken from **that layer's own** modules (never a getter
+resolved later, pitfall 13): core captures the sub-block's residual input ``r`` (per thread,
+also under activation checkpointing) and calls the host with the sub-block output ``h`` before
+the residual add:
 
-- a forward pre-hook on the module whose input is the sub-block's residual stream
-  (``layer_pre_self_attn`` / ``layer_pre_cross_attn`` / ``layer_pre_ffn``) captures the residual
-  input ``r`` for the duration of the sub-block;
-- a forward hook on the sub-block's output projection (``attn_o_proj`` / ``layer_output_proj``)
-  turns its output ``h`` (before the model's residual add) into the adapted one;
-- on post-LN models, a forward hook on the norm after the residual add (``layer_ln_1`` /
-  ``layer_ln_2``) replaces that norm's output when an adapter says ``original_ln_after=False``.
+- edit mode: the host returns the new ``h``; the model then adds ``r`` (and applies its
+  post-LN norm) as usual;
+- replace mode, on post-LN sub-blocks while one of the adapters there has
+  ``original_ln_after=False`` (AdapterPlus): the host returns the result of the residual add
+  and norm itself.
 
-The residual is kept on the host between the two hooks of one sub-block call (core's sub-block
-sites will replace this stash when they land). Invertible adapters live in an
-`InvertibleHost` on the input embeddings (forward hook) and are inverted in a forward pre-hook
-of the model's output embeddings (``get_output_embeddings()``), when it has them.
+Invertible adapters live in an `InvertibleHost` on the input embeddings (forward hook) and are
+inverted in a forward pre-hook of the model's output embeddings (``get_output_embeddings()``),
+when it has them.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from adapters.composition import (
     Average,
     BatchSplit,
     Compose,
+    Fuse,
     PerExample,
     Rows,
     Split,
@@ -39,6 +40,8 @@ from adapters.composition import (
 )
 from adapters.context import context_for
 from adapters.errors import AdaptersError, CompositionError
+from adapters.sites import SubBlockSite
+from adapters.subblocks import register_hook
 
 #: sub-block location (AdapterHub's ``location_key``) -> the host's attribute name on a layer.
 HOST_NAMES = {
@@ -54,15 +57,6 @@ class ResidualMismatchError(AdaptersError, RuntimeError):
     """The captured residual input does not line up with the sub-block's output."""
 
 
-def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    if args and isinstance(args[0], torch.Tensor):
-        return args[0]
-    value = kwargs.get("hidden_states")
-    if isinstance(value, torch.Tensor):
-        return value
-    return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
-
-
 class SubBlockHost(nn.Module):
     """The adapters of one sub-block (attention, cross-attention or feed-forward) of one layer.
 
@@ -72,42 +66,61 @@ class SubBlockHost(nn.Module):
         path: the layer's path (for messages).
     """
 
-    def __init__(self, model: nn.Module, location: str, path: str, norm: nn.Module | None) -> None:
+    def __init__(self, model: nn.Module, location: str, path: str, site: SubBlockSite) -> None:
         super().__init__()
         self.adapters = nn.ModuleDict()
+        self.fusions = nn.ModuleDict()
         self.location = location
         self.path = path
-        # References, not submodules: the norm is the model's own (its keys stay the model's).
+        # References, not submodules: the site's modules are the model's own.
         self.__dict__["model"] = model
-        self.__dict__["norm"] = norm
-        self._residual: torch.Tensor | None = None
-        self._norm_output: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.__dict__["site"] = site
+        self.__dict__["norm"] = (
+            site.norm.module if site.norm_placement == "post" and (site.norm is not None) else None
+        )
+        self.replacing = False  # registered in core's replace-the-add mode
         self._activity: tuple[Any, bool] = (None, False)
 
     def forget_setup(self) -> None:
         """Drop the cached "is one of my adapters active" answer (adapters changed)."""
         self._activity = (None, False)
 
-    # -- hooks ---------------------------------------------------------------------------
-    def capture_residual(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook on the residual-input module: remember the sub-block's input."""
-        self._residual = _first_tensor(args, kwargs)
+    # -- hooks (core's sub-block sites call these) -----------------------------------------
+    def attach(self) -> None:
+        """Register with core's sub-block hooks: edit mode, or replace-the-add mode (post-LN)
+        while one of this sub-block's adapters has ``original_ln_after=False``."""
+        replacing = self.norm is not None and any(
+            not a.original_ln_after for a in self.adapters.values()
+        )
+        if self.__dict__.get("_attached") and replacing == self.replacing:
+            return
+        self.detach()
+        if replacing:
+            register_hook(self.site, self.replace, replace_add=True)
+        else:
+            register_hook(self.site, self.edit)
+        self.replacing = replacing
+        self.__dict__["_attached"] = True
 
-    def hook(self, module: nn.Module, args: Any, output: Any) -> Any:
-        """Forward hook on the sub-block's output projection: apply the active adapters."""
-        residual, self._residual = self._residual, None
-        self._norm_output = None
-        ctx = context_for(self.model)
-        setup = ctx.setup
+    def detach(self) -> None:
+        """Remove this host's sub-block hooks (found by identity: works on a deep copy)."""
+        site = self.site
+        for module in (site.output, site.residual, site.norm, site.layer):
+            if module is not None:
+                remove_hooks_of(module.module, self)
+        self.__dict__["_attached"] = False
+
+    def _active_setup(self) -> AdapterCompositionBlock | None:
+        setup = context_for(self.model).setup
         if setup is None:
             return None
         seen, relevant = self._activity
         if setup is not seen:
             relevant = any(name in self.adapters for name in setup.flatten())
             self._activity = (setup, relevant)
-        if not relevant:
-            return None
-        hidden = output[0] if isinstance(output, tuple) else output
+        return setup if relevant else None
+
+    def _check(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
         if residual is not None and residual.shape != hidden.shape:
             raise ResidualMismatchError(
                 f"bottleneck adapter at {self.path} ({self.location}): the residual input has "
@@ -115,35 +128,34 @@ class SubBlockHost(nn.Module):
                 "the interface's layer_pre_* path must name the module whose input is this "
                 "sub-block's residual stream"
             )
-        new = self.run(setup, hidden, residual)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    def edit(self, out: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor | None:
+        """Edit mode: the new sub-block output (before the model's residual add)."""
+        setup = self._active_setup()
+        if setup is None:
+            return None
+        self._check(out, residual)
+        new, replaced = self._evaluate(setup, out, residual)
+        if replaced is None:
+            return new
+        # pre-LN (or sandwich): the model adds the residual back after this
+        return torch.where(replaced, new - residual, new)
+
+    def replace(
+        self, out: torch.Tensor, residual: torch.Tensor | None, added: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Replace mode (post-LN): the result of the residual add and norm."""
+        setup = self._active_setup()
+        if setup is None:
+            return None
+        self._check(out, residual)
+        new, replaced = self._evaluate(setup, out, residual)
+        normed = self.norm(new + residual).to(added.dtype)
+        if replaced is None:
+            return normed
+        return torch.where(replaced, new.to(added.dtype), normed)
 
     # -- composition ---------------------------------------------------------------------
-    def run(
-        self, setup: AdapterCompositionBlock, hidden: torch.Tensor, residual: torch.Tensor | None
-    ) -> torch.Tensor:
-        """The sub-block output the model should continue with, for ``setup``.
-
-        Examples whose last adapter here has ``original_ln_after=False`` skip the model's
-        residual add and norm: on a post-LN sub-block the norm's output is replaced for them,
-        on a pre-LN one the residual is subtracted (the model adds it back)."""
-        out, replaced = self._evaluate(setup, hidden, residual)
-        if replaced is None:
-            return out  # the model's own residual add (and norm) follow
-        if self.norm is not None:
-            self._norm_output = (out, replaced)
-            return out
-        return torch.where(replaced, out - residual, out)
-
-    def replace_norm(self, module: nn.Module, args: Any, output: Any) -> Any:
-        """Forward hook on the layer's norm after the residual add: with
-        ``original_ln_after=False`` the adapter's output replaces the norm's."""
-        pending, self._norm_output = self._norm_output, None
-        if pending is None:
-            return None
-        out, replaced = pending
-        return torch.where(replaced, out.to(output.dtype), output)
-
     def compose(
         self,
         setup: AdapterCompositionBlock | str,
@@ -187,10 +199,58 @@ class SubBlockHost(nn.Module):
                 pieces.append(torch.full_like(packed[..., -1:], flag))
             return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
 
-        handlers = {Split: functools.partial(_split_positions, self.path)}
+        handlers = {
+            Split: functools.partial(_split_positions, self.path),
+            Fuse: functools.partial(self._fuse, width, has_residual, flagged),
+        }
         out = apply_setup(setup, state, apply_one, self.adapters.__contains__, handlers=handlers)
         replaced = out[..., -1:] > 0.5 if flagged else None
         return out[..., :width], replaced
+
+    def _fuse(
+        self,
+        width: int,
+        has_residual: bool,
+        flagged: bool,
+        block: Fuse,
+        packed: torch.Tensor,
+        rows: Rows,
+        compose: Compose,
+    ) -> torch.Tensor:
+        """``Fuse``: the last child prepares the input (and the query) as it would alone; each
+        child's scaled up-projection of that input is attended over by the fusion layer."""
+        names = [c for c in block.children if isinstance(c, str)]
+        if len(names) != len(block.children):
+            raise CompositionError(
+                f"{block!r}: bottleneck fusion fuses adapters, not nested blocks; fuse names"
+            )
+        if not any(n in self.adapters for n in names):
+            return packed
+        fusion = self.fusions[block.name] if block.name in self.fusions else None
+        if fusion is None:
+            # Not every fused adapter sits at this sub-block (e.g. seq_bn with double_seq_bn):
+            # the ones that do run in order, as a Stack.
+            for name in names:
+                packed = compose(name, packed, rows)
+            return packed
+        h = packed[..., :width]
+        r = packed[..., width : 2 * width] if has_residual else None
+        last = self.adapters[names[-1]]
+        if last.is_parallel:
+            # parallel adapters read the residual input; the fused output is added beside h
+            x = r.to(last._compute_dtype(r.dtype))
+            ups = torch.stack([self.adapters[n].up(x) for n in names], dim=2)
+            new = (h + fusion(x, ups, torch.zeros_like(x)).to(h.dtype)).to(h.dtype)
+        else:
+            x, adapter_residual = last.prepare(h, r, self.norm)
+            query = h.to(x.dtype) if fusion.config.query_before_ln else x
+            ups = torch.stack([self.adapters[n].up(x) for n in names], dim=2)
+            new = fusion(query, ups, adapter_residual).to(h.dtype)
+        pieces = [new] + ([r] if r is not None else [])
+        if flagged:
+            flag = 0.0 if last.original_ln_after else 1.0
+            pieces.append(torch.full_like(packed[..., -1:], flag))
+        return torch.cat(pieces, dim=-1) if len(pieces) > 1 else new
 
 
 def _split_positions(
@@ -290,7 +350,9 @@ def remove_hooks_of(module: nn.Module, owner: nn.Module) -> None:
     for attr in ("_forward_hooks", "_forward_pre_hooks"):
         hooks = getattr(module, attr)
         for key, hook in list(hooks.items()):
-            if getattr(hook, "__self__", None) is owner:
+            bound = getattr(hook, "__self__", None)
+            # core's sub-block hooks are bound to a SubBlockHook whose fn is bound to owner
+            if bound is owner or getattr(getattr(bound, "fn", None), "__self__", None) is owner:
                 del hooks[key]
                 for extra in (
                     "_forward_hooks_with_kwargs",

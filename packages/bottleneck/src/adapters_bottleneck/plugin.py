@@ -8,14 +8,23 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from adapters import Average, BatchSplit, CheckpointFormat, MethodSpec, Split, Stack, hookimpl
+from adapters import (
+    Average,
+    BatchSplit,
+    CheckpointFormat,
+    Fuse,
+    MethodSpec,
+    Split,
+    Stack,
+    hookimpl,
+)
 from adapters.configs import AdapterConfig
 from adapters.errors import ConfigError
-from adapters.sites import LayerSite, ModelSites, ModuleSite
+from adapters.sites import LayerSite, ModelSites, ModuleSite, SubBlockSite
 
 from . import interop
 from .config import CONFIG_CLASSES, PRESETS, BnConfig
-from .layer import BottleneckAdapter, PHMShared, invertible_adapter
+from .layer import BottleneckAdapter, BottleneckFusion, PHMShared, invertible_adapter
 from .placement import (
     HOST_NAMES,
     INV_HOST,
@@ -28,11 +37,14 @@ from .placement import (
 #: The plugin contract version this plugin implements (see adapters.hookspecs).
 ADAPTERS_CONTRACT = "1.0"
 
-#: interface fields per location: (output site, residual-input field, norm field).
+#: core's sub-block kind per location.
+_SUB_BLOCKS = {"mh_adapter": "self_attn", "cross_adapter": "cross_attn", "output_adapter": "ffn"}
+
+#: interface fields per location: (output site, residual-input field).
 _FIELDS = {
-    "mh_adapter": ("attn_o_proj (of layer_self_attn)", "layer_pre_self_attn", "layer_ln_1"),
-    "cross_adapter": ("attn_o_proj (of layer_cross_attn)", "layer_pre_cross_attn", None),
-    "output_adapter": ("layer_output_proj", "layer_pre_ffn", "layer_ln_2"),
+    "mh_adapter": ("attn_o_proj (of layer_self_attn)", "layer_pre_self_attn"),
+    "cross_adapter": ("attn_o_proj (of layer_cross_attn)", "layer_pre_cross_attn"),
+    "output_adapter": ("layer_output_proj", "layer_pre_ffn"),
 }
 
 
@@ -42,6 +54,7 @@ class Placement:
 
     layer: LayerSite
     location: str
+    sub_block: SubBlockSite
     output: ModuleSite
     residual: ModuleSite | None
     norm: ModuleSite | None
@@ -79,7 +92,7 @@ def adapters_register_methods(register: Callable[[MethodSpec], None]) -> None:
             name="bottleneck",
             config_classes=CONFIG_CLASSES,
             presets=dict(PRESETS),
-            compositions=(Stack, BatchSplit, Average, Split),
+            compositions=(Stack, BatchSplit, Average, Split, Fuse),
             can_merge=False,
         )
     )
@@ -101,20 +114,27 @@ def plan(sites: ModelSites, config: BnConfig) -> list[Placement]:
             continue
         hidden = layer.hidden_size
         for location in config.locations():
-            field, residual_field, norm_field = _FIELDS[location]
+            field, residual_field = _FIELDS[location]
             attn = {"mh_adapter": layer.self_attn, "cross_adapter": layer.cross_attn}.get(location)
             if location == "cross_adapter" and attn is None:
                 continue  # encoder layers of an encoder-decoder model
             crossed = crossed or location == "cross_adapter"
+            sub = layer.sub_block(_SUB_BLOCKS[location])
             output = layer.output if location == "output_adapter" else attn and attn.o
-            if output is None:
+            if output is None or sub is None:
                 raise ConfigError(
                     f"{type(config).__name__} with {location}=True needs the interface field "
                     f"{field} in layer {layer.layer.path!r}; add it to the AdapterModelInterface "
                     f"or set {location}=False"
                 )
-            residual = getattr(layer, residual_field.removeprefix("layer_"))
-            norm = getattr(layer, norm_field.removeprefix("layer_")) if norm_field else None
+            residual = sub.residual
+            norm = sub.norm if sub.norm_placement == "post" else None
+            if sub.norm_placement == "sandwich" and not config.original_ln_after:
+                raise ConfigError(
+                    f"{type(config).__name__}.original_ln_after=False replaces the residual add, "
+                    f"but layer {layer.layer.path!r} adds its residual after a sandwich norm, in "
+                    "the layer's own code; use original_ln_after=True on this model"
+                )
             _check_residual(config, layer, location, residual, norm, residual_field)
             if not hidden:
                 raise ConfigError(
@@ -129,7 +149,9 @@ def plan(sites: ModelSites, config: BnConfig) -> list[Placement]:
                     f"size {hidden} and the bottleneck size {size} (hidden / reduction_factor) "
                     f"at layer {layer.layer.path!r}; change phm_dim or reduction_factor"
                 )
-            placements.append(Placement(layer, location, output, residual, norm, int(hidden), size))
+            placements.append(
+                Placement(layer, location, sub, output, residual, norm, int(hidden), size)
+            )
     if config.cross_adapter and not crossed:
         raise ConfigError(
             f"{type(config).__name__}.cross_adapter=True but no layer of this model has a "
@@ -204,6 +226,7 @@ def adapters_add_adapter(
         _place_like(adapter, placement.layer.layer.module)
         host.adapters[name] = adapter
         host.forget_setup()
+        host.attach()
         created[placement.key] = adapter
     if config.inv_adapter:
         embeddings = sites.embeddings
@@ -239,8 +262,11 @@ def adapters_delete_adapter(
                 continue
             del host.adapters[name]
             host.forget_setup()
-            if not len(host.adapters):
-                _remove_host(layer, location, host)
+            if len(host.adapters):
+                host.attach()
+            else:
+                host.detach()
+                delattr(layer.layer.module, HOST_NAMES[location])
     if sites.embeddings is not None:
         inv = getattr(sites.embeddings.module, INV_HOST, None)
         if isinstance(inv, InvertibleHost) and name in inv.adapters:
@@ -260,6 +286,83 @@ def adapters_delete_adapter(
     return True
 
 
+def _fusion_hosts(sites: ModelSites, children: list[str]) -> list[tuple[str, SubBlockHost]]:
+    """(key prefix, host) of every sub-block where all ``children`` have an adapter."""
+    found = []
+    for layer in sites.layers:
+        for location, host_name in HOST_NAMES.items():
+            host = getattr(layer.layer.module, host_name, None)
+            if isinstance(host, SubBlockHost) and all(c in host.adapters for c in children):
+                found.append((adapter_key(layer, location), host))
+    return found
+
+
+@hookimpl
+def adapters_add_fusion(
+    model: nn.Module,
+    sites: ModelSites,
+    name: str,
+    children: list[str],
+    config: object,
+    method: str,
+) -> dict[str, nn.Module] | None:
+    """Create an AdapterFusion layer at every sub-block where all ``children`` sit."""
+    if method != "bottleneck":
+        return None
+    hosts = _fusion_hosts(sites, children)
+    if not hosts:
+        raise ConfigError(
+            f"adapters {children} share no sub-block (each needs an adapter at the same "
+            "attention or feed-forward sub-block of some layer); nothing to fuse"
+        )
+    created: dict[str, nn.Module] = {}
+    for key, host in hosts:
+        fusion = BottleneckFusion(host.adapters[children[-1]].hidden, config)
+        _place_like(fusion, host.adapters[children[-1]])
+        host.fusions[name] = fusion
+        host.forget_setup()
+        created[f"{key}.fusion"] = fusion
+    return created
+
+
+@hookimpl
+def adapters_delete_fusion(
+    model: nn.Module, sites: ModelSites, name: str, children: list[str], method: str
+) -> bool | None:
+    """Remove fusion layer ``name`` from every sub-block."""
+    if method != "bottleneck":
+        return None
+    for layer in sites.layers:
+        for host_name in HOST_NAMES.values():
+            host = getattr(layer.layer.module, host_name, None)
+            if isinstance(host, SubBlockHost) and name in host.fusions:
+                del host.fusions[name]
+    return True
+
+
+@hookimpl
+def adapters_fusion_regularization_loss(
+    model: nn.Module,
+    sites: ModelSites,
+    name: str,
+    children: list[str],
+    config: object,
+    method: str,
+) -> object:
+    """``0.01 * ||I - V||^2`` summed over the fusion layer's sub-blocks."""
+    if method != "bottleneck":
+        return None
+    total = None
+    for layer in sites.layers:
+        for host_name in HOST_NAMES.values():
+            host = getattr(layer.layer.module, host_name, None)
+            if isinstance(host, SubBlockHost) and name in host.fusions:
+                term = host.fusions[name].regularization()
+                if term is not None:
+                    total = term if total is None else total + term
+    return total
+
+
 @hookimpl
 def adapters_setup_changed(model: nn.Module, sites: ModelSites, setup: object) -> None:
     """Nothing to do: the hooks read the setup from the forward context on every call."""
@@ -269,32 +372,12 @@ def _host(model: nn.Module, placement: Placement) -> SubBlockHost:
     layer_module = placement.layer.layer.module
     host_name = HOST_NAMES[placement.location]
     host = getattr(layer_module, host_name, None)
-    if host is not None:
-        return host
-    norm = placement.norm.module if placement.norm is not None else None
-    host = SubBlockHost(model, placement.location, placement.layer.layer.path, norm)
-    layer_module.add_module(host_name, host)
-    if placement.residual is not None:
-        placement.residual.module.register_forward_pre_hook(host.capture_residual, with_kwargs=True)
-    placement.output.module.register_forward_hook(host.hook)
-    if norm is not None:
-        norm.register_forward_hook(host.replace_norm)
+    if host is None:
+        host = SubBlockHost(
+            model, placement.location, placement.layer.layer.path, placement.sub_block
+        )
+        layer_module.add_module(host_name, host)
     return host
-
-
-def _remove_host(layer: LayerSite, location: str, host: SubBlockHost) -> None:
-    for site in (
-        layer.self_attn.o if location == "mh_adapter" and layer.self_attn else None,
-        layer.cross_attn.o if location == "cross_adapter" and layer.cross_attn else None,
-        layer.output if location == "output_adapter" else None,
-        {"mh_adapter": layer.pre_self_attn, "cross_adapter": layer.pre_cross_attn}.get(
-            location, layer.pre_ffn
-        ),
-        {"mh_adapter": layer.ln_1, "output_adapter": layer.ln_2}.get(location),
-    ):
-        if site is not None:
-            remove_hooks_of(site.module, host)
-    delattr(layer.layer.module, HOST_NAMES[location])
 
 
 def _holder(module: nn.Module, attr: str) -> nn.ModuleDict:

@@ -57,6 +57,29 @@ class ModelAdaptersMixin:
         for layer in get_state(self).sites.layers:
             yield layer.index, layer.layer.module
 
+    def get_layer(self, idx: int) -> nn.Module:
+        """The layer module at index ``idx`` of `iter_layers` (AdapterHub's ``get_layer``)."""
+        layers = get_state(self).sites.layers
+        if not isinstance(idx, int) or not -len(layers) <= idx < len(layers):
+            raise IndexError(f"layer index {idx!r} out of range; the model has {len(layers)}")
+        return layers[idx].layer.module
+
+    def iter_attentions(self) -> Iterator[tuple[int, str, nn.Module]]:
+        """``(layer index, "self" | "cross", attention module)`` for every attention module the
+        interface names (AdapterHub's ``iter_attentions``)."""
+        for layer in get_state(self).sites.layers:
+            for attn in (layer.self_attn, layer.cross_attn):
+                if attn is not None:
+                    yield layer.index, attn.kind, attn.attn.module
+
+    def iter_layer_ffns(self) -> Iterator[tuple[int, str, nn.Module]]:
+        """``(layer index, "intermediate" | "output", projection)`` for the feed-forward
+        projections the interface names (AdapterHub's ``iter_layer_ffns``)."""
+        for layer in get_state(self).sites.layers:
+            for kind, site in (("intermediate", layer.intermediate), ("output", layer.output)):
+                if site is not None:
+                    yield layer.index, kind, site.module
+
     @property
     def adapters_config(self) -> dict[str, AdapterConfig]:
         """``{name: config}`` of every added adapter."""

@@ -251,7 +251,7 @@ def fusion_setup(model: nn.Module, adapter_setup: Any) -> AdapterCompositionBloc
         entry = state.fusions[adapter_setup]
         default = ",".join(entry.children) == entry.name
         setup = Fuse(*entry.children, name=None if default else entry.name)
-    elif isinstance(adapter_setup, list | tuple):
+    elif isinstance(adapter_setup, list | tuple) and all(isinstance(n, str) for n in adapter_setup):
         setup = Fuse(*adapter_setup)
     else:
         setup = parse_composition(adapter_setup)

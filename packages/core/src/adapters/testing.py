@@ -561,6 +561,82 @@ class AdapterMethodConformance:
         self._differ(mean, first, "Average(a, b) equals a")
         self._differ(mean, second, "Average(a, b) equals b")
 
+    def test_split_composition(self, adapter_config: Any) -> None:
+        """``Split(a, b, splits=[k, n - k])`` on a causal model: the first ``k`` positions see
+        only positions ``a`` edits, so they equal ``a``'s outputs; the others carry ``b``'s
+        edit. (Skipped for models that do not generate, taken as not causal.)"""
+        model = self._composition_model(adapter_config, Split)
+        if not _can_generate(model):
+            pytest.skip("the Split check needs a causal model (one that generates)")
+        inputs = self.make_inputs(model)
+        length = int(inputs["input_ids"].shape[1])
+        head = length // 2
+        first = self._outputs_with(model, FIRST, inputs)
+        split = self._outputs_with(
+            model, Split(FIRST, SECOND, splits=[head, length - head]), inputs
+        )
+        self._close(split[:, :head], first[:, :head], "Split positions of a: ")
+        self._differ(split[:, head:], first[:, head:], "Split ignores b on its positions")
+
+    def test_fuse_composition(self, adapter_config: Any, tmp_path: Any) -> None:
+        """For methods that declare ``Fuse``: a fusion layer (``add_adapter_fusion``) changes
+        the outputs with ``Fuse(a, b)`` active and is removed without a trace;
+        ``train_adapter_fusion`` trains the fusion layer only; a saved fusion reloads to
+        identical outputs. A config the method cannot fuse must be refused with `ConfigError`
+        by ``add_adapter_fusion``, leaving the model as it was (the check is then skipped)."""
+        model = self._composition_model(adapter_config, Fuse)
+        inputs = self.make_inputs(model)
+        base = self.run(model, inputs)
+        block = Fuse(FIRST, SECOND)
+        before = model_fingerprint(model)
+        try:
+            model.add_adapter_fusion(block)
+        except ConfigError as error:  # declared for the method, refused for this config
+            assert_same_fingerprint(before, model_fingerprint(model))
+            pytest.skip(f"add_adapter_fusion refuses this config: {error}")
+        fused = self._outputs_with(model, block, inputs)
+        assert torch.isfinite(fused).all()
+        self._differ(fused, base, "the active fusion does not change the outputs")
+        model.set_active_adapters(None)
+        model.delete_adapter_fusion(block)
+        assert_same_fingerprint(before, model_fingerprint(model))
+
+        model.add_adapter_fusion(block)
+        self.randomize_fusion(model, block)
+        fused = self._outputs_with(model, block, inputs)
+        directory = str(tmp_path)
+        for name in (FIRST, SECOND):
+            model.save_adapter(os.path.join(directory, name), name)
+        model.save_adapter_fusion(os.path.join(directory, "fusion"), block)
+        fresh = self.initialised_model()
+        for name in (FIRST, SECOND):
+            fresh.load_adapter(os.path.join(directory, name), load_as=name)
+        fresh.load_adapter_fusion(os.path.join(directory, "fusion"))
+        assert torch.equal(self._outputs_with(fresh, block, inputs), fused)
+
+        model.train_adapter_fusion(block)
+        own = {id(p) for m in model.get_adapter_fusion(block).values() for p in m.parameters()}
+        assert own, "the fusion layer has no parameters"
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        expected = {n for n, p in model.named_parameters() if id(p) in own}
+        assert trainable == expected, (
+            f"train_adapter_fusion: trainable {sorted(trainable)}, fusion {sorted(expected)}"
+        )
+        self.outputs_of(model(**inputs)).float().pow(2).mean().backward()
+        with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+        assert with_grad and with_grad <= expected, f"gradients outside the fusion: {with_grad}"
+
+    def randomize_fusion(self, model: nn.Module, block: Fuse, seed: int = 3) -> None:
+        """Give the fusion layer of ``block`` non-trivial weights (noise, as
+        `randomize_adapter`)."""
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for module in model.get_adapter_fusion(block).values():
+                for parameter in module.parameters():
+                    if parameter.is_floating_point():
+                        noise = torch.randn(parameter.shape, generator=generator)
+                        parameter.add_(0.2 * noise.to(parameter.dtype))
+
     def test_undeclared_compositions_are_refused(self, adapter_config: Any) -> None:
         """Every block the method does not declare is refused with `CompositionError` by
         ``set_active_adapters`` and ``train_adapter``, and the active setup stays as it was."""
