@@ -392,7 +392,7 @@ def load_adapter_fusion(
     old_active = state.active_setup
     try:
         add_adapter_fusion(model, children, config, name=name, overwrite_ok=overwrite_ok)
-        _copy_tensors(state.fusions[name], tensors, source=path)
+        copy_fusion_tensors(state.fusions[name], tensors, source=path)
     except BaseException:
         snapshot.restore()
         state.fusions.pop(name, None)
@@ -406,7 +406,9 @@ def load_adapter_fusion(
     return name
 
 
-def _copy_tensors(entry: FusionEntry, tensors: dict, source: str) -> None:
+def copy_fusion_tensors(entry: FusionEntry, tensors: dict, source: str) -> None:
+    """Copy checkpoint ``tensors`` into fusion ``entry``'s parameters in place (the same
+    tensors stay in use); raises `CheckpointError` naming ``source`` on any mismatch."""
     import torch
 
     expected = entry.state_dict()
