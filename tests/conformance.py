@@ -7,11 +7,4 @@ passes, pytest reports XPASS(strict), and the entry must be deleted here.
 
 from __future__ import annotations
 
-_PICKLE = (
-    "pickle cannot find the model class adapters.init swaps in (issue 7, pickling fix). Delete "
-    "this entry in tests/conformance.py once it passes."
-)
-
-CORE_GAPS: dict[str, str] = {
-    "test_pickle_round_trip_gives_identical_outputs": _PICKLE,
-}
+CORE_GAPS: dict[str, str] = {}

@@ -240,6 +240,8 @@ def test_train_adapter_fusion_accepts_names_and_can_unfreeze_the_adapters(model)
     model.add_adapter_fusion(["b", "c"])
     model.train_adapter_fusion(["b", "c"])
     assert model.active_adapters == Fuse("b", "c")
+    model.train_adapter_fusion([["b", "c"]])  # AdapterHub's nested-list form
+    assert model.active_adapters == Stack(Fuse("b", "c"))
     with pytest.raises(CompositionError, match="needs a setup with a Fuse block"):
         model.train_adapter_fusion(Stack("a"))
 

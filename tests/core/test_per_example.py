@@ -168,3 +168,18 @@ def test_generate_checks_the_number_of_names(model):
     ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(2))
     with pytest.raises(CompositionError, match="1 entries but generate.. got 2 prompts"):
         model.generate(ids, max_new_tokens=2, adapter_names=["a"])
+
+
+def test_threads_selecting_different_examples_get_their_own_outputs(model, ids):
+    from concurrent.futures import ThreadPoolExecutor
+
+    choices = [["a", "b", None, "s"], ["s", None, "b", "a"], [None, "a", "a", None]]
+    expected = [model(ids, adapter_names=names).logits for names in choices]
+
+    def call(i):
+        return model(ids, adapter_names=choices[i % 3]).logits
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(call, range(24)))
+    for i, out in enumerate(results):
+        torch.testing.assert_close(out, expected[i % 3])

@@ -66,7 +66,7 @@ def test_checkpoints_hold_the_adapter_and_not_the_base_model(tmp_path):
     files = set(os.listdir(checkpoint))
     assert not files & {"model.safetensors", "pytorch_model.bin"}
     assert {"adapters", "adapters_checkpoint.json", "optimizer.pt", "trainer_state.json"} <= files
-    assert os.listdir(checkpoint / "adapters") == ["l"]
+    assert sorted(os.listdir(checkpoint / "adapters")) == ["adapters_manifest.json", "l"]
     index = json.loads((checkpoint / "adapters_checkpoint.json").read_text())
     assert index["adapters"] == ["l"] and index["trainable_weights"] == []
     saved = sum(f.stat().st_size for f in (checkpoint / "adapters").rglob("*") if f.is_file())
@@ -196,3 +196,55 @@ def test_training_a_fusion_adds_its_regularization_to_the_loss(tmp_path):
         torch.testing.assert_close(trainer.compute_loss(model, batch), plain)
     finally:
         registry.unregister("toy_fusable")
+
+
+def _fusion_model():
+    from tests.models import SEED_INTERFACE
+
+    interface = dict(
+        SEED_INTERFACE,
+        adapter_methods=["bottleneck"],
+        layer_pre_self_attn="input_layernorm",
+        layer_pre_ffn="post_attention_layernorm",
+    )
+    model = llama()
+    adapters.init(model, interface=AdapterModelInterface(**interface))
+    model.add_adapter("a", config="seq_bn")
+    model.add_adapter("b", config="seq_bn")
+    model.add_adapter_fusion(["a", "b"])
+    model.train_adapter_fusion(["a", "b"])
+    return model
+
+
+def _fusion_tensors(model) -> dict[str, torch.Tensor]:
+    return {
+        f"{key}.{p}": v.detach().clone()
+        for key, module in model.get_adapter_fusion("a,b").items()
+        for p, v in module.state_dict().items()
+    }
+
+
+def test_fusion_layers_are_checkpointed_and_resumed(tmp_path):
+    if "bottleneck" not in adapters.AdapterMethod:
+        pytest.skip("needs adapters-bottleneck (the method that owns Fuse)")
+    straight = _fusion_model()
+    AdapterTrainer(model=straight, args=_args(tmp_path / "a"), train_dataset=_data()).train()
+    checkpoint = tmp_path / "a" / "checkpoint-4"
+    index = json.loads((checkpoint / "adapters_checkpoint.json").read_text())
+    assert index["fusions"] == ["a,b"] and index["trainable_weights"] == []
+    assert (checkpoint / "fusions" / "a,b").is_dir()
+
+    resumed = _fusion_model()
+    trainer = AdapterTrainer(model=resumed, args=_args(tmp_path / "b"), train_dataset=_data())
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    expected = _fusion_tensors(straight)
+    assert any(not torch.equal(v, _fusion_tensors(_fusion_model())[k]) for k, v in expected.items())
+    for key, value in _fusion_tensors(resumed).items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6)
+
+    # a model with the adapters but without the fusion layer gets it from the checkpoint
+    fresh = _fusion_model()
+    fresh.delete_adapter_fusion("a,b")
+    load_training_checkpoint(fresh, str(tmp_path / "a" / "checkpoint-8"))
+    for key, value in _fusion_tensors(fresh).items():
+        assert torch.equal(value, expected[key])

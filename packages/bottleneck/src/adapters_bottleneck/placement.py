@@ -236,10 +236,16 @@ class SubBlockHost(nn.Module):
         h = packed[..., :width]
         r = packed[..., width : 2 * width] if has_residual else None
         last = self.adapters[names[-1]]
-        x, adapter_residual = last.prepare(h, r, self.norm)
-        query = h.to(x.dtype) if fusion.config.query_before_ln else x
-        ups = torch.stack([self.adapters[n].up(x) for n in names], dim=2)
-        new = fusion(query, ups, adapter_residual).to(h.dtype)
+        if last.is_parallel:
+            # parallel adapters read the residual input; the fused output is added beside h
+            x = r.to(last._compute_dtype(r.dtype))
+            ups = torch.stack([self.adapters[n].up(x) for n in names], dim=2)
+            new = (h + fusion(x, ups, torch.zeros_like(x)).to(h.dtype)).to(h.dtype)
+        else:
+            x, adapter_residual = last.prepare(h, r, self.norm)
+            query = h.to(x.dtype) if fusion.config.query_before_ln else x
+            ups = torch.stack([self.adapters[n].up(x) for n in names], dim=2)
+            new = fusion(query, ups, adapter_residual).to(h.dtype)
         pieces = [new] + ([r] if r is not None else [])
         if flagged:
             flag = 0.0 if last.original_ln_after else 1.0

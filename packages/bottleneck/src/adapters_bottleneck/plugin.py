@@ -315,13 +315,6 @@ def adapters_add_fusion(
             f"adapters {children} share no sub-block (each needs an adapter at the same "
             "attention or feed-forward sub-block of some layer); nothing to fuse"
         )
-    for _, host in hosts:
-        parallel = [c for c in children if host.adapters[c].is_parallel]
-        if parallel:
-            raise ConfigError(
-                f"AdapterFusion of parallel bottleneck adapters ({parallel}) is not supported; "
-                "fuse sequential adapters"
-            )
     created: dict[str, nn.Module] = {}
     for key, host in hosts:
         fusion = BottleneckFusion(host.adapters[children[-1]].hidden, config)

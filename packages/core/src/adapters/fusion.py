@@ -250,7 +250,7 @@ def fusion_setup(model: nn.Module, adapter_setup: Any) -> AdapterCompositionBloc
         entry = state.fusions[adapter_setup]
         default = ",".join(entry.children) == entry.name
         setup = Fuse(*entry.children, name=None if default else entry.name)
-    elif isinstance(adapter_setup, list | tuple):
+    elif isinstance(adapter_setup, list | tuple) and all(isinstance(n, str) for n in adapter_setup):
         setup = Fuse(*adapter_setup)
     else:
         setup = parse_composition(adapter_setup)
@@ -391,7 +391,7 @@ def load_adapter_fusion(
     try:
         with rollback.operation(model):
             add_adapter_fusion(model, children, config, name=name, overwrite_ok=overwrite_ok)
-            _copy_tensors(state.fusions[name], tensors, source=path)
+            copy_fusion_tensors(state.fusions[name], tensors, source=path)
     except BaseException:
         state.fusions.pop(name, None)
         if old is not None:
@@ -404,7 +404,9 @@ def load_adapter_fusion(
     return name
 
 
-def _copy_tensors(entry: FusionEntry, tensors: dict, source: str) -> None:
+def copy_fusion_tensors(entry: FusionEntry, tensors: dict, source: str) -> None:
+    """Copy checkpoint ``tensors`` into fusion ``entry``'s parameters in place (the same
+    tensors stay in use); raises `CheckpointError` naming ``source`` on any mismatch."""
     import torch
 
     expected = entry.state_dict()

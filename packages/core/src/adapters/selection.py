@@ -114,12 +114,13 @@ def per_example(
     key = (names, device)
     setup = cache.get(key)
     if setup is None:
-        setup = PerExample(names, device=device)
-        cache[key] = setup
+        # First in, first out, and tolerant of other threads evicting at the same time.
+        setup = cache.setdefault(key, PerExample(names, device=device))
         while len(cache) > _CACHE_SIZE:
-            cache.popitem(last=False)
-    else:
-        cache.move_to_end(key)
+            try:
+                cache.popitem(last=False)
+            except KeyError:
+                break
     model.validate_setup(setup)  # type: ignore[operator]  # adapters may have changed since
     return setup
 

@@ -169,7 +169,12 @@ class AdapterMethodConformance:
             marked ``xfail(strict=True)``, so a check that starts passing is reported.
 
     Override when the default tiny Llama does not suit the method:
-        `make_model`, `make_inputs`, `outputs_of`, `randomize_adapter`, `generation_kwargs`.
+        `make_model`, `make_inputs`, `outputs_of`, `randomize_adapter`, `randomize_fusion`,
+        `generation_kwargs`.
+
+    Composition checks run for the blocks the method's `adapters.MethodSpec` declares
+    (``Parallel`` and ``adapter_names=`` come with ``BatchSplit``) and are skipped otherwise;
+    `test_undeclared_compositions_are_refused` checks the rest are refused.
     """
 
     method_config: Any = None
@@ -582,13 +587,18 @@ class AdapterMethodConformance:
         """For methods that declare ``Fuse``: a fusion layer (``add_adapter_fusion``) changes
         the outputs with ``Fuse(a, b)`` active and is removed without a trace;
         ``train_adapter_fusion`` trains the fusion layer only; a saved fusion reloads to
-        identical outputs."""
+        identical outputs. A config the method cannot fuse must be refused with `ConfigError`
+        by ``add_adapter_fusion``, leaving the model as it was (the check is then skipped)."""
         model = self._composition_model(adapter_config, Fuse)
         inputs = self.make_inputs(model)
         base = self.run(model, inputs)
         block = Fuse(FIRST, SECOND)
         before = model_fingerprint(model)
-        model.add_adapter_fusion(block)
+        try:
+            model.add_adapter_fusion(block)
+        except ConfigError as error:  # declared for the method, refused for this config
+            assert_same_fingerprint(before, model_fingerprint(model))
+            pytest.skip(f"add_adapter_fusion refuses this config: {error}")
         fused = self._outputs_with(model, block, inputs)
         assert torch.isfinite(fused).all()
         self._differ(fused, base, "the active fusion does not change the outputs")

@@ -4,6 +4,7 @@
 ``adapters.init``. Each checkpoint (and ``save_model``) holds
 
 - ``adapters/<name>/``: every adapter, in this library's format;
+- ``fusions/<name>/``: every fusion layer (AdapterFusion);
 - ``trainable_weights.safetensors``: the other parameters that train (a classification head
   you unfroze, embeddings trained with ``train_adapter(..., train_embeddings=True)``);
 - ``adapters_checkpoint.json``: which adapters and weights the checkpoint holds and the active
@@ -31,11 +32,13 @@ from transformers import Trainer
 
 from .composition import setup_from_dict, setup_to_dict
 from .errors import CheckpointError, NotInitializedError
-from .state import is_initialized
+from .fusion import copy_fusion_tensors, read_fusion_checkpoint
+from .state import get_state, is_initialized
 
 CHECKPOINT_INDEX = "adapters_checkpoint.json"
 TRAINABLE_WEIGHTS = "trainable_weights.safetensors"
 ADAPTERS_DIR = "adapters"
+FUSIONS_DIR = "fusions"
 _TRAINING_ARGS = "training_args.bin"  # transformers.trainer.TRAINING_ARGS_NAME
 _STAGING = "trainer_checkpoint_staging"
 
@@ -91,17 +94,23 @@ class AdapterTrainer(Trainer):
 
 
 def _adapter_param_ids(model: nn.Module) -> set[int]:
-    return {
-        id(p)
+    """Parameters of every adapter and fusion layer (saved in their own folders)."""
+    modules = [
+        module
         for name in model.adapters_config  # type: ignore[attr-defined]
         for module in model.get_adapter(name).values()  # type: ignore[attr-defined]
-        for p in module.parameters()
-    }
+    ]
+    modules += [
+        module
+        for name in model.adapter_fusions  # type: ignore[attr-defined]
+        for module in model.get_adapter_fusion(name).values()  # type: ignore[attr-defined]
+    ]
+    return {id(p) for module in modules for p in module.parameters()}
 
 
 def trainable_base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that train but belong to no adapter (heads, embeddings), by their
-    ``named_parameters`` name."""
+    """The parameters that train but belong to no adapter or fusion layer (heads,
+    embeddings), by their ``named_parameters`` name."""
     adapter_ids = _adapter_param_ids(model)
     return {
         name: p
@@ -117,12 +126,16 @@ def save_training_checkpoint(model: nn.Module, directory: str) -> None:
     names = list(model.adapters_config)  # type: ignore[attr-defined]
     if names:
         model.save_all_adapters(os.path.join(directory, ADAPTERS_DIR))  # type: ignore[attr-defined]
+    fusions = list(model.adapter_fusions)  # type: ignore[attr-defined]
+    if fusions:
+        model.save_all_adapter_fusions(os.path.join(directory, FUSIONS_DIR))  # type: ignore[attr-defined]
     extra = trainable_base_weights(model)
     if extra:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in extra.items()}
         save_file(tensors, os.path.join(directory, TRAINABLE_WEIGHTS))
     index = {
         "adapters": names,
+        "fusions": fusions,
         "active": setup_to_dict(model.active_adapters),  # type: ignore[attr-defined]
         "trainable_weights": sorted(extra),
     }
@@ -152,6 +165,7 @@ def load_training_checkpoint(model: nn.Module, directory: str) -> None:
         with open(index_path, encoding="utf-8") as f:
             index = json.load(f)
         names = list(index["adapters"])
+        fusions = list(index.get("fusions", []))
         active = setup_from_dict(index.get("active"))
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"{index_path}: malformed checkpoint index ({error})") from error
@@ -161,6 +175,12 @@ def load_training_checkpoint(model: nn.Module, directory: str) -> None:
             _load_in_place(model, path, name)
         else:
             model.load_adapter(path, load_as=name)  # type: ignore[attr-defined]
+    for name in fusions:
+        path = os.path.join(directory, FUSIONS_DIR, name)
+        if name in model.adapter_fusions:  # type: ignore[attr-defined]
+            _load_fusion_in_place(model, path, name)
+        else:
+            model.load_adapter_fusion(path, load_as=name)  # type: ignore[attr-defined]
     weights_path = os.path.join(directory, TRAINABLE_WEIGHTS)
     if os.path.isfile(weights_path):
         _copy_weights(model, load_file(weights_path), weights_path)
@@ -184,6 +204,18 @@ def _load_in_place(model: nn.Module, path: str, name: str) -> None:
                 targets[key].load_state_dict(source.state_dict())
     finally:
         model.delete_adapter(staging)  # type: ignore[attr-defined]
+
+
+def _load_fusion_in_place(model: nn.Module, path: str, name: str) -> None:
+    _, children, config, tensors = read_fusion_checkpoint(model, path)
+    entry = get_state(model).fusions[name]
+    if list(children) != list(entry.children) or config != entry.config:
+        raise CheckpointError(
+            f"fusion {name!r} in {path!r} fuses {list(children)} with {config}, but the model's "
+            f"fusion {name!r} fuses {list(entry.children)} with {entry.config}; resume with the "
+            "same fusion layers"
+        )
+    copy_fusion_tensors(entry, tensors, source=path)
 
 
 def _copy_weights(model: nn.Module, tensors: dict[str, torch.Tensor], path: str) -> None:
