@@ -45,7 +45,8 @@ def adapters_add_adapter(model, sites, name, config):
             host = ScaleHost(model)
             module.hidden_scale = host  # registered as a submodule of the layer
             host.handle = module.register_forward_hook(host.hook)
-        host.units[name] = ScaleUnit(layer.hidden_size)
+        weight = next(module.parameters())  # the new unit sits where the layer's weights are
+        host.units[name] = ScaleUnit(layer.hidden_size, weight.device, weight.dtype)
         created[layer.layer.path] = host.units[name]
     return created
 
