@@ -45,8 +45,9 @@ def adapters_add_adapter(model, sites, name, config):
             host = ScaleHost(model)
             module.hidden_scale = host  # registered as a submodule of the layer
             host.handle = module.register_forward_hook(host.hook)
-        weight = next(module.parameters())  # the new unit sits where the layer's weights are
-        host.units[name] = ScaleUnit(layer.hidden_size, weight.device, weight.dtype)
+        weight = next(module.parameters(), None)  # sit where the layer's weights are
+        where = {} if weight is None else {"device": weight.device, "dtype": weight.dtype}
+        host.units[name] = ScaleUnit(layer.hidden_size, **where)
         created[layer.layer.path] = host.units[name]
     return created
 
