@@ -29,6 +29,7 @@ from .errors import AdapterNotFoundError, CompositionError, ConfigError, Interfa
 from .fusion_config import AdapterFusion
 from .interface import AdapterModelInterface
 from .plugins import MethodSpec, get_registry
+from .precision import AdapterDtype, apply_adapter_dtype, check_adapter_dtype
 from .recompute import sync_layer_hooks
 from .rollback import Snapshot
 from .sites import ModelSites
@@ -102,6 +103,7 @@ class ModelAdaptersMixin:
         config: Any = None,
         overwrite_ok: bool = False,
         set_active: bool = False,
+        adapter_dtype: AdapterDtype = None,
     ) -> None:
         """Add a new adapter called ``adapter_name``.
 
@@ -111,8 +113,14 @@ class ModelAdaptersMixin:
                 default preset (e.g. ``"lora"``).
             overwrite_ok: replace an existing adapter of that name instead of raising.
             set_active: make it the active setup.
+            adapter_dtype: the dtype of the adapter's weights. None (default): float32 on a
+                float16 / bfloat16 model (a config's own ``dtype`` option is kept), so that
+                mixed-precision training updates them exactly; ``"model"``: the dtype of the
+                adapted model weights; or a floating ``torch.dtype``. The forward pass casts
+                between the adapter's and the activations' dtype either way.
         """
         state = get_state(self)
+        adapter_dtype = check_adapter_dtype(adapter_dtype)
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise ConfigError(
                 f"adapter name {adapter_name!r} must be a non-empty string without '.'"
@@ -141,6 +149,8 @@ class ModelAdaptersMixin:
                     raise ConfigError(
                         f"no installed plugin created an adapter for {type(part).__name__}"
                     )
+                earlier = self._adapter_param_ids() | {id(p) for p in entry.parameters()}
+                apply_adapter_dtype(self, modules, adapter_dtype, part, earlier)  # type: ignore
                 prefix = f"{part.method}/" if isinstance(config, ConfigUnion) else ""
                 for key, module in modules.items():
                     entry.modules[prefix + key] = module

@@ -169,7 +169,12 @@ class AdapterMethodConformance:
             marked ``xfail(strict=True)``, so a check that starts passing is reported.
 
     Override when the default tiny Llama does not suit the method:
-        `make_model`, `make_inputs`, `outputs_of`, `randomize_adapter`, `generation_kwargs`.
+        `make_model`, `make_inputs`, `outputs_of`, `randomize_adapter`, `randomize_fusion`,
+        `generation_kwargs`.
+
+    Composition checks run for the blocks the method's `adapters.MethodSpec` declares
+    (``Parallel`` and ``adapter_names=`` come with ``BatchSplit``) and are skipped otherwise;
+    `test_undeclared_compositions_are_refused` checks the rest are refused.
     """
 
     method_config: Any = None

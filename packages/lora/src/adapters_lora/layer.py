@@ -8,7 +8,7 @@ output slices of the selected matrices (each slice with its own rows of ``A`` an
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -78,21 +78,27 @@ class LoRAUnit(nn.Module):
         self.scaling = config.scaling
         self.merged = False
         widths = sum(b - a for a, b in self.slices)
-        dtype = config.torch_dtype or (weight.dtype if weight.is_floating_point() else None)
+        # float32 for a half-precision weight (core casts to what add_adapter asks for), on the
+        # weight's device whatever torch.device context is active.
+        dtype = config.torch_dtype or (
+            _compute_dtype(weight) if weight.is_floating_point() else None
+        )
+        device = weight.device
         n = len(self.slices)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         if self.scale_mode:
             self.lora_A = None
             size = in_features if scale_input else widths
-            self.lora_B = nn.Parameter(torch.empty(size, 1, dtype=dtype))
+            self.lora_B = nn.Parameter(torch.empty(size, 1, dtype=dtype, device=device))
         else:
-            self.lora_A = nn.Parameter(torch.empty(n * config.r, in_features, dtype=dtype))
-            self.lora_B = nn.Parameter(torch.empty(widths, config.r, dtype=dtype))
+            shape_a, shape_b = (n * config.r, in_features), (widths, config.r)
+            self.lora_A = nn.Parameter(torch.empty(shape_a, dtype=dtype, device=device))
+            self.lora_B = nn.Parameter(torch.empty(shape_b, dtype=dtype, device=device))
         self._init_weights(config.init_weights, generator)
         if self.use_gating:
-            self.gate = nn.Linear(in_features, n, dtype=dtype)
+            self.gate = nn.Linear(in_features, n, dtype=dtype, device=device)
             with torch.no_grad():
-                self.gate.weight.normal_(0.0, 0.02, generator=generator)
+                _draw(self.gate.weight, generator, lambda t, g: t.normal_(0.0, 0.02, generator=g))
         if self.use_dora:
             norm = weight.detach().to(_compute_dtype(weight)).norm(dim=1)
             self.magnitude = nn.Parameter(norm.to(dtype or norm.dtype))
@@ -106,11 +112,13 @@ class LoRAUnit(nn.Module):
                     if is_a:
                         # kaiming-uniform with a=sqrt(5), as nn.Linear initialises its weight
                         bound = math.sqrt(6.0 / ((1 + 5.0) * param.shape[1]))
-                        param.uniform_(-bound, bound, generator=generator)
+                        _draw(
+                            param, generator, lambda t, g, b=bound: t.uniform_(-b, b, generator=g)
+                        )
                     else:
                         param.zero_()
                 elif kind == "bert":
-                    param.normal_(0.0, 0.02, generator=generator)
+                    _draw(param, generator, lambda t, g: t.normal_(0.0, 0.02, generator=g))
                 else:  # "ia3"
                     param.fill_(1.0)
 
@@ -355,6 +363,21 @@ class LoRAHost(nn.Module):
                 self.original_weight = self.original_bias = None
         del self.units[name]
         self.invalidate()
+
+
+def _draw(
+    param: torch.Tensor,
+    generator: torch.Generator | None,
+    fill: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor],
+) -> None:
+    """Fill ``param`` in place with ``fill(tensor, generator)``; a generator on another device
+    than ``param`` (a CPU generator for a CUDA or meta tensor) draws on its own device, and
+    the values are copied over, so seeded weights are the same on every device."""
+    if generator is None or param.device == generator.device:
+        fill(param, generator)
+        return
+    drawn = fill(torch.empty(param.shape, dtype=param.dtype, device=generator.device), generator)
+    param.copy_(drawn)
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:

@@ -103,9 +103,16 @@ class ReftUnit(nn.Module):
         self.activation = _ACTIVATIONS[self.non_linearity] if self.non_linearity else None
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         bound = 1.0 / math.sqrt(hidden_size)  # nn.Linear's default initialisation range
-        weight = torch.empty(r, hidden_size).uniform_(-bound, bound, generator=generator)
-        bias = torch.empty(r).uniform_(-bound, bound, generator=generator)
-        projection = torch.empty(r, hidden_size).uniform_(-bound, bound, generator=generator)
+        # Drawn on the CPU (where the generator lives) whatever torch.device context is active,
+        # then moved to the layer's device: seeded values are the same on every device.
+        cpu = torch.device("cpu")
+        weight = torch.empty(r, hidden_size, device=cpu).uniform_(
+            -bound, bound, generator=generator
+        )
+        bias = torch.empty(r, device=cpu).uniform_(-bound, bound, generator=generator)
+        projection = torch.empty(r, hidden_size, device=cpu).uniform_(
+            -bound, bound, generator=generator
+        )
         if orthogonal:
             if r > hidden_size:
                 raise ValueError(f"r={r} cannot exceed hidden size {hidden_size} for LoReFT")
