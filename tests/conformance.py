@@ -11,13 +11,8 @@ _COMPILE = (
     "torch.compile(fullgraph=True) is not supported yet: the forward hooks read a ContextVar "
     "(issue 7, item 1). Delete this entry in tests/conformance.py once it passes."
 )
-_PICKLE = (
-    "pickle cannot find the model class adapters.init swaps in (issue 7, pickling fix). Delete "
-    "this entry in tests/conformance.py once it passes."
-)
 
 CORE_GAPS: dict[str, str] = {
     "test_compile_fullgraph_matches_eager": _COMPILE,
     "test_compile_fullgraph_training_step_matches_eager": _COMPILE,
-    "test_pickle_round_trip_gives_identical_outputs": _PICKLE,
 }

@@ -7,6 +7,7 @@ from safetensors.torch import load_file, save_file
 
 import adapters
 from adapters import CheckpointError, CheckpointFormat, Stack, hookimpl
+from adapters.saving import write_manifest
 
 from .conftest import init_toy, llama, randomize
 from .toy_plugins import ToyLoRAConfig
@@ -25,6 +26,7 @@ def test_saved_directory_has_config_and_safetensors(model, tmp_path):
     assert sorted(os.listdir(tmp_path / "a")) == [
         "adapter_config.json",
         "adapter_model.safetensors",
+        "adapters_manifest.json",
     ]
     meta = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert meta["method"] == "toy_lora" and meta["config"]["r"] == 3
@@ -40,7 +42,7 @@ def test_weight_keys_do_not_depend_on_the_adapter_name(model, tmp_path):
     second = load_file(str(tmp_path / "other" / "adapter_model.safetensors"))
     assert sorted(first) == sorted(second)
     assert all("other" not in k and ".a." not in k for k in second)
-    assert "model.layers.0.self_attn.q_proj.A" in first
+    assert "layers.0.self_attn.q_proj.A" in first  # relative to the base model
 
 
 def test_round_trip_gives_identical_outputs_in_a_fresh_model(model, tmp_path, ids):
@@ -76,6 +78,7 @@ def test_a_failed_save_leaves_no_partial_directory(model, tmp_path, monkeypatch)
 def test_corrupt_weights_raise_and_leave_the_model_unchanged(model, tmp_path):
     model.save_adapter(str(tmp_path / "a"), "a")
     (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    write_manifest(str(tmp_path / "a"))  # a consistent folder, with bad weights
     keys = list(model.state_dict())
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         model.load_adapter(str(tmp_path / "a"), load_as="b")
@@ -88,6 +91,7 @@ def test_mismatched_shapes_raise_and_leave_the_model_unchanged(model, tmp_path):
     meta = json.loads(meta_path.read_text())
     meta["config"]["r"] = 5
     meta_path.write_text(json.dumps(meta))
+    write_manifest(str(tmp_path / "a"))
     keys = list(model.state_dict())
     with pytest.raises(CheckpointError, match="has shape .*expects"):
         model.load_adapter(str(tmp_path / "a"), load_as="b")
@@ -100,6 +104,7 @@ def test_missing_tensors_raise(model, tmp_path):
     tensors = load_file(str(path))
     tensors.pop(sorted(tensors)[0])
     save_file(tensors, str(path))
+    write_manifest(str(tmp_path / "a"))
     with pytest.raises(CheckpointError, match="missing 1 tensors"):
         model.load_adapter(str(tmp_path / "a"), load_as="b")
 

@@ -244,7 +244,7 @@ def test_fused_gqa_without_config_is_not_split_into_equal_thirds():
     # q 16, k 4, v 4: 24 outputs, divisible by 3, yet not three equal parts
     model = init(TinyGQA(heads=4, kv_heads=1, with_config=False), GQA_INTERFACE)
     base = model(IDS).detach()
-    model.add_adapter("a", LoRAConfig(attn_matrices=("k",)), set_active=True)
+    model.add_adapter("a", LoRAConfig(r=4, attn_matrices=("k",)), set_active=True)
     assert model.get_adapter("a")["blocks.0.attn.qkv"].slices == [(16, 20)]
     randomise(model, "a")
     qkv = model.blocks[0].attn.qkv

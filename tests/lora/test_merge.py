@@ -21,6 +21,7 @@ from conftest import (
     randomise,
 )
 
+import adapters
 from adapters.errors import ConfigError
 from adapters_lora import DoRAConfig, IA3Config, LoRAConfig
 
@@ -136,8 +137,9 @@ def test_merged_adapter_is_not_applied_twice():
 def test_merge_and_unload_keeps_the_merged_weights():
     model, _ = _prepared("ia3-qwen2-bias")
     unmerged = logits(model)
-    model.merge_and_unload("a")
-    assert not model.has_adapters()
+    plain = model.merge_and_unload("a")
+    assert plain is model and type(model) is tf.Qwen2ForCausalLM
+    assert not adapters.is_initialized(model)
     assert not any("adapters_lora" in k for k in model.state_dict())
     torch.testing.assert_close(logits(model), unmerged, atol=1e-5, rtol=0)
 
@@ -207,20 +209,33 @@ def test_merging_ia3_twice_and_resetting_one_keeps_the_other():
     assert all(torch.equal(v, _weights_and_biases(model)[k]) for k, v in base.items())
 
 
-def test_deleting_a_merged_ia3_keeps_it_in_what_a_later_reset_restores():
+def test_deleting_a_merged_ia3_resets_it_and_keeps_the_other_merged():
     model = init(build_bert(), BERT_INTERFACE)
     model.add_adapter("a", IA3Config(output_lora=True))
     randomise(model, "a", 1, around_one=True)
     model.add_adapter("b", LoRAConfig(r=2, output_lora=True))
     randomise(model, "b", 2)
-    model.set_active_adapters("a")
-    only_a = logits(model)
+    model.set_active_adapters("b")
+    only_b = logits(model)
     model.set_active_adapters(None)
     model.merge_adapter("a")
     model.merge_adapter("b")
-    model.delete_adapter("a")  # stays folded into the weights and biases
-    model.reset_adapter("b")
-    torch.testing.assert_close(logits(model), only_a, atol=1e-5, rtol=0)
+    model.delete_adapter("a")  # reset first: its change leaves the weights and biases
+    assert model.is_merged("b")
+    torch.testing.assert_close(logits(model), only_b, atol=1e-5, rtol=0)
+
+
+def test_merge_and_unload_of_two_merged_adapters_keeps_both():
+    model = init(build_bert(), BERT_INTERFACE)
+    model.add_adapter("a", IA3Config(output_lora=True))
+    randomise(model, "a", 1, around_one=True)
+    model.add_adapter("b", LoRAConfig(r=2, output_lora=True))
+    randomise(model, "b", 2)
+    model.merge_adapter("a")
+    model.merge_adapter("b")
+    both = logits(model)
+    plain = model.merge_and_unload("a")
+    torch.testing.assert_close(logits(plain), both, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(

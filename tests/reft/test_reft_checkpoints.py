@@ -60,9 +60,9 @@ def test_saved_tensor_keys_do_not_depend_on_the_adapter_name(llama, tmp_path):
     llama.save_adapter(str(tmp_path / "x"), "some_name")
     keys = sorted(load_file(str(tmp_path / "x" / "adapter_model.safetensors")))
     assert keys == [
-        "model.layers.0.reft.units.0.learned_source.bias",
-        "model.layers.0.reft.units.0.learned_source.weight",
-        "model.layers.0.reft.units.0.projection.weight",
+        "layers.0.reft.prefix.learned_source.bias",
+        "layers.0.reft.prefix.learned_source.weight",
+        "layers.0.reft.prefix.projection.weight",
     ]
 
 
@@ -135,8 +135,8 @@ def test_adapterhub_checkpoint_gives_identical_logits(expected, case):
 def test_adapterhub_one_sided_checkpoint_loads_one_unit(expected):
     model = _fixture_model()
     model.load_adapter(os.path.join(FIXTURES, "noreft_suffix"))
-    units = {k.split(".units.")[1].split(".")[0] for k in model.adapter_state_dict("noreft_suffix")}
-    assert units == {"0"}
+    units = {k.split(".reft.")[1].split(".")[0] for k in model.adapter_state_dict("noreft_suffix")}
+    assert units == {"suffix"}
 
 
 def test_adapterhub_direft_needs_the_users_config(expected):

@@ -114,9 +114,9 @@ def test_only_listed_layers_get_an_intervention(llama):
     hosts = [getattr(s.layer.module, "adapters_reft", None) for s in llama.adapter_sites]
     assert hosts[0] is None and isinstance(hosts[1], ReftHost)
     assert list(llama.adapter_state_dict("a")) == [
-        "model.layers.1.reft.units.0.learned_source.weight",
-        "model.layers.1.reft.units.0.learned_source.bias",
-        "model.layers.1.reft.units.0.projection.weight",
+        "model.layers.1.reft.prefix.learned_source.weight",
+        "model.layers.1.reft.prefix.learned_source.bias",
+        "model.layers.1.reft.prefix.projection.weight",
     ]
 
 
@@ -146,17 +146,17 @@ def test_seeded_units_start_identical_without_touching_global_rng(llama):
     llama.add_adapter("a", config="loreft[init_weights_seed=7, suffix_positions=1]")
     assert torch.equal(torch.random.get_rng_state(), state)
     tensors = llama.adapter_state_dict("a")
-    first = tensors["model.layers.0.reft.units.0.learned_source.weight"]
+    first = tensors["model.layers.0.reft.prefix.learned_source.weight"]
     for key in (
-        "model.layers.0.reft.units.1.learned_source.weight",
-        "model.layers.1.reft.units.0.learned_source.weight",
+        "model.layers.0.reft.suffix.learned_source.weight",
+        "model.layers.1.reft.prefix.learned_source.weight",
     ):
         assert torch.equal(tensors[key], first)
 
 
 def test_fresh_orthogonal_projection_is_stored_orthonormal(llama):
     llama.add_adapter("a", config="loreft[r=4]")
-    weight = llama.adapter_state_dict("a")["model.layers.0.reft.units.0.projection.weight"]
+    weight = llama.adapter_state_dict("a")["model.layers.0.reft.prefix.projection.weight"]
     torch.testing.assert_close(weight @ weight.t(), torch.eye(4), atol=1e-6, rtol=0)
     torch.testing.assert_close(orthonormal_rows(weight), weight, atol=1e-6, rtol=0)
 
@@ -217,7 +217,7 @@ def test_float64_model_keeps_the_loreft_invariant_to_float64_precision(llama):
 
 def test_float64_adapter_parameters_start_orthonormal_in_float64(llama):
     llama.add_adapter("a", config="loreft[dtype='float64', r=4]")
-    weight = llama.adapter_state_dict("a")["model.layers.0.reft.units.0.projection.weight"]
+    weight = llama.adapter_state_dict("a")["model.layers.0.reft.prefix.projection.weight"]
     assert weight.dtype == torch.float64
     torch.testing.assert_close(
         weight @ weight.t(), torch.eye(4, dtype=torch.float64), atol=1e-12, rtol=0

@@ -64,7 +64,7 @@ def test_dropout_is_active_in_train_mode(llama):
 def test_adapter_name_clashing_with_module_attributes_is_refused(llama):
     from adapters import ConfigError
 
-    with pytest.raises(ConfigError, match="'training' cannot be used"):
+    with pytest.raises(ConfigError, match="'training' is not allowed"):
         llama.add_adapter("training", config="loreft")
 
 

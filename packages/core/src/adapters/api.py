@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import averaging, embeddings, fusion, multitask, saving, selection
+from . import averaging, embeddings, fusion, lifecycle, multitask, saving, selection
 from . import context as ctx_mod
 from .composition import (
     AdapterCompositionBlock,
@@ -28,6 +28,7 @@ from .configs import AdapterConfig, ConfigUnion, config_parts, resolve_config
 from .errors import AdapterNotFoundError, CompositionError, ConfigError, InterfaceError
 from .fusion_config import AdapterFusion
 from .interface import AdapterModelInterface
+from .naming import validate_adapter_name
 from .plugins import MethodSpec, get_registry
 from .precision import AdapterDtype, apply_adapter_dtype, check_adapter_dtype
 from .recompute import sync_layer_hooks
@@ -120,11 +121,8 @@ class ModelAdaptersMixin:
                 between the adapter's and the activations' dtype either way.
         """
         state = get_state(self)
+        validate_adapter_name(adapter_name)
         adapter_dtype = check_adapter_dtype(adapter_dtype)
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ConfigError(
-                f"adapter name {adapter_name!r} must be a non-empty string without '.'"
-            )
         if adapter_name in state.adapters and not overwrite_ok:
             raise ConfigError(
                 f"an adapter named {adapter_name!r} already exists; pass overwrite_ok=True to "
@@ -136,8 +134,9 @@ class ModelAdaptersMixin:
         snapshot = Snapshot(self)
         old_entry = state.adapters.get(adapter_name)
         old_active = state.active_setup
+        was_merged = old_entry is not None and old_entry.merged
         if old_entry is not None:
-            self.delete_adapter(adapter_name)
+            self.delete_adapter(adapter_name)  # a merged one is reset first
         entry = AdapterEntry(name=adapter_name, config=config)
         try:
             for part in config_parts(config):
@@ -167,6 +166,8 @@ class ModelAdaptersMixin:
             if old_entry is not None:
                 state.adapters[adapter_name] = old_entry
                 state.active_setup = old_active
+                if was_merged:
+                    self.merge_adapter(adapter_name)
             raise
         if set_active:
             self.set_active_adapters(adapter_name)
@@ -201,16 +202,29 @@ class ModelAdaptersMixin:
                 )
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter, its modules and hooks. A merged adapter's weights stay merged.
-        An adapter that a fusion layer fuses is refused: delete the fusion first."""
+        """Remove an adapter, its modules and hooks. A merged adapter is reset first: the base
+        weights lose its change (the same holds when ``add_adapter(..., overwrite_ok=True)``
+        replaces a merged adapter). To keep merged weights, use ``merge_and_unload``. An
+        adapter that a fusion layer fuses is refused: delete the fusion first."""
+        self._check_not_fused(adapter_name)
+        if self._entry(adapter_name).merged:
+            self.reset_adapter(adapter_name)
+        self._drop_adapter(adapter_name)
+
+    def _check_not_fused(self, adapter_name: str) -> None:
         state = get_state(self)
-        entry = self._entry(adapter_name)
         users = [f.name for f in state.fusions.values() if adapter_name in f.children]
         if users:
             raise CompositionError(
                 f"adapter {adapter_name!r} is fused by fusion layer(s) {users}; delete them first "
                 f"with model.delete_adapter_fusion({users[0]!r})"
             )
+
+    def _drop_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter; if it is merged, its change stays in the base weights."""
+        self._check_not_fused(adapter_name)
+        state = get_state(self)
+        entry = self._entry(adapter_name)
         registry = get_registry()
         for part in config_parts(entry.config):
             registry.hook.adapters_delete_adapter(
@@ -366,9 +380,11 @@ class ModelAdaptersMixin:
                 )
             entry.merged = False
 
-    def merge_and_unload(self, name: str | None = None) -> None:
-        """Merge adapter ``name`` (default: every adapter of the active setup) and remove the
-        adapter machinery, leaving a plain model with updated weights, for deployment."""
+    def merge_and_unload(self, name: str | None = None) -> nn.Module:
+        """Merge adapter ``name`` (default: every adapter of the active setup, and any adapter
+        already merged) into the base weights, remove every adapter and everything ``init``
+        added, and return the model: an instance of its original class with no hook, module or
+        attribute of this library left (PEFT's semantics), for deployment."""
         state = get_state(self)
         if name is not None:
             names = [name]
@@ -379,7 +395,26 @@ class ModelAdaptersMixin:
         for n in names:
             if not self._entry(n).merged:
                 self.merge_adapter(n)
+        self._delete_fusions()
+        for n in list(state.adapters):
+            if state.adapters[n].merged:
+                self._drop_adapter(n)  # keeps its change in the base weights
+            else:
+                self.delete_adapter(n)
+        return lifecycle.strip_adapters(self)  # type: ignore[arg-type]
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging (merged ones are reset first) and everything
+        ``init`` added; return the model, now a plain instance of its original class with its
+        original weights."""
+        self._delete_fusions()
+        for n in list(get_state(self).adapters):
             self.delete_adapter(n)
+        return lifecycle.strip_adapters(self)  # type: ignore[arg-type]
+
+    def _delete_fusions(self) -> None:
+        for name in list(get_state(self).fusions):
+            fusion.delete_adapter_fusion(self, name)
 
     def is_merged(self, name: str) -> bool:
         """Whether adapter ``name`` is merged into the base weights."""
@@ -677,8 +712,14 @@ class ModelAdaptersMixin:
                 "and keep the embedding with save_embeddings"
             )
         parent_save = getattr(super(), "save_pretrained", None)
-        saving.save_pretrained(self, save_directory, parent_save, *args, **kwargs)
-        fusion.save_pretrained_fusions(self, save_directory)
+        saving.save_pretrained(
+            self,
+            save_directory,
+            parent_save,
+            *args,
+            write_extra=lambda tmp: fusion.save_pretrained_fusions(self, tmp),
+            **kwargs,
+        )
 
     def average_adapter(
         self,

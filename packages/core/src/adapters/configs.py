@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -133,16 +134,22 @@ def resolve_config(config: Any) -> AdapterConfig:
     (``"lora[r=16, attn_matrices=['q','v']]"``; values are Python literals, parsed without
     ``eval``), a union ``"lora|loreft"``, or the path of a JSON file.
     """
+    return check_config_values(_resolve(config))
+
+
+def _resolve(config: Any) -> AdapterConfig:
     if isinstance(config, AdapterConfig):
         return config
     if isinstance(config, Mapping):
+        check_json_values(config, "config dict")
         return AdapterConfig.from_dict(config)
     if isinstance(config, os.PathLike) or (isinstance(config, str) and config.endswith(".json")):
         path = os.fspath(config)
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!r} does not exist")
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = load_json_strict(path, error=ConfigError)
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config file {path!r} does not hold a JSON object")
         if "config" in data and isinstance(data["config"], Mapping):
             data = data["config"]
         return AdapterConfig.from_dict(data)
@@ -153,7 +160,7 @@ def resolve_config(config: Any) -> AdapterConfig:
         )
     parts = _split_top_level(config, "|")
     if len(parts) > 1:
-        return ConfigUnion(*[resolve_config(p) for p in parts])
+        return ConfigUnion(*[_resolve(p) for p in parts])
     name, overrides = parse_config_string(config)
     registry = catalog()
     preset = registry.presets.get(name)
@@ -187,6 +194,10 @@ def parse_config_string(text: str) -> tuple[str, dict[str, Any]]:
         raise ConfigError(f"options of {name!r} must all be key=value pairs: {inner!r}")
     values: dict[str, Any] = {}
     for keyword in call.keywords:
+        if keyword.arg in values:
+            raise ConfigError(
+                f"option {keyword.arg}= is given twice in {text!r}; give each option once"
+            )
         try:
             values[keyword.arg] = ast.literal_eval(keyword.value)  # type: ignore[index]
         except ValueError:
@@ -194,6 +205,7 @@ def parse_config_string(text: str) -> tuple[str, dict[str, Any]]:
                 f"option {keyword.arg}= of {name!r} is not a literal (numbers, strings, lists, "
                 "True/False/None only)"
             ) from None
+        check_json_values(values[keyword.arg], f"option {keyword.arg}= of {text!r}")
     return name, values
 
 
@@ -246,3 +258,102 @@ def make_missing_error(name: str, hint: str | None, known: list[str]) -> Excepti
     return ConfigError(
         f"unknown adapter config {name!r}; installed presets: {', '.join(sorted(known)) or '(none)'}"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# values: finite numbers only, each key once
+# ---------------------------------------------------------------------------------------------
+
+
+def check_json_values(value: Any, where: str, error: type[Exception] = ConfigError) -> None:
+    """Raise ``error`` if ``value`` (a config value, dict or list, recursively) holds a
+    non-finite number (NaN, inf: they give NaN outputs) or a complex number."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, float | complex) and not (
+        isinstance(value, float) and math.isfinite(value)
+    ):
+        raise error(f"{where} holds {value!r}; numbers in configs must be finite real numbers")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            check_json_values(item, f"{where}[{key!r}]", error)
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            check_json_values(item, f"{where}[{i}]", error)
+
+
+def check_config_values(config: AdapterConfig) -> AdapterConfig:
+    """``config`` itself, after checking that every field holds finite numbers only (from any
+    source: objects, dicts, strings, files, foreign checkpoints); else `ConfigError`."""
+    for part in config_parts(config):
+        if dataclasses.is_dataclass(part):
+            for f in dataclasses.fields(part):
+                check_json_values(
+                    getattr(part, f.name), f"{type(part).__name__}.{f.name}", ConfigError
+                )
+    return config
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NonFinite(name)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NonFinite(text)
+    return value
+
+
+class _NonFinite(ValueError):
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+def parse_json_strict(text: str, source: str, error: type[Exception] = ConfigError) -> Any:
+    """``json.loads(text)`` refusing duplicate keys and non-finite numbers (``NaN``,
+    ``Infinity``, ``1e999``) with ``error`` naming ``source`` and the key or value."""
+    try:
+        return json.loads(
+            text,
+            object_pairs_hook=_unique_keys,
+            parse_constant=_refuse_constant,
+            parse_float=_finite_float,
+        )
+    except _DuplicateKey as dup:
+        raise error(
+            f"{source}: key {dup.key!r} appears twice in one JSON object; keep one"
+        ) from None
+    except _NonFinite as bad:
+        raise error(
+            f"{source}: the number {bad.text} is not finite; configs hold finite numbers only"
+        ) from None
+    except json.JSONDecodeError as bad:
+        raise error(f"{source} is not valid JSON: {bad}") from None
+
+
+def load_json_strict(path: str, error: type[Exception] = ConfigError) -> Any:
+    """The JSON value in file ``path`` (see `parse_json_strict`); unreadable files and
+    malformed JSON raise ``error`` naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as bad:
+        raise error(f"cannot read {path!r}: {bad}") from None
+    return parse_json_strict(text, repr(path), error)

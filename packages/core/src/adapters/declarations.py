@@ -30,6 +30,10 @@ class MethodSpec:
             ``BatchSplit``, ``Average``, ...). ``Parallel`` is supported whenever ``BatchSplit``
             is, because core implements it by batch replication.
         can_merge: whether ``merge_adapter`` / ``reset_adapter`` work for this method.
+        upgrade_key: ``upgrade_key(config, key, format_version) -> key``: for methods whose
+            checkpoint keys changed, the current name of a key saved in an older checkpoint
+            format (core calls it when loading format 1; keys come without the ``"<method>/"``
+            prefix of a union). None: keys never changed.
         distribution / version / plugin: filled in by core when the plugin is registered
             (the distribution and its version for an entry point, ``None`` for an in-process
             plugin; ``plugin`` is the registered plugin's name).
@@ -40,6 +44,7 @@ class MethodSpec:
     presets: dict[str, AdapterConfig] = field(default_factory=dict)
     compositions: tuple[type, ...] = ()
     can_merge: bool = False
+    upgrade_key: Callable[[AdapterConfig, str, int], str] | None = None
     distribution: str | None = None
     version: str | None = None
     plugin: str | None = None

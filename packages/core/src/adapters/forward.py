@@ -18,6 +18,7 @@ from . import multitask
 from .composition import AdapterCompositionBlock, BatchSplit, expand_parallel
 from .context import effective_setup
 from .errors import CompositionError
+from .naming import validate_setup_names
 from .selection import NO_SELECTION, NoSelection, per_example, take_adapter_names
 from .state import STATE_ATTR
 
@@ -32,6 +33,7 @@ class ForwardHooks:
             return None
         given = kwargs
         kwargs, setup = _per_example_selection(model, args, kwargs)
+        validate_setup_names(state, setup)  # an unknown name raises instead of running without it
         branches = 1
         if setup is not None:
             parallel = expand_parallel(setup)

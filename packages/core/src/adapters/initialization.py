@@ -17,22 +17,38 @@ from typing import Any
 from torch import nn
 
 from .api import GenerateMixin, ModelAdaptersMixin
-from .composition import setup_from_dict
 from .errors import CheckpointError, InterfaceError
 from .forward import ForwardHooks
 from .fusion import FUSIONS_SUBDIR, load_all_adapter_fusions
 from .interface import INTERFACE_FILENAME, AdapterModelInterface
+from .lifecycle import ORIGINAL_CLASS_ATTR, original_class_of
 from .plugins import distribution_for, get_registry
 from .recompute import sync_layer_hooks
 from .rollback import Snapshot
-from .saving import ADAPTERS_SUBDIR, SETUP_NAME, load_adapter, load_safetensors, read_json
+from .saving import active_setup_of, load_adapter, load_safetensors, read_saved_model_folder
 from .sites import resolve_sites
 from .state import STATE_ATTR, AdaptersState, get_state, is_initialized
 
 _SUBCLASSES: dict[type, type] = {}
 
 
-def _adapter_class(cls: type) -> type:
+def rebuild_adapted_model(original: type) -> nn.Module:
+    """An empty instance of the adapted subclass of ``original``; pickle and ``copy`` then
+    restore its ``__dict__``. What a pickled adapted model stores instead of its class."""
+    instance = original.__new__(original)
+    instance.__class__ = adapted_class(original)
+    return instance
+
+
+def _reduce_adapted(self: nn.Module, protocol: Any) -> Any:
+    # The subclass has the original's qualified name (so reprs and type(model).__name__ stay
+    # the same), under which pickle would find the original class: store the original and
+    # rebuild the subclass from it on load.
+    return (rebuild_adapted_model, (original_class_of(type(self)),), self.__getstate__())
+
+
+def adapted_class(cls: type) -> type:
+    """The subclass ``init`` gives instances of ``cls`` (one per class, created once)."""
     if issubclass(cls, ModelAdaptersMixin):
         return cls
     sub = _SUBCLASSES.get(cls)
@@ -47,6 +63,8 @@ def _adapter_class(cls: type) -> type:
                 "__module__": cls.__module__,
                 "__qualname__": cls.__qualname__,
                 "__doc__": cls.__doc__,
+                ORIGINAL_CLASS_ATTR: cls,  # for pickling and merge_and_unload / unload
+                "__reduce_ex__": _reduce_adapted,
             },
         )
         _SUBCLASSES[cls] = sub
@@ -107,7 +125,7 @@ def init(
     hooks = ForwardHooks()
     snapshot = Snapshot(model)
     try:
-        model.__class__ = _adapter_class(original_class)
+        model.__class__ = adapted_class(original_class)
         model.__dict__[STATE_ATTR] = state
         state.hook_handles.append(
             model.register_forward_pre_hook(hooks.pre_forward, with_kwargs=True, prepend=True)
@@ -153,11 +171,18 @@ def load_model(
     active setup. ``interface`` (as in AdapterHub) replaces the saved
     ``adapter_interface.json``, which is then not needed.
 
+    The folder is checked first: a half-written folder (no ``adapter_setup.json`` or manifest),
+    a folder mixing files of different saves, a newer format version and adapter names that
+    are not plain names (paths) raise `CheckpointError` before anything is loaded. Adapters are
+    read from ``path/adapters`` only.
+
     With ``output_loading_info=True`` (a ``from_pretrained`` option) it returns
     ``(model, loading_info)`` as ``from_pretrained`` and AdapterHub's ``load_model`` do;
     ``loading_info`` is transformers' (``missing_keys``, ``unexpected_keys``, ...) for the
     base model; adapters load strictly (a mismatch raises), so they add no keys to it."""
+    path = os.fspath(path)
     interface_path = os.path.join(path, INTERFACE_FILENAME)
+    interface_given = interface is not None
     if interface is None:
         if not os.path.isfile(interface_path):
             raise CheckpointError(
@@ -166,6 +191,7 @@ def load_model(
                 "checkpoint use from_pretrained + init"
             )
         interface = AdapterModelInterface.load(interface_path)
+    setup_meta, folders = read_saved_model_folder(path, interface_given)
     info: dict[str, Any] | None = None
     if hasattr(model_class, "from_pretrained"):
         model = model_class.from_pretrained(path, **kwargs)
@@ -179,12 +205,10 @@ def load_model(
         if want_info:
             info = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
     init(model, interface=interface)
-    setup_meta = read_json(os.path.join(path, SETUP_NAME)) or {}
-    adapters_dir = os.path.join(path, ADAPTERS_SUBDIR)
-    for name in setup_meta.get("adapters", []):
-        load_adapter(model, os.path.join(adapters_dir, name), load_as=name)
+    for name, folder in folders:
+        load_adapter(model, folder, load_as=name)
     load_all_adapter_fusions(model, os.path.join(path, FUSIONS_SUBDIR))
-    active = setup_from_dict(setup_meta.get("active"))
+    active = active_setup_of(setup_meta, repr(path))
     if active is not None:
         model.set_active_adapters(active)  # type: ignore[attr-defined]
     return model if info is None else (model, info)

@@ -171,15 +171,30 @@ def _peft_options(meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+_PATTERN_META = set("()[]{}*+?|^$\\")
+
+
 def _pattern_value(pattern: dict[str, Any] | None, module: str, default: Any, label: str) -> Any:
-    """PEFT's per-module override: the value of the first key of ``pattern`` (a regular
-    expression) that matches the end of ``module`` at a ``.`` boundary, else ``default``."""
-    for key, value in (pattern or {}).items():
-        try:
-            if re.fullmatch(rf"(?:.*\.)?(?:{key})", module):
-                return value
-        except re.error as error:
-            raise CheckpointError(f"PEFT {label} key {key!r} is not a regex: {error}") from None
+    """PEFT's per-module override: the value of the first key of ``pattern`` that is ``module``
+    or a suffix of it at a ``.`` boundary (``"q_proj"``, ``"layers.0.self_attn.q_proj"``),
+    else ``default``.
+
+    PEFT runs these keys as regular expressions; a checkpoint is untrusted input, and a crafted
+    expression such as ``(a+)+$`` can make matching take exponential time, so keys are matched
+    as literal module-path suffixes, and keys using regular-expression syntax are refused."""
+    if pattern is None:
+        return default
+    if not isinstance(pattern, dict):
+        raise CheckpointError(f"PEFT field {label!r} must be an object, got {pattern!r}")
+    for key, value in pattern.items():
+        if not isinstance(key, str) or len(key) > 1000 or _PATTERN_META & set(key):
+            raise CheckpointError(
+                f"PEFT field {label!r} has the key {key!r}; adapters-lora matches these keys "
+                "as module paths or their suffixes (e.g. 'q_proj', 'layers.0.self_attn.q_proj'), "
+                "not as regular expressions: list the modules by path"
+            )
+        if module == key or module.endswith("." + key):
+            return value
     return default
 
 

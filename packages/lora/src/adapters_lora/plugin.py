@@ -198,6 +198,21 @@ def host_of(module: nn.Module) -> LoRAHost | None:
     return host if isinstance(host, LoRAHost) else None
 
 
+def _check_rank(config: LoRAConfig, targets: list[Target]) -> None:
+    """A rank above ``min(in, out)`` of an adapted matrix adds parameters but no expressive
+    power (and usually means a typo, e.g. r=512 on a 256-wide model): refuse it."""
+    if config.composition_mode == "scale":
+        return
+    for target in targets:
+        widths = [end - start for start, end in target.slices]
+        limit = min(int(target.site.in_features or 0), *widths)
+        if config.r > limit:
+            raise ConfigError(
+                f"LoRA r={config.r} exceeds min(in, out) = {limit} of {target.site.path} "
+                f"({target.role}); a rank above the matrix's own cannot help: use r <= {limit}"
+            )
+
+
 def _ours(config: AdapterConfig) -> bool:
     return isinstance(config, LoRAConfig)
 
@@ -233,6 +248,7 @@ def adapters_add_adapter(
     if not _ours(config):
         return None
     targets = targets_of(sites, config)  # validates everything before touching the model
+    _check_rank(config, targets)
     if config.use_dora and any(t.role == "qkv" for t in targets):
         raise ConfigError(
             "use_dora=True is not supported on a fused q/k/v projection "

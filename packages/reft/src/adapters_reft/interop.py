@@ -100,7 +100,7 @@ def read_adapterhub(
     say that a checkpoint is DiReFT; it must agree with the checkpoint on layers, r,
     orthogonality, tied_weights and the sides used.
     """
-    from .plugin import intervention_key, used_layers
+    from .plugin import unit_keys, used_layers
 
     data = _saved_config(path)
     if data is None:
@@ -123,7 +123,7 @@ def read_adapterhub(
         units = by_layer.get(_match_layer(path, layer, by_layer))
         if units is None:
             raise CheckpointError(f"{path!r} has no ReFT weights for layer {layer.layer.path!r}")
-        key = intervention_key(layer)
+        keys = unit_keys(layer, chosen)
         for ours, theirs in enumerate(_unit_indices(chosen)):
             if theirs not in units:
                 raise CheckpointError(
@@ -131,7 +131,7 @@ def read_adapterhub(
                     "with another tied_weights / prefix / suffix setting?"
                 )
             for param, tensor in _convert_unit(path, units[theirs], chosen).items():
-                tensors[f"{key}.units.{ours}.{param}"] = tensor
+                tensors[f"{keys[ours]}.{param}"] = tensor
     return chosen, tensors
 
 

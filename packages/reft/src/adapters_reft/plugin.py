@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch
@@ -24,8 +25,40 @@ KEY_SUFFIX = "reft"
 
 
 def intervention_key(layer: LayerSite) -> str:
-    """The key under which core saves a layer's intervention (``model.layers.0.reft``)."""
+    """The prefix of a layer's intervention keys (``model.layers.0.reft``)."""
     return f"{layer.layer.path}.{KEY_SUFFIX}"
+
+
+def unit_names(config: ReftConfig) -> list[str]:
+    """The stable checkpoint names of an intervention's parameter sets, in unit order:
+    ``"prefix"`` and/or ``"suffix"``, or ``"both"`` for one set shared by both sides
+    (``tied_weights``). Saved keys are ``{layer}.reft.{name}.{param}`` with ``param`` one of
+    ``learned_source.weight``, ``learned_source.bias``, ``projection.weight``."""
+    sides = list(config.sides)
+    if config.n_units == 1 and len(sides) == 2:
+        return ["both"]
+    return sides
+
+
+def unit_keys(layer: LayerSite, config: ReftConfig) -> list[str]:
+    """The keys of the parameter sets of ``config`` at ``layer`` (``model.layers.0.reft.prefix``)."""
+    return [f"{intervention_key(layer)}.{name}" for name in unit_names(config)]
+
+
+_V1_KEY = re.compile(r"^(?P<head>.*\.reft)\.units\.(?P<unit>\d+)\.(?P<param>.+)$")
+
+
+def upgrade_key(config: AdapterConfig, key: str, format_version: int) -> str:
+    """A key saved in checkpoint format 1 (``...reft.units.0.learned_source.weight``) as it is
+    named now (``...reft.prefix.learned_source.weight``)."""
+    found = _V1_KEY.match(key)
+    if found is None or not isinstance(config, ReftConfig):
+        return key
+    names = unit_names(config)
+    index = int(found["unit"])
+    if index >= len(names):
+        return key
+    return f"{found['head']}.{names[index]}.{found['param']}"
 
 
 def used_layers(sites: ModelSites, config: ReftConfig) -> list[LayerSite]:
@@ -51,6 +84,7 @@ def adapters_register_methods(register: Callable[[MethodSpec], None]) -> None:
             presets=dict(PRESETS),
             compositions=(Stack, BatchSplit, Average),
             can_merge=False,
+            upgrade_key=upgrade_key,
         )
     )
 
@@ -116,7 +150,8 @@ def adapters_add_adapter(
         intervention = ReftIntervention(hidden_size, config, dtype, device)
         host.interventions[name] = intervention
         host.forget_setup()
-        created[intervention_key(layer)] = intervention
+        for key, unit in zip(unit_keys(layer, config), intervention.units):
+            created[key] = unit
     return created
 
 
