@@ -428,3 +428,10 @@ def test_save_pretrained_and_load_model_keep_fusions(fusable_plugins, tmp_path, 
     model.delete_adapter_fusion("a,b")
     model.save_pretrained(str(tmp_path / "full"))
     assert adapters.load_model(str(tmp_path / "full"), type(llama())).adapter_fusions == {}
+
+
+@pytest.mark.parametrize("name", ["../up", "/abs/dir", "train", "x" * 129])
+def test_fusion_names_follow_the_adapter_name_rule(model, name):
+    with pytest.raises(ConfigError, match="fusion name .* is not allowed"):
+        model.add_adapter_fusion(Fuse("a", "b"), name=name)
+    assert not model.adapter_fusions

@@ -72,6 +72,31 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def _fsdp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = _model()
+        for layer in model.adapter_sites.layers:
+            fully_shard(layer.layer.module)
+        fully_shard(model)
+        share = GLOBAL_BATCH // world
+        _train(model, model, slice(rank * share, (rank + 1) * share))
+        full = {
+            key: value.full_tensor() if hasattr(value, "full_tensor") else value
+            for key, value in model.adapter_state_dict("l").items()
+        }
+        torch.save(
+            {"adapter": full, "class": type(model).__name__},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -95,3 +120,16 @@ def test_ddp_on_two_processes_equals_one_process_on_the_global_batch(tmp_path):
         assert result["reduced"] == adapter_numel
     for key, value in ranks[0]["adapter"].items():
         assert torch.equal(value, ranks[1]["adapter"][key])
+
+
+def test_fsdp_shards_and_trains_an_adapter_like_one_process(tmp_path):
+    mp.spawn(_fsdp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    single = _model()
+    _train(single, single, slice(0, GLOBAL_BATCH))
+    expected = single.adapter_state_dict("l")
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["class"].startswith("FSDP")  # the model really was sharded
+        assert result["adapter"].keys() == expected.keys()
+        for key, value in result["adapter"].items():
+            torch.testing.assert_close(value, expected[key], rtol=1e-4, atol=1e-6)

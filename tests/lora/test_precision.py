@@ -138,3 +138,28 @@ def test_seeded_init_under_another_device_context_is_placed_like_the_model(metho
         inside.add_adapter("a", CONFIGS[method]())
     for key, tensor in plain.adapter_state_dict("a").items():
         assert torch.equal(inside.adapter_state_dict("a")[key], tensor), key
+
+
+def test_load_adapter_takes_adapter_dtype(tmp_path):
+    _, half = llama_pair(LLAMA_INTERFACE, torch.bfloat16)
+    half.add_adapter("a", CONFIGS["lora"](), set_active=True)
+    perturb(half, "a")
+    expected = logits(half)
+    half.save_adapter(str(tmp_path / "a"), "a")
+    half.load_adapter(str(tmp_path / "a"), load_as="b", set_active=True)
+    assert adapter_dtypes(half, "b") == {torch.float32}
+    torch.testing.assert_close(logits(half), expected, atol=0, rtol=0)
+    half.load_adapter(str(tmp_path / "a"), load_as="c", adapter_dtype="model")
+    assert adapter_dtypes(half, "c") == {torch.bfloat16}
+    with pytest.raises(ConfigError, match="adapter_dtype"):
+        half.load_adapter(str(tmp_path / "a"), load_as="d", adapter_dtype="int8")
+    assert "d" not in half.adapters_config
+
+
+def test_float16_adapter_weights_cannot_be_unscaled_by_gradscaler():
+    """Why float32 is the default: with ``adapter_dtype="model"`` on a float16 model the
+    gradients are float16, which ``GradScaler`` refuses to unscale."""
+    _, half = llama_pair(LLAMA_INTERFACE, torch.float16)
+    half.add_adapter("a", CONFIGS["lora"](), adapter_dtype="model")
+    with pytest.raises(ValueError, match="FP16 gradients"):
+        train(half, "a", steps=1)

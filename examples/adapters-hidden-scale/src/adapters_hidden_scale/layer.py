@@ -14,9 +14,12 @@ from adapters.hosts import AdapterHost
 class ScaleUnit(nn.Module):
     """The parameters of one adapter at one layer."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(
+        self, width: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
-        self.scale = nn.Parameter(torch.zeros(width))
+        # Created like the layer's weights; core makes half-precision ones float32 (adapter_dtype).
+        self.scale = nn.Parameter(torch.zeros(width, device=device, dtype=dtype))
 
 
 class ScaleHost(AdapterHost):

@@ -41,7 +41,9 @@ def adapters_add_adapter(model, sites, name, config):
     for layer in _layers(sites, config):
         module = layer.layer.module
         host = ScaleHost.attach(module, "hidden_scale", model)  # child module + hook
-        created[layer.layer.path] = host.add_unit(name, ScaleUnit(layer.hidden_size))
+        weight = next(module.parameters(), None)  # sit where the layer's weights are
+        where = {} if weight is None else {"device": weight.device, "dtype": weight.dtype}
+        created[layer.layer.path] = host.add_unit(name, ScaleUnit(layer.hidden_size, **where))
     return created
 
 

@@ -671,7 +671,9 @@ class ModelAdaptersMixin:
     ) -> str:
         """Load an adapter directory (this library's format, or a foreign one a plugin reads,
         such as PEFT or AdapterHub); returns the adapter's name. ``config`` overrides the saved
-        config (for ambiguous foreign checkpoints); ``load_as`` renames it.
+        config (for ambiguous foreign checkpoints); ``load_as`` renames it. ``adapter_dtype``
+        (keyword): the dtype of the loaded weights, as in `add_adapter` (default: float32 on a
+        float16 / bfloat16 model).
 
         ``loading_info``: a dict that gets the lists ``"missing_keys"`` and
         ``"unexpected_keys"`` (created if absent, extended otherwise), as in AdapterHub. Loading

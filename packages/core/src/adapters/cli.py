@@ -9,7 +9,7 @@ import argparse
 import sys
 from importlib import metadata
 
-from . import demo
+from . import convert, demo
 from .plugins import get_registry
 
 COMMANDS_GROUP = "adapters.commands"
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
     plugins.set_defaults(func=plugins_command)
     demo.add_command(sub)
+    convert.add_command(sub)
     builtin = set(sub.choices)
     for ep in metadata.entry_points(group=COMMANDS_GROUP):
         if ep.name in builtin:  # checked before loading: a stale or rogue entry point is inert

@@ -45,6 +45,8 @@ LLAMA_PATHS = dict(
     attn_o_proj="o_proj",
     layer_intermediate_proj="mlp.up_proj",
     layer_output_proj="mlp.down_proj",
+    layer_pre_self_attn="input_layernorm",
+    layer_pre_ffn="post_attention_layernorm",
 )
 
 

@@ -29,6 +29,7 @@ from .composition import AdapterCompositionBlock, Fuse, find_blocks, parse_compo
 from .configs import config_parts
 from .errors import AdapterNotFoundError, CheckpointError, CompositionError, ConfigError
 from .fusion_config import AdapterFusionConfig, resolve_fusion_config
+from .naming import validate_adapter_name
 from .plugins import get_registry
 from .saving import _versions as versions_of
 from .saving import load_safetensors, read_json, write_directory_atomically
@@ -147,8 +148,7 @@ def add_adapter_fusion(
     state = get_state(model)
     children, default_name = _children_of(adapter_names)
     name = name if name is not None else default_name or ",".join(children)
-    if not isinstance(name, str) or not name or "." in name:
-        raise ConfigError(f"fusion name {name!r} must be a non-empty string without '.'")
+    validate_adapter_name(name, kind="fusion")
     if len(set(children)) != len(children) or not children:
         raise CompositionError(f"a fusion needs distinct adapters; got {list(children)}")
     for child in children:
@@ -386,6 +386,7 @@ def load_adapter_fusion(
             "added; load those adapters first (model.load_adapter(...))"
         )
     name = load_as or saved_name or ",".join(children)
+    validate_adapter_name(name, kind="fusion")  # a saved name that is a path is refused
     old = state.fusions.get(name)
     old_active = state.active_setup
     try:

@@ -32,12 +32,11 @@ def check_adapter_dtype(value: Any) -> str | torch.dtype | None:
     ``"bfloat16"`` is accepted); raises `ConfigError` otherwise."""
     if value is None or value == MODEL:
         return value
+    dtype = value
     if isinstance(value, str):
-        found = getattr(torch, value.removeprefix("torch."), None)
-        if isinstance(found, torch.dtype):
-            value = found
-    if isinstance(value, torch.dtype) and value.is_floating_point:
-        return value
+        dtype = getattr(torch, value.removeprefix("torch."), None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
     raise ConfigError(
         f"adapter_dtype={value!r} is not supported; use None (float32 weights on a float16 / "
         "bfloat16 model), 'model' (the adapted module's dtype) or a floating torch.dtype such "

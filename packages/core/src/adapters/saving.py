@@ -54,6 +54,7 @@ from .errors import AdaptersError, CheckpointError, CompositionError, MethodNotI
 from .interface import INTERFACE_FILENAME
 from .naming import name_problem, safe_join, validate_adapter_name
 from .plugins import get_registry
+from .precision import check_adapter_dtype
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -652,11 +653,14 @@ def load_adapter(
     load_as: str | None = None,
     set_active: bool = False,
     overwrite_ok: bool = False,
+    adapter_dtype: Any = None,
     **kwargs: Any,
 ) -> str:
-    """See `ModelAdaptersMixin.load_adapter`. Atomic: on any error the model is unchanged."""
+    """See `ModelAdaptersMixin.load_adapter`. Atomic: on any error the model is unchanged.
+    ``adapter_dtype``: as in ``add_adapter`` (the saved tensors are cast to it)."""
     if kwargs:
         raise TypeError(f"load_adapter got unexpected options {sorted(kwargs)}")
+    adapter_dtype = check_adapter_dtype(adapter_dtype)
     path = os.fspath(path)
     if load_as is not None:
         validate_adapter_name(load_as)
@@ -689,7 +693,9 @@ def load_adapter(
         old_merged = old.merged
         old_tensors = old.state_dict()
         old_tensors = {k: v.clone() for k, v in old_tensors.items()}
-    model.add_adapter(name, cfg, overwrite_ok=overwrite_ok)  # type: ignore[operator]
+    model.add_adapter(  # type: ignore[operator]
+        name, cfg, overwrite_ok=overwrite_ok, adapter_dtype=adapter_dtype
+    )
     try:
         load_tensors(model, name, tensors, source=path)
     except BaseException:

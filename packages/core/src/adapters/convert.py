@@ -1,0 +1,104 @@
+"""``adapters convert``: rewrite a foreign adapter checkpoint (AdapterHub, PEFT, or any format an
+installed plugin reads) in this library's format, or ours in a foreign one.
+
+A checkpoint's tensors are tied to the model they were trained on, so the command loads that
+model (``--model``, a local path or hub name; ``--model-class``, default ``AutoModel``),
+prepares it with ``--interface`` (an ``adapter_interface.json`` or the JSON of an
+`AdapterModelInterface`), loads the adapter and saves it::
+
+    adapters convert ah_sentiment/ ours_sentiment/ --model bert-base-uncased \\
+        --interface bert_interface.json
+    adapters convert ours/ peft_dir/ --model ... --interface ... --format peft
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from .errors import AdaptersError
+from .initialization import init
+from .interface import AdapterModelInterface
+
+
+def add_command(subparsers: Any) -> None:
+    """Add ``convert`` to the ``adapters`` command."""
+    parser = subparsers.add_parser(
+        "convert",
+        help="rewrite an adapter checkpoint (AdapterHub, PEFT, ...) in this library's format",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("source", help="the adapter directory to read (any format a plugin reads)")
+    parser.add_argument("target", help="the directory to write (created or replaced atomically)")
+    parser.add_argument("--model", required=True, help="the base model: a local path or hub name")
+    parser.add_argument(
+        "--model-class",
+        default="AutoModel",
+        help="the transformers class that loads --model (default AutoModel; e.g. "
+        "AutoModelForCausalLM)",
+    )
+    parser.add_argument(
+        "--interface", required=True, help="a JSON file with the model's AdapterModelInterface"
+    )
+    parser.add_argument(
+        "--config", help="a config for checkpoints that do not say enough (e.g. DiReFT)"
+    )
+    parser.add_argument("--name", help="the adapter's name in the target (default: the saved one)")
+    parser.add_argument(
+        "--format", help="write this foreign format instead of ours (e.g. peft)", default=None
+    )
+    parser.set_defaults(func=convert_command)
+
+
+def convert(
+    source: str,
+    target: str,
+    model: Any,
+    interface: AdapterModelInterface,
+    *,
+    config: Any = None,
+    name: str | None = None,
+    format: str | None = None,
+) -> str:
+    """Load adapter ``source`` onto ``model`` (prepared with ``interface``) and save it into
+    ``target``, in this library's format or in ``format``. Returns the adapter's name."""
+    init(model, interface=interface)
+    loaded = model.load_adapter(source, config=config, load_as=name)
+    model.save_adapter(target, loaded, format=format)
+    return loaded
+
+
+def convert_command(args: argparse.Namespace) -> int:
+    """Run ``adapters convert``; returns the exit status (2 on bad input)."""
+    try:
+        import transformers
+    except ImportError:
+        print("adapters convert: pip install 'adapters-core[transformers]'", file=sys.stderr)
+        return 2
+    model_class = getattr(transformers, args.model_class, None)
+    if model_class is None or not hasattr(model_class, "from_pretrained"):
+        print(
+            f"adapters convert: --model-class {args.model_class!r} is not a transformers model "
+            "class (e.g. AutoModel, AutoModelForCausalLM)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        interface = AdapterModelInterface.load(args.interface)
+        model = model_class.from_pretrained(args.model)
+        name = convert(
+            args.source,
+            args.target,
+            model,
+            interface,
+            config=args.config,
+            name=args.name,
+            format=args.format,
+        )
+    except (AdaptersError, OSError, ValueError) as error:
+        print(f"adapters convert: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2
+    print(f"converted adapter {name!r}: {args.source} -> {args.target}")
+    return 0
