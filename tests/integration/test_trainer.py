@@ -99,8 +99,8 @@ def test_load_best_model_at_end_restores_the_best_checkpoints_adapter(tmp_path):
         save_steps=2,
         load_best_model_at_end=True,
         metric_for_best_model="loss",
-        learning_rate=3.0,  # so large that training diverges: the best checkpoint is early
-        lr_scheduler_type="constant",
+        # "best" = the highest eval loss: an early checkpoint, so loading it changes the model
+        greater_is_better=True,
     )
     trainer = AdapterTrainer(
         model=model, args=args, train_dataset=_data(), eval_dataset=_data(8, seed=1)
