@@ -80,12 +80,17 @@ class ForwardContext:
     def _real_positions(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         # Computed on first use only: most methods never need positions.
         if self._positions is None and self.batch_size is not None and self.input_length:
-            self._positions = positions_from_mask(
+            positions = positions_from_mask(
                 self.attention_mask,
                 self.batch_size,
                 self.past_length + self.input_length,
                 self.device or torch.device("cpu"),
             )
+            if is_compiling():
+                # no caching while tracing: writing to the context from inside a checkpointed
+                # layer is a side effect Dynamo refuses (the graph dedupes the recomputation)
+                return positions
+            self._positions = positions
         return self._positions
 
     @property
