@@ -201,7 +201,9 @@ def test_compiled_training_with_activation_checkpointing_equals_eager(toy_plugin
 
 
 def test_example_plugin_compiles_fullgraph(ids):
-    adapters_hidden_scale = pytest.importorskip("adapters_hidden_scale")
+    pytest.importorskip("adapters_hidden_scale")
+    from adapters_hidden_scale import plugin as hidden_scale_plugin
+
     from adapters import AdapterModelInterface, init, plugins
 
     from ..models import SEED_INTERFACE, llama
@@ -209,7 +211,7 @@ def test_example_plugin_compiles_fullgraph(ids):
     registry = plugins.get_registry()
     registered = "hidden_scale" not in registry.methods
     if registered:
-        registry.register(adapters_hidden_scale, "hidden_scale")
+        registry.register(hidden_scale_plugin, "hidden_scale")
     try:
         model = init(
             llama(),
