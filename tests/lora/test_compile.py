@@ -11,9 +11,10 @@ import copy
 
 import pytest
 import torch
-from conftest import GPT2_INTERFACE, LLAMA_INTERFACE, build_gpt2, build_llama, init, randomise
 
 from adapters import AdapterSetup, context
+
+from .lora_helpers import GPT2_INTERFACE, LLAMA_INTERFACE, build_gpt2, build_llama, init, randomise
 
 IDS = torch.tensor([[5, 17, 42, 8, 99, 3, 61], [12, 0, 77, 31, 9, 50, 2]])
 MASK = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LLAMA_INTERFACE, build_llama, init
 
 from adapters.errors import ConfigError
 from adapters_lora import DoRAConfig, IA3Config, LoRAConfig
 from tests.precision import HALF, adapter_dtypes, copy_adapter, llama_pair, logits, perturb, train
+
+from .lora_helpers import LLAMA_INTERFACE, build_llama, init
 
 CONFIGS = {
     "lora": lambda: LoRAConfig(r=4, alpha=8, init_weights_seed=0),

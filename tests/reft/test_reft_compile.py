@@ -7,9 +7,10 @@ import copy
 
 import pytest
 import torch
-from reft_helpers import randomise, tiny_llama
 
 from adapters import AdapterSetup, BatchSplit, context
+
+from .reft_helpers import randomise, tiny_llama
 
 IDS = torch.tensor([[5, 17, 42, 8, 99, 3, 61], [12, 1, 77, 31, 9, 50, 2]])
 MASK = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
