@@ -10,13 +10,14 @@ import shutil
 
 import pytest
 import torch
-from reft_helpers import batch, decoder_interface, init_quietly, randomise
 from safetensors.torch import load_file
 
 from adapters import CheckpointError
 from adapters.plugins import get_registry
 from adapters_reft import DiReftConfig
 from adapters_reft.interop import FORMAT_NAME, detect_adapterhub
+
+from .reft_helpers import batch, decoder_interface, init_quietly, randomise
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "reft")
 
@@ -162,8 +163,8 @@ def test_adapterhub_config_override_must_match_the_tensors():
 
 def test_only_the_reft_reader_claims_adapterhub_reft_directories():
     claims = [
-        name
-        for name, fmt in get_registry().formats.items()
+        fmt.name
+        for fmt in get_registry().formats
         if fmt.detect(os.path.join(FIXTURES, "loreft_untied"))
     ]
     assert claims == [FORMAT_NAME]
