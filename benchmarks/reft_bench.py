@@ -186,7 +186,11 @@ def adapterhub_block(python: str, reps: int) -> dict[str, float]:
             check=True,
             capture_output=True,
             text=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            # the reference venv must not see our ``adapters`` (same import name)
+            env={
+                **{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+                "OMP_NUM_THREADS": "1",
+            },
         )
         with open(out, encoding="utf-8") as f:
             data = json.load(f)

@@ -61,6 +61,14 @@ class ForwardContext:
             included); ``None`` outside generation.
         parallel_branches: number of ``Parallel`` replicas (1 without Parallel).
         device: the device of the model's main input.
+        virtual_length: virtual tokens a method prepended to the sequence (`adapters.virtual`):
+            they are its first ``virtual_length`` columns, in the KV cache and in
+            ``attention_mask``; 0 without. Every length, mask and position of this context
+            counts them (the coordinates of the sequence the layers see).
+        virtual_mask: ``(batch, virtual_length)`` bool, which virtual slots each example uses;
+            ``None`` when every example uses all of them.
+        virtual_in_input: whether the virtual tokens are part of this call's input (the first
+            ``virtual_length`` positions of the chunk) rather than already in the KV cache.
         extra: free space for plugins (key by your method name).
     """
 
@@ -73,6 +81,9 @@ class ForwardContext:
     prompt_length: int | None = None
     parallel_branches: int = 1
     device: torch.device | None = None
+    virtual_length: int = 0
+    virtual_mask: torch.Tensor | None = None
+    virtual_in_input: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     _parent: ForwardContext | None = None
     _positions: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
@@ -81,7 +92,7 @@ class ForwardContext:
         # Computed on first use only: most methods never need positions.
         if self._positions is None and self.batch_size is not None and self.input_length:
             positions = positions_from_mask(
-                self.attention_mask,
+                self.real_tokens() if self.virtual_length else self.attention_mask,
                 self.batch_size,
                 self.past_length + self.input_length,
                 self.device or torch.device("cpu"),
@@ -95,21 +106,41 @@ class ForwardContext:
 
     @property
     def starts(self) -> torch.Tensor | None:
-        """Per-example absolute position of the first real (non-pad) token, shape (batch,)."""
+        """Per-example absolute position of the first real (not padding, not virtual) token,
+        shape (batch,)."""
         positions = self._real_positions()
         return None if positions is None else positions[0]
 
     @property
     def lengths(self) -> torch.Tensor | None:
-        """Per-example number of real tokens, past included, shape (batch,)."""
+        """Per-example number of real (not padding, not virtual) tokens, past included, shape
+        (batch,)."""
         positions = self._real_positions()
         return None if positions is None else positions[1]
 
-    def real_token_mask(self) -> torch.Tensor | None:
-        """Bool (batch, input_length): True at real tokens of the current chunk."""
-        if self.attention_mask is None or self.input_length is None:
+    def real_tokens(self) -> torch.Tensor | None:
+        """Bool (batch, past_length + input_length): True at real tokens, False at padding and
+        virtual tokens; ``None`` when every position is real (no mask, no virtual tokens)."""
+        if self.input_length is None or self.batch_size is None:
             return None
-        return self.attention_mask[:, -self.input_length :].bool()
+        if not self.virtual_length:
+            return None if self.attention_mask is None else self.attention_mask.bool()
+        total = self.past_length + self.input_length
+        if self.attention_mask is None:
+            real = torch.ones(self.batch_size, total, dtype=torch.bool, device=self.device)
+        else:
+            real = self.attention_mask.bool()
+        v = self.virtual_length
+        hidden = torch.zeros(real.shape[0], v, dtype=torch.bool, device=real.device)
+        return torch.cat([hidden, real[:, v:]], dim=1)
+
+    def real_token_mask(self) -> torch.Tensor | None:
+        """Bool (batch, input_length): True at real tokens of the current chunk (not padding,
+        not virtual); ``None`` when every position is real."""
+        real = self.real_tokens()
+        if real is None or self.input_length is None:
+            return None
+        return real[:, -self.input_length :]
 
 
 def current_context() -> ForwardContext | None:

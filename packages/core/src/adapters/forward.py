@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import context as ctx_mod
-from . import multitask
+from . import multitask, virtual
 from .composition import AdapterCompositionBlock, BatchSplit, expand_parallel
 from .context import effective_setup
 from .errors import CompositionError
@@ -41,26 +41,48 @@ class ForwardHooks:
                 args, kwargs, batch = _replicate_inputs(args, kwargs, len(parallel))
                 branches = len(parallel)
                 setup = BatchSplit(*parallel.children, batch_sizes=[batch] * branches)
-        ctx = _build_context(
-            model, setup, args, _with_positional_names(model, args, kwargs), branches
-        )
+        named = _with_positional_names(model, args, kwargs)
+        ctx = _build_context(model, setup, args, named, branches)
+        if state.virtual_providers:
+            edited = _with_virtual_tokens(model, ctx, named, branches)
+            if edited is not None:
+                args, kwargs, ctx = (), *edited
         ctx_mod.push_context(ctx)
         return (args, kwargs) if branches > 1 or kwargs is not given else None
 
-    def post_forward(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def post_forward(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         state = model.__dict__.get(STATE_ATTR)
         if state is None:
-            return
+            return None
+        ctx = ctx_mod.current_context()
+        ours = ctx is not None and ctx.model is model
         if not ctx_mod.is_compiling():  # compiled graphs recompute checkpointed layers themselves
-            ctx = ctx_mod.current_context()
-            if (
-                ctx is not None
-                and ctx.model is model
-                and model.training
-                and torch.is_grad_enabled()
-            ):
+            if ours and model.training and torch.is_grad_enabled():
                 state.last_training_context = ctx
         ctx_mod.pop_context()
+        if ours and ctx.virtual_in_input and ctx.virtual_length and ctx.input_length:
+            return virtual.strip_outputs(output, ctx.virtual_length, ctx.input_length)
+        return None
+
+
+def _with_virtual_tokens(
+    model: nn.Module, ctx: ctx_mod.ForwardContext, named: dict, branches: int
+) -> tuple[dict, ctx_mod.ForwardContext] | None:
+    """The call's keyword arguments with the providers' virtual tokens (`adapters.virtual`)
+    and the context rebuilt in the coordinates of the extended sequence; None if none."""
+    cache = _cache_of(named)
+    cache_length = _cache_len(cache) if cache is not None else 0
+    result = virtual.apply(model, ctx, named, cache_length)
+    if result is None:
+        return None
+    kwargs, n, vmask = result
+    new = _build_context(model, ctx.setup, (), kwargs, branches)
+    new.virtual_length = n
+    new.virtual_mask = vmask
+    new.virtual_in_input = cache_length == 0
+    if new.prompt_length is not None:
+        new.prompt_length += n
+    return kwargs, new
 
 
 def _per_example_selection(

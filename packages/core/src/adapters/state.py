@@ -94,6 +94,8 @@ class AdaptersState:
     per_example_setups: OrderedDict = field(default_factory=OrderedDict)
     # ``add_embeddings`` / ``set_active_embeddings`` (an `adapters.embeddings.EmbeddingsState`)
     embeddings: Any = None
+    # `adapters.virtual.register_virtual_tokens` providers, in registration order
+    virtual_providers: list[Any] = field(default_factory=list)
 
     def __deepcopy__(self, memo: dict) -> AdaptersState:
         # Modules inside are deep-copied through the memo, so copies point at the copied model.
@@ -103,6 +105,7 @@ class AdaptersState:
         new.adapters = copy.deepcopy(self.adapters, memo)
         new.fusions = copy.deepcopy(self.fusions, memo)
         new.embeddings = copy.deepcopy(self.embeddings, memo)
+        new.virtual_providers = copy.deepcopy(self.virtual_providers, memo)  # rebinds methods
         new.per_example_setups = OrderedDict()  # index tensors may sit on another device
         new.active_setup = self.active_setup
         new.hook_handles = []  # the copied model's hooks live in its own hook dicts

@@ -420,7 +420,8 @@ class ReftHost(AdapterHost):
             # token of the chunk counts as real.
             mask, past, current = None, 0, length
         else:
-            mask, past, current = ctx.attention_mask, ctx.past_length, ctx.input_length
+            # real tokens only: padding and virtual tokens (prompt tuning) are never edited
+            mask, past, current = ctx.real_tokens(), ctx.past_length, ctx.input_length
             if current != length or (ctx.batch_size is not None and ctx.batch_size != batch):
                 raise ReftPositionError(
                     f"ReFT at {self.layer_path} got a hidden state of batch {batch} x length "
