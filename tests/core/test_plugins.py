@@ -424,6 +424,23 @@ def test_plugins_command_shows_a_conflict_and_exits_1(monkeypatch, capsys):
         plugins.reload_plugins()
 
 
+def test_first_party_plugins_load_first_so_a_third_party_claimant_is_the_one_refused(
+    monkeypatch,
+):
+    eps = [  # the copycat's entry point sorts first by name
+        FakeEntryPoint("aa_copycat", CopycatPlugin(presets=("toy_lora",)), ("adapters-cc", "1")),
+        FakeEntryPoint("zz_lora", ToyLoRAPlugin(), ("adapters-lora", "9.9")),
+    ]
+    try:
+        registry = _install(monkeypatch, eps)
+        assert registry.presets["toy_lora"] == ToyLoRAConfig()
+        assert [e.name for e in registry.load_errors] == ["aa_copycat"]
+        assert registry.load_errors[0].kind == "conflict"
+    finally:
+        monkeypatch.undo()
+        plugins.reload_plugins()
+
+
 # -- the spec module --------------------------------------------------------------------------
 def test_every_hook_spec_says_in_which_contract_version_it_appeared():
     specs = [n for n in dir(hookspecs) if n.startswith("adapters_")]

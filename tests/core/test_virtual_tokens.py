@@ -331,3 +331,18 @@ def test_encoder_decoder_models_are_refused_with_the_alternative(plugin):
     with pytest.raises(InterfaceError, match="encoder-decoder.*register_kv_prefix"):
         model.add_adapter("p", ToyPromptConfig())
     assert adapters.state.get_state(model).virtual_providers == []
+
+
+def test_parallel_runs_each_prompt_on_its_replica(plugin):
+    model, _ = prompted_llama(names=("p", "q"))
+    ids, mask = batch()
+    with torch.no_grad():
+        with adapters.AdapterSetup(adapters.Parallel("p", "q")):
+            both = model(ids, attention_mask=mask).logits
+        alone = {}
+        for name in ("p", "q"):
+            with adapters.AdapterSetup(name):
+                alone[name] = model(ids, attention_mask=mask).logits
+    assert both.shape == (4, 6, 100)
+    torch.testing.assert_close(both[:2], alone["p"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(both[2:], alone["q"], rtol=0, atol=1e-5)

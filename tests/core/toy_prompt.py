@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from adapters import AdapterConfig, BatchSplit, MethodSpec, Stack, hookimpl
+from adapters import AdapterConfig, BatchSplit, MethodSpec, Parallel, Stack, hookimpl
 from adapters.composition import apply_setup
 from adapters.embeddings import input_embedding
 from adapters.virtual import VirtualTokens, register_virtual_tokens
@@ -76,7 +76,9 @@ class ToyPromptPlugin:
 
     @hookimpl
     def adapters_register_methods(self, register):
-        register(MethodSpec(METHOD, (ToyPromptConfig,), {}, compositions=(Stack, BatchSplit)))
+        register(
+            MethodSpec(METHOD, (ToyPromptConfig,), {}, compositions=(Stack, BatchSplit, Parallel))
+        )
 
     @hookimpl
     def adapters_add_adapter(self, model, sites, name, config):

@@ -21,6 +21,15 @@ its first subnetwork), so GLOW checkpoints are refused.
 Writing produces AdapterHub's plugin-interface layout (``pytorch_adapter.bin`` and
 ``adapter.safetensors`` with the same tensors), loadable by AdapterHub on a model initialised
 with the matching ``AdapterModelInterface``.
+
+AdapterFusion directories (AdapterHub's ``save_adapter_fusion``) hold
+``adapter_fusion_config.json`` (``{"config": {...}, "adapter_names": [...], "name": ...}``)
+and ``pytorch_model_adapter_fusion.bin`` or ``model_adapter_fusion.safetensors`` with keys
+``{layer}.<container>.adapter_fusion_layer.<fusion name>.{query,key,value}.{weight,bias}``
+where ``<container>`` is ``attention_adapters`` / ``output_adapters`` /
+``cross_attention_adapters`` (plugin interface) or ``attention.output`` / ``output`` /
+``crossattention.output`` (built-in models). They are read (``load_adapter_fusion``) and
+written (``save_adapter_fusion(..., format=...)``) by the same `CheckpointFormat`.
 """
 
 from __future__ import annotations
@@ -65,6 +74,21 @@ _MODEL_KEY = re.compile(
     r"^(?:(?P<prefix>.+)\.)?(?P<kind>invertible_adapters|shared_parameters)\.(?P<name>[^.]+)\."
     r"(?P<param>.+)$"
 )
+_FUSION_KEY = re.compile(
+    r"^(?P<layer>.+?)\.(?P<container>attention_adapters|output_adapters|"
+    r"cross_attention_adapters|crossattention\.output|attention\.output|output)\."
+    r"adapter_fusion_layer\.(?P<name>.+)\.(?P<param>(?:query|key|value|dense)\.(?:weight|bias))$"
+)
+_FUSION_CONTAINERS = {
+    "attention_adapters": "mh_adapter",
+    "output_adapters": "output_adapter",
+    "cross_attention_adapters": "cross_adapter",
+    "attention.output": "mh_adapter",
+    "output": "output_adapter",
+    "crossattention.output": "cross_adapter",
+}
+FUSION_CONFIG_FILE = "adapter_fusion_config.json"
+FUSION_WEIGHT_FILES = ("model_adapter_fusion.safetensors", "pytorch_model_adapter_fusion.bin")
 _WRITE_CONTAINERS = {
     "mh_adapter": "attention_adapters.adapters",
     "output_adapter": "output_adapters.adapters",
@@ -204,11 +228,7 @@ def _check_complete(path: str, config: BnConfig, sites: ModelSites, tensors, pla
 
 
 def _load(path: str) -> dict[str, torch.Tensor]:
-    for name in WEIGHT_FILES:
-        file = os.path.join(path, name)
-        if os.path.isfile(file):
-            return load_tensor_file(file)
-    raise CheckpointError(f"{path!r} holds none of the weight files {list(WEIGHT_FILES)}")
+    return _load_any(path, WEIGHT_FILES)
 
 
 def write(
@@ -271,6 +291,132 @@ def write(
     save_file(out, os.path.join(path, "adapter.safetensors"), metadata={"format": "pt"})
 
 
+def _saved_fusion(path: str) -> dict[str, Any] | None:
+    data = read_json_object(os.path.join(path, FUSION_CONFIG_FILE))
+    if data is None or not isinstance(data.get("config"), dict):
+        return None
+    names = data.get("adapter_names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return None
+    return data
+
+
+def detect_fusion(path: str) -> bool:
+    """True for an AdapterFusion directory written by AdapterHub's ``save_adapter_fusion``."""
+    if _saved_fusion(path) is None:
+        return False
+    return any(os.path.isfile(os.path.join(path, f)) for f in FUSION_WEIGHT_FILES)
+
+
+def _fusion_sites(model: nn.Module, sites: ModelSites, children: list[str]) -> dict[str, int]:
+    """``{adapter key: how many of children sit there}`` for the children this model has."""
+    from .plugin import plan
+
+    configs = getattr(model, "adapters_config", {})
+    counts: dict[str, int] = {}
+    for child in children:
+        config = configs.get(child)
+        if isinstance(config, BnConfig):
+            for placement in plan(sites, config):
+                counts[placement.key] = counts.get(placement.key, 0) + 1
+    return counts
+
+
+def read_fusion(
+    path: str, model: nn.Module, sites: ModelSites
+) -> tuple[str | None, list[str], dict[str, Any], dict[str, torch.Tensor]]:
+    """Read an AdapterHub fusion directory: (name, fused adapter names, config dict, tensors
+    under this plugin's fusion keys ``{layer}.bottleneck.{location}.fusion.{param}``).
+
+    AdapterHub creates a fusion layer at every sub-block of the adapters' location, also where
+    ``leave_out`` placed none of them; those are never used and are dropped here. A sub-block
+    where only some of the fused adapters sit is refused: AdapterHub fuses the present ones
+    there with its fusion layer, this package runs them as a `Stack`."""
+    from .plugin import adapter_key
+
+    data = _saved_fusion(path)
+    if data is None:
+        raise CheckpointError(f"{path!r} has no AdapterHub {FUSION_CONFIG_FILE}")
+    children = list(data["adapter_names"])
+    config = {k: v for k, v in data["config"].items() if k != "architecture"}
+    raw = _load_any(path, FUSION_WEIGHT_FILES)
+    layers = {layer.layer.path: layer for layer in sites.layers}
+    present = _fusion_sites(model, sites, children)
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        match = _FUSION_KEY.match(key)
+        if match is None or not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f"entry {key!r} in {path!r} is not an AdapterHub fusion layer tensor"
+            )
+        layer = _layer_for(match["layer"], layers)
+        if layer is None:
+            raise CheckpointError(
+                f"AdapterHub fusion tensor {key!r} belongs to layer {match['layer']!r}, which "
+                "is not a layer of this model's AdapterModelInterface; check model_layers"
+            )
+        site = adapter_key(layer, _FUSION_CONTAINERS[match["container"]])
+        if present and site not in present:
+            continue  # none of the fused adapters sits here: AdapterHub never uses this layer
+        if present and present[site] < len(children):
+            raise CheckpointError(
+                f"AdapterHub fusion {path!r} has a fusion layer at {site!r}, where only some of "
+                f"{children} sit: AdapterHub fuses those alone there, this package runs them "
+                "as a Stack, so the outputs would differ; use adapters placed at the same "
+                "sub-blocks (the same leave_out)"
+            )
+        tensors[f"{site}.fusion.{match['param']}"] = value
+    name = data.get("name")
+    return (name if isinstance(name, str) else None), children, config, tensors
+
+
+def write_fusion(
+    path: str,
+    model: nn.Module,
+    sites: ModelSites,
+    name: str,
+    children: list[str],
+    config: Any,
+    state_dict: dict[str, torch.Tensor],
+) -> None:
+    """Write fusion layer ``name`` in AdapterHub's ``save_adapter_fusion`` layout (plugin
+    interface keys) into ``path``."""
+    if "." in name or any("." in c for c in children):
+        raise CheckpointError(
+            f"AdapterHub fusion and adapter names cannot contain '.': {name!r} {children}"
+        )
+    containers = {v: k for k, v in _FUSION_CONTAINERS.items() if "." not in k and "_" in k}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        layer, _, rest = key.partition(".bottleneck.")
+        location, _, param = rest.partition(".fusion.")
+        if not param or location not in containers:
+            raise CheckpointError(f"cannot place fusion tensor {key!r} in AdapterHub's layout")
+        out[f"{layer}.{containers[location]}.adapter_fusion_layer.{name}.{param}"] = value
+    out = {k: v.detach().contiguous().cpu() for k, v in out.items()}
+    meta = {
+        "adapter_names": list(children),
+        "config": {k: _plain(v) for k, v in config.to_dict().items()},
+        "hidden_size": sites.hidden_size,
+        "model_class": type(model).__name__.removesuffix("WithAdapters"),
+        "model_name": "",
+        "model_type": getattr(getattr(model, "config", None), "model_type", None),
+        "name": name,
+        "version": AH_VERSION,
+    }
+    with open(os.path.join(path, FUSION_CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+    torch.save(out, os.path.join(path, FUSION_WEIGHT_FILES[1]))
+
+
+def _load_any(path: str, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    for name in names:
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            return load_tensor_file(file)
+    raise CheckpointError(f"{path!r} holds none of the weight files {list(names)}")
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, tuple):
         return list(value)
@@ -279,4 +425,12 @@ def _plain(value: Any) -> Any:
     return value
 
 
-ADAPTERHUB_FORMAT = CheckpointFormat(name=FORMAT_NAME, detect=detect, read=read, write=write)
+ADAPTERHUB_FORMAT = CheckpointFormat(
+    name=FORMAT_NAME,
+    detect=detect,
+    read=read,
+    write=write,
+    detect_fusion=detect_fusion,
+    read_fusion=read_fusion,
+    write_fusion=write_fusion,
+)

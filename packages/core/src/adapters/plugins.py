@@ -75,7 +75,7 @@ class Registry:
             for n in os.environ.get("ADAPTERS_DISABLE_PLUGINS", "").split(",")
             if n.strip()
         }
-        for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=_load_order):
             dist = getattr(ep, "dist", None)
             dist_name = dist.metadata["Name"] if dist is not None else None
             dist_version = dist.version if dist is not None else None
@@ -260,6 +260,14 @@ class Registry:
 
     def missing_config_error(self, name: str) -> Exception:
         return make_missing_error(name, distribution_for(preset=name), list(self.presets))
+
+
+def _load_order(ep: metadata.EntryPoint) -> tuple[bool, str]:
+    """First-party distributions first (so a third party claiming one of their names is the
+    one refused, whatever its entry point is called), then by entry-point name."""
+    dist = getattr(ep, "dist", None)
+    name = dist.metadata["Name"] if dist is not None else None
+    return (name not in FIRST_PARTY, ep.name)
 
 
 def _call_own(pm: pluggy.PluginManager, plugin: object, hook_name: str, **kwargs: Any) -> None:
