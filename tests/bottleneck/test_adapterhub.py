@@ -105,7 +105,7 @@ def test_builtin_compacter_with_its_shared_rule_matches(tmp_path):
 def test_written_adapterhub_format_reads_back_identically(tmp_path, name):
     model = llama()
     model.load_adapter(os.path.join(HERE, "llama", name), set_active=True)
-    model.save_adapter(str(tmp_path / "out"), name, format="adapterhub-bottleneck")
+    model.save_adapter(str(tmp_path / "out"), name, format="adapterhub")
     written = torch.load(tmp_path / "out" / "pytorch_adapter.bin", weights_only=True)
     original = torch.load(
         os.path.join(HERE, "llama", name, "pytorch_adapter.bin"), weights_only=True
@@ -116,3 +116,35 @@ def test_written_adapterhub_format_reads_back_identically(tmp_path, name):
     other = llama()
     other.load_adapter(str(tmp_path / "out"), set_active=True)
     torch.testing.assert_close(output(other, "llama"), EXPECTED[f"llama/{name}"], atol=1e-4, rtol=0)
+
+
+def test_the_former_format_name_is_an_alias(tmp_path):
+    model = llama()
+    model.load_adapter(os.path.join(HERE, "llama", "seq_bn"), set_active=True)
+    model.save_adapter(str(tmp_path / "new"), "seq_bn", format="adapterhub")
+    model.save_adapter(str(tmp_path / "old"), "seq_bn", format="adapterhub-bottleneck")
+    for name in ("pytorch_adapter.bin", "adapter_config.json"):
+        assert (tmp_path / "new" / name).read_bytes() == (tmp_path / "old" / name).read_bytes()
+
+
+def test_adapterhub_format_dispatches_on_the_adapters_method(tmp_path):
+    """One format name, two plugins: LoRA's AdapterHub reader is read-only, so a LoRA adapter
+    cannot be written as "adapterhub", while a bottleneck adapter can (its own writer)."""
+    pytest.importorskip("adapters_lora")
+    from adapters.plugins import get_registry
+
+    registry = get_registry()
+    served = sorted((f.plugin, f.methods) for f in registry.formats if f.name == "adapterhub")
+    assert ("bottleneck", ("bottleneck",)) in served and ("lora", ("lora",)) in served
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(os.path.join(HERE, "llama", "base"))
+    interface = dict(LLAMA, adapter_methods=["bottleneck", "lora"])
+    adapters.init(model, interface=adapters.AdapterModelInterface(**interface))
+    model.add_adapter("bn", config="seq_bn")
+    model.add_adapter("lo", config="lora")
+    model.save_adapter(str(tmp_path / "bn"), "bn", format="adapterhub")
+    assert (tmp_path / "bn" / "pytorch_adapter.bin").is_file()
+    with pytest.raises(CheckpointError, match="'adapterhub' for adapter 'lo': it is read-only"):
+        model.save_adapter(str(tmp_path / "lo"), "lo", format="adapterhub")
+    assert not (tmp_path / "lo").exists()

@@ -92,7 +92,7 @@ def test_adapterhub_fusion_with_a_missing_tensor_is_refused_and_changes_nothing(
 def test_adapterhub_fusion_written_by_us_reads_back(tmp_path):
     model = build("llama")
     model.load_adapter_fusion(os.path.join(HERE, "llama", "composition", "dynamic"))
-    model.save_adapter_fusion(str(tmp_path / "out"), "dynamic", format="adapterhub-bottleneck")
+    model.save_adapter_fusion(str(tmp_path / "out"), "dynamic", format="adapterhub")
     original = torch.load(
         os.path.join(HERE, "llama", "composition", "dynamic", "pytorch_model_adapter_fusion.bin"),
         weights_only=True,

@@ -358,7 +358,7 @@ def test_fusion_layers_in_a_plugins_foreign_format_round_trip(fusable_plugins, t
     assert model.load_adapter_fusion(str(tmp_path / "f"), set_active=True) == "a,b"
     assert model.adapter_fusions["a,b"].config == StaticAdapterFusionConfig()
     torch.testing.assert_close(model(ids).logits, expected)
-    with pytest.raises(CheckpointError, match="cannot write fusion layers in format 'nope'"):
+    with pytest.raises(CheckpointError, match="cannot write format 'nope' for fusion 'a,b'"):
         model.save_adapter_fusion(str(tmp_path / "g"), "a,b", format="nope")
     assert not (tmp_path / "g").exists()
 

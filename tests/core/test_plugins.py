@@ -312,8 +312,21 @@ class CopycatPlugin:
 
     @hookimpl
     def adapters_register_checkpoint_formats(self, register):
-        for name in self.formats:
-            register(CheckpointFormat(name, detect=lambda path: False, read=None))
+        for item in self.formats:  # a name, or (name, methods, aliases)
+            name, methods, aliases = (item, (), ()) if isinstance(item, str) else item
+            register(
+                CheckpointFormat(
+                    name,
+                    detect=lambda path: False,
+                    read=None,
+                    methods=methods,
+                    aliases=aliases,
+                )
+            )
+
+
+def formats_named(registry, name):
+    return [f for f in registry.formats if name in f.names()]
 
 
 def test_a_second_claimant_of_a_method_is_refused(toy_plugins):
@@ -344,7 +357,7 @@ def test_a_second_claimant_of_a_preset_is_refused_and_the_owner_keeps_it(toy_plu
 
 def test_a_second_claimant_of_a_checkpoint_format_is_refused(toy_plugins):
     toy_plugins.register(CopycatPlugin(formats=("toyfmt",)), "first")
-    first = toy_plugins.formats["toyfmt"]
+    [first] = formats_named(toy_plugins, "toyfmt")
     with pytest.raises(
         PluginConflictError,
         match="checkpoint format 'toyfmt' is already provided by plugin 'first'",
@@ -358,10 +371,65 @@ def test_a_second_claimant_of_a_checkpoint_format_is_refused(toy_plugins):
             ),
             "second",
         )
-    assert toy_plugins.formats["toyfmt"] is first and first.plugin == "first"
+    assert formats_named(toy_plugins, "toyfmt") == [first] and first.plugin == "first"
     assert "copycat2" not in toy_plugins.methods  # refused as a whole
     toy_plugins.unregister("first")
-    assert "toyfmt" not in toy_plugins.formats
+    assert "toyfmt" not in toy_plugins.format_names()
+
+
+def copycat2(formats):
+    return CopycatPlugin(
+        method="copycat2", presets=("copycat2",), formats=formats, classes=(Copycat2Config,)
+    )
+
+
+def test_two_plugins_may_serve_one_format_name_for_different_methods(toy_plugins):
+    toy_plugins.register(CopycatPlugin(formats=(("hub", ("copycat",), ("hub-copy",)),)), "first")
+    toy_plugins.register(copycat2((("hub", ("copycat2",), ()),)), "second")
+    served = {(f.plugin, f.methods) for f in formats_named(toy_plugins, "hub")}
+    assert served == {("first", ("copycat",)), ("second", ("copycat2",))}
+    assert toy_plugins.format_for("hub", "copycat2").plugin == "second"
+    assert toy_plugins.format_for("hub-copy", "copycat").plugin == "first"
+    assert toy_plugins.format_for("hub-copy", "copycat2") is None
+    assert toy_plugins.format_for("hub", "toy_lora") is None
+    toy_plugins.unregister("second")
+    assert [f.plugin for f in formats_named(toy_plugins, "hub")] == ["first"]
+    toy_plugins.unregister("first")
+    assert formats_named(toy_plugins, "hub") == []
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "name", "methods"),
+    [
+        # the same method under the same name: a real conflict
+        ((("hub", ("copycat",), ()),), (("hub", ("copycat",), ()),), "hub", "'copycat'"),
+        # a format for every method owns the name whole, in both orders
+        (("hub",), (("hub", ("copycat2",), ()),), "hub", "every method"),
+        ((("hub", ("copycat",), ()),), ("hub",), "hub", "every method"),
+        # an alias is owned like a name
+        ((("hub", ("copycat",), ("old",)),), (("old", ("copycat",), ()),), "old", "'copycat'"),
+    ],
+)
+def test_a_format_name_claimed_twice_for_one_method_is_refused(
+    toy_plugins, first, second, name, methods
+):
+    toy_plugins.register(CopycatPlugin(formats=first), "first")
+    try:
+        before = list(toy_plugins.formats)
+        with pytest.raises(
+            PluginConflictError,
+            match=f"checkpoint format '{name}' is already provided by plugin 'first' "
+            f"\\(in-process\\) for {methods}; plugin 'second'",
+        ):
+            toy_plugins.register(copycat2(second), "second")
+        assert toy_plugins.formats == before and "copycat2" not in toy_plugins.methods
+    finally:
+        toy_plugins.unregister("first")
+
+
+def test_a_format_with_methods_as_a_string_is_refused():
+    with pytest.raises(PluginError, match="methods='copycat'; give a tuple"):
+        plugins.Registry().register(CopycatPlugin(formats=(("hub", "copycat", ()),)), "x")
 
 
 @dataclass(frozen=True)
@@ -384,7 +452,7 @@ def test_a_plugin_claiming_one_name_twice_is_refused():
     plugin = CopycatPlugin(formats=("fmt", "fmt"))
     with pytest.raises(PluginConflictError, match="'fmt' is already provided by the same plugin"):
         registry.register(plugin, "twice")
-    assert registry.methods == {} and registry.formats == {}
+    assert registry.methods == {} and registry.formats == []
 
 
 def test_the_union_method_name_is_reserved():

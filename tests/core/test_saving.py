@@ -320,3 +320,90 @@ def test_a_directory_claimed_by_two_formats_is_an_error(model, tmp_path):
     finally:
         registry.unregister("foreign")
         registry.unregister("foreign2")
+
+
+class SharedFormat:
+    """Serves the format name ``"shared"`` (alias ``"shared-<method>"``) for one method."""
+
+    ADAPTERS_CONTRACT = "1.0"
+
+    def __init__(self, method):
+        self.method = method
+
+    @hookimpl
+    def adapters_register_checkpoint_formats(self, register):
+        register(
+            CheckpointFormat(
+                "shared",
+                detect=self.detect,
+                read=self.read,
+                write=self.write,
+                methods=(self.method,),
+                aliases=(f"shared-{self.method}",),
+                write_options=("flavour",),
+            )
+        )
+
+    def detect(self, path):
+        return os.path.isfile(os.path.join(path, f"{self.method}.json"))
+
+    def read(self, path, model, sites, config):
+        with open(os.path.join(path, f"{self.method}.json")) as f:
+            saved = adapters.AdapterConfig.from_dict(json.load(f))
+        return config or saved, load_file(os.path.join(path, "weights.safetensors"))
+
+    def write(self, path, model, sites, name, config, state_dict, flavour="plain"):
+        with open(os.path.join(path, f"{self.method}.json"), "w") as f:
+            json.dump(config.to_dict(), f)
+        with open(os.path.join(path, "flavour.txt"), "w") as f:
+            f.write(flavour)
+        save_file(state_dict, os.path.join(path, "weights.safetensors"))
+
+
+def test_a_formats_write_options_are_passed_on_and_others_refused(model, tmp_path):
+    registry = adapters.plugins.get_registry()
+    registry.register(SharedFormat("toy_lora"), "shared_lora")
+    try:
+        model.save_adapter(str(tmp_path / "a"), "a", format="shared", flavour="salty")
+        assert (tmp_path / "a" / "flavour.txt").read_text() == "salty"
+        with pytest.raises(CheckpointError, match=r"does not take the option\(s\) \['colour'\]"):
+            model.save_adapter(str(tmp_path / "b"), "a", format="shared", colour="red")
+        assert not (tmp_path / "b").exists()
+        with pytest.raises(TypeError, match="unexpected options"):
+            model.save_adapter(str(tmp_path / "c"), "a", flavour="salty")  # our format
+    finally:
+        registry.unregister("shared_lora")
+
+
+def test_one_format_name_served_by_two_plugins_dispatches_on_the_method(model, tmp_path, ids):
+    registry = adapters.plugins.get_registry()
+    model.add_adapter("s", config="toy_shift")
+    randomize(model, "s", seed=2)
+    registry.register(SharedFormat("toy_lora"), "shared_lora")
+    try:
+        registry.register(SharedFormat("toy_shift"), "shared_shift")
+        assert "shared" in registry.format_names()
+        expected = {}
+        for name in ("a", "s"):
+            model.set_active_adapters(name)
+            expected[name] = model(ids).logits
+            model.save_adapter(str(tmp_path / name), name, format="shared")
+        assert os.path.isfile(tmp_path / "a" / "toy_lora.json")
+        assert os.path.isfile(tmp_path / "s" / "toy_shift.json")
+        assert not os.path.exists(tmp_path / "a" / "toy_shift.json")
+        for name in ("a", "s"):  # read back through each format's detect
+            model.load_adapter(str(tmp_path / name), load_as=f"{name}2", set_active=True)
+            torch.testing.assert_close(model(ids).logits, expected[name], atol=0, rtol=0)
+        model.save_adapter(str(tmp_path / "alias"), "a", format="shared-toy_lora")
+        assert os.path.isfile(tmp_path / "alias" / "toy_lora.json")
+        with pytest.raises(
+            CheckpointError,
+            match=r"'shared-toy_lora' for adapter 's': it serves the methods \['toy_lora'\] and "
+            "this is a 'toy_shift' adapter",
+        ):
+            model.save_adapter(str(tmp_path / "bad"), "s", format="shared-toy_lora")
+        assert not (tmp_path / "bad").exists()
+    finally:
+        registry.unregister("shared_lora")
+        registry.unregister("shared_shift")
+    assert "shared" not in registry.format_names()

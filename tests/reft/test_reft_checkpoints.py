@@ -162,8 +162,8 @@ def test_adapterhub_config_override_must_match_the_tensors():
 
 def test_only_the_reft_reader_claims_adapterhub_reft_directories():
     claims = [
-        name
-        for name, fmt in get_registry().formats.items()
+        fmt.name
+        for fmt in get_registry().formats
         if fmt.detect(os.path.join(FIXTURES, "loreft_untied"))
     ]
     assert claims == [FORMAT_NAME]

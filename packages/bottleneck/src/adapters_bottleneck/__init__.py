@@ -4,7 +4,8 @@ Installed, it registers the ``bottleneck`` method with AdapterHub's presets (``"
 ``"pfeiffer"``, ``"double_seq_bn"`` / ``"houlsby"``, ``"par_bn"`` / ``"parallel"``,
 ``"scaled_par_bn"`` / ``"scaled_parallel"``, ``"adapterplus"``, ``"seq_bn_inv"`` /
 ``"pfeiffer+inv"``, ``"double_seq_bn_inv"`` / ``"houlsby+inv"``, ``"compacter"``,
-``"compacter++"``) and the ``"adapterhub-bottleneck"`` checkpoint format::
+``"compacter++"``) and AdapterHub's checkpoint format for bottleneck adapters and fusion
+layers (``"adapterhub"``, alias ``"adapterhub-bottleneck"``)::
 
     model.add_adapter("task", config="seq_bn[reduction_factor=8]")
 """

@@ -1,4 +1,5 @@
-"""AdapterHub bottleneck checkpoints: format ``"adapterhub-bottleneck"`` (read and write).
+"""AdapterHub bottleneck checkpoints: format ``"adapterhub"`` for bottleneck adapters (alias
+``"adapterhub-bottleneck"``; read and write).
 
 An AdapterHub adapter directory holds ``adapter_config.json`` (``{"config": {...}, "name": ...,
 ...}`` with ``"architecture"`` absent or null for bottleneck adapters) and
@@ -51,7 +52,10 @@ from adapters.sites import ModelSites
 
 from .config import BnConfig
 
-FORMAT_NAME = "adapterhub-bottleneck"
+#: AdapterHub's format name, served by this plugin for the ``bottleneck`` method (adapters-lora
+#: serves it for ``lora``); the former name stays an alias.
+FORMAT_NAME = "adapterhub"
+FORMAT_ALIASES = ("adapterhub-bottleneck",)
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter.safetensors", "pytorch_adapter.bin")
 AH_VERSION = "adapters.1.3.0"
@@ -427,6 +431,8 @@ def _plain(value: Any) -> Any:
 
 ADAPTERHUB_FORMAT = CheckpointFormat(
     name=FORMAT_NAME,
+    methods=("bottleneck",),
+    aliases=FORMAT_ALIASES,
     detect=detect,
     read=read,
     write=write,

@@ -641,12 +641,14 @@ class ModelAdaptersMixin:
         save_directory: str,
         adapter_names: Fuse | list[str] | str,
         format: str | None = None,
+        **options: Any,
     ) -> None:
         """Save a fusion layer into ``save_directory`` (created or replaced atomically):
         ``fusion_config.json`` + ``fusion_model.safetensors``. The fused adapters are saved
         separately (``save_adapter``). ``format=`` a plugin's checkpoint format that writes
-        fusion layers (e.g. AdapterHub's) writes that format instead."""
-        fusion.save_adapter_fusion(self, save_directory, adapter_names, format=format)
+        fusion layers (e.g. AdapterHub's) writes that format instead; ``options`` are that
+        format's (e.g. ``layout="builtin"`` for ``"adapterhub"``)."""
+        fusion.save_adapter_fusion(self, save_directory, adapter_names, format=format, **options)
 
     def load_adapter_fusion(
         self,
@@ -677,7 +679,9 @@ class ModelAdaptersMixin:
     ) -> None:
         """Save adapter ``adapter_name`` into ``save_directory`` (created or replaced
         atomically): ``adapter_config.json`` + ``adapter_model.safetensors``. ``format="peft"``
-        (or another registered foreign format) writes that format instead."""
+        (or another registered foreign format) writes that format instead; ``kwargs`` are
+        that format's options (e.g. ``layout="builtin"`` for bottleneck adapters in
+        ``"adapterhub"``)."""
         saving.save_adapter(self, save_directory, adapter_name, format=format, **kwargs)
 
     def load_adapter(

@@ -37,7 +37,7 @@ def plugins_command(args: argparse.Namespace) -> int:
         for row in rows:
             print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
     if registry.formats:
-        print("checkpoint formats: " + ", ".join(sorted(registry.formats)))
+        print("checkpoint formats: " + ", ".join(registry.format_names()))
     for name in registry.disabled:
         print(f"disabled by ADAPTERS_DISABLE_PLUGINS: {name}")
     for error in registry.load_errors:

@@ -55,7 +55,9 @@ class CheckpointFormat:
     """A foreign checkpoint format a plugin can read and/or write.
 
     Attributes:
-        name: short name used in ``save_adapter(..., format=name)`` (``"peft"``). Owned.
+        name: short name used in ``save_adapter(..., format=name)`` (``"peft"``). Owned: for
+            every method when ``methods`` is empty, else for the methods it lists (see
+            ``methods``).
         detect: ``detect(path) -> bool``: whether this format reads directory ``path``. Must
             not raise (return False for anything it does not recognise).
         read: ``read(path, model, sites, config) -> (config, state_dict)``: the adapter's config
@@ -71,6 +73,21 @@ class CheckpointFormat:
             ``add_adapter_fusion`` accepts and tensors under the keys your
             ``adapters_add_fusion`` produces; ``write_fusion(path, model, sites, name, children,
             config, state_dict)``. (New in contract 1.0.)
+        methods: the methods whose adapters (and fusion layers) this format reads and writes;
+            empty (the default): any method, and the name is this format's alone. Two plugins
+            may register one name for disjoint ``methods`` (AdapterHub's format is served by
+            adapters-lora for ``"lora"`` and by adapters-bottleneck for ``"bottleneck"``):
+            ``save_adapter(..., format=name)`` uses the one that lists the adapter's method,
+            ``load_adapter`` the one whose ``detect`` claims the directory, and a reader's
+            config must be of a listed method. A name claimed for a method another plugin's
+            format with that name already serves (or by a format without ``methods``) is a
+            conflict: the plugin is refused. (New in contract 1.0.)
+        aliases: more names ``save_adapter(..., format=...)`` accepts for this format, owned
+            like ``name`` (e.g. a format's former name). (New in contract 1.0.)
+        write_options: names of keyword options ``save_adapter(..., format=name, **options)``
+            and ``save_adapter_fusion`` accept for this format; core passes them to ``write``
+            / ``write_fusion`` as keyword arguments and refuses any other option with
+            `CheckpointError` before writing. (New in contract 1.0.)
     """
 
     name: str
@@ -81,3 +98,14 @@ class CheckpointFormat:
     detect_fusion: Callable[[str], bool] | None = None
     read_fusion: Callable[..., tuple[str | None, list[str], Any, dict[str, Any]]] | None = None
     write_fusion: Callable[..., None] | None = None
+    methods: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+    write_options: tuple[str, ...] = ()
+
+    def names(self) -> tuple[str, ...]:
+        """``name`` and the ``aliases``."""
+        return (self.name, *self.aliases)
+
+    def serves(self, method: str) -> bool:
+        """Whether this format reads and writes adapters of ``method``."""
+        return not self.methods or method in self.methods

@@ -32,7 +32,13 @@ from .fusion_config import AdapterFusionConfig, resolve_fusion_config
 from .naming import validate_adapter_name
 from .plugins import get_registry
 from .saving import _versions as versions_of
-from .saving import load_safetensors, read_json, write_directory_atomically
+from .saving import (
+    check_write_options,
+    load_safetensors,
+    read_json,
+    write_directory_atomically,
+    writer_for,
+)
 from .state import AdaptersState, FusionEntry, get_state
 
 FUSION_CONFIG_NAME = "fusion_config.json"
@@ -273,21 +279,22 @@ def fusion_parameters(state: AdaptersState, setup: AdapterCompositionBlock | Non
 
 
 def save_adapter_fusion(
-    model: nn.Module, save_directory: str, adapter_names: FuseLike, format: str | None = None
+    model: nn.Module,
+    save_directory: str,
+    adapter_names: FuseLike,
+    format: str | None = None,
+    **options: Any,
 ) -> None:
     """See `ModelAdaptersMixin.save_adapter_fusion`."""
+    if options and format in (None, FUSION_FORMAT):
+        raise TypeError(f"save_adapter_fusion got unexpected options {sorted(options)}")
     entry = fusion_entry(model, adapter_names)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in entry.state_dict().items()}
     if format not in (None, FUSION_FORMAT):
-        fmt = get_registry().formats.get(format)
-        if fmt is None or fmt.write_fusion is None:
-            writable = sorted(
-                n for n, f in get_registry().formats.items() if f.write_fusion is not None
-            )
-            raise CheckpointError(
-                f"cannot write fusion layers in format {format!r}; fusion formats: "
-                f"{[*writable, FUSION_FORMAT]}"
-            )
+        fmt = writer_for(
+            format, entry.method, "write_fusion", f"fusion {entry.name!r}", own=FUSION_FORMAT
+        )
+        check_write_options(fmt, format, options)
 
         def write_foreign(tmp: str) -> None:
             fmt.write_fusion(
@@ -298,6 +305,7 @@ def save_adapter_fusion(
                 children=list(entry.children),
                 config=entry.config,
                 state_dict=tensors,
+                **options,
             )
 
         write_directory_atomically(save_directory, write_foreign)
@@ -334,7 +342,7 @@ def read_fusion_checkpoint(
         registry = get_registry()
         claims = [
             f
-            for f in registry.formats.values()
+            for f in registry.formats
             if f.detect_fusion is not None and f.read_fusion is not None and f.detect_fusion(path)
         ]
         if len(claims) > 1:

@@ -27,7 +27,8 @@ load, when:
 - it implements a hook that no spec below names (a misspelling), or a function named
   ``adapters_*`` lacks ``@hookimpl`` (`PluginError`);
 - it claims a method, preset, config-class or checkpoint-format name that another plugin
-  already owns (`PluginConflictError`).
+  already owns (`PluginConflictError`; a checkpoint-format name is owned per method when the
+  formats list their ``methods``).
 
 Each spec says in which contract version it appeared (``versionadded``) or changed.
 
@@ -100,7 +101,9 @@ def adapters_register_checkpoint_formats(register: Callable[[CheckpointFormat], 
     Called once per plugin when plugins are loaded. Call ``register(CheckpointFormat(...))``
     for each format. ``model.load_adapter(path)`` asks each format's ``detect`` whether it reads
     a directory that is not in this library's own format; ``save_adapter(..., format=name)``
-    uses its ``write``. Format names are owned like method names.
+    uses its ``write``. Format names (and aliases) are owned like method names, per method
+    when a format lists the ``methods`` it serves: two plugins may serve one name for
+    disjoint methods (see `adapters.declarations.CheckpointFormat`).
 
     .. versionadded:: 1.0
     """

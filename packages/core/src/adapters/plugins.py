@@ -62,7 +62,9 @@ class Registry:
         self.pm.add_hookspecs(hookspecs)
         self.methods: dict[str, MethodSpec] = {}
         self.presets: dict[str, AdapterConfig] = {}
-        self.formats: dict[str, CheckpointFormat] = {}
+        #: every registered checkpoint format, in registration order (a name may be served by
+        #: several formats, for disjoint methods: see `format_for`)
+        self.formats: list[CheckpointFormat] = []
         self.load_errors: list[LoadError] = []
         self.disabled: list[str] = []
         self._origin: dict[str, tuple[str | None, str | None]] = {}  # name -> (dist, version)
@@ -149,7 +151,7 @@ class Registry:
             self.presets.update(spec.presets)
         for fmt in formats:
             fmt.plugin = name
-            self.formats[fmt.name] = fmt
+            self.formats.append(fmt)
 
     def _check_claims(
         self, label: str, methods: list[MethodSpec], formats: list[CheckpointFormat]
@@ -162,7 +164,6 @@ class Registry:
                 c.__name__: s.plugin for s in self.methods.values() for c in s.config_classes
             },
             "preset": {p: s.plugin for s in self.methods.values() for p in s.presets},
-            "checkpoint format": {f: s.plugin for f, s in self.formats.items()},
         }
         seen: set[tuple[str, str]] = set()
 
@@ -201,10 +202,37 @@ class Registry:
                 claim("config class", cls.__name__)
             for preset in spec.presets:
                 claim("preset", preset)
+        claimed: list[CheckpointFormat] = []
         for fmt in formats:
             if not isinstance(fmt, CheckpointFormat):
                 raise PluginError(f"{label} registered {fmt!r}, which is not a CheckpointFormat")
-            claim("checkpoint format", fmt.name)
+            if not all(isinstance(m, str) and m for m in fmt.methods) or isinstance(
+                fmt.methods, str
+            ):
+                raise PluginError(
+                    f"checkpoint format {fmt.name!r} of {label} has methods={fmt.methods!r}; "
+                    "give a tuple of method names, e.g. methods=('bottleneck',)"
+                )
+            for other in [*self.formats, *claimed]:
+                shared = sorted(set(fmt.names()) & set(other.names()))
+                overlap = (
+                    "every method"
+                    if not fmt.methods or not other.methods
+                    else ", ".join(repr(m) for m in sorted(set(fmt.methods) & set(other.methods)))
+                )
+                if shared and overlap:
+                    by = (
+                        self._owner(other.plugin)
+                        if other in self.formats
+                        else "the same plugin (twice)"
+                    )
+                    raise PluginConflictError(
+                        f"checkpoint format {shared[0]!r} is already provided by {by} for "
+                        f"{overlap}; {label} was not loaded. Fix: uninstall one of the two "
+                        "plugins, disable one with ADAPTERS_DISABLE_PLUGINS=<entry point name>, "
+                        "or give each format the methods it serves (CheckpointFormat.methods)"
+                    )
+            claimed.append(fmt)
 
     def _owner(self, plugin: str) -> str:
         """``plugin 'lora' (adapters-lora 0.1.0)`` for a registered plugin name."""
@@ -219,14 +247,24 @@ class Registry:
             spec = self.methods.pop(method)
             for preset in spec.presets:
                 self.presets.pop(preset, None)
-        for fmt in [f for f, s in self.formats.items() if s.plugin == name]:
-            del self.formats[fmt]
+        self.formats = [f for f in self.formats if f.plugin != name]
         self._origin.pop(name, None)
 
     # -- queries ---------------------------------------------------------------------------
     @property
     def hook(self) -> Any:
         return self.pm.hook
+
+    def format_names(self) -> list[str]:
+        """Every checkpoint format name and alias the loaded plugins serve, sorted."""
+        return sorted({n for fmt in self.formats for n in fmt.names()})
+
+    def format_for(self, name: str, method: str) -> CheckpointFormat | None:
+        """The checkpoint format called ``name`` (or with that alias) that serves ``method``."""
+        for fmt in self.formats:
+            if name in fmt.names() and fmt.serves(method):
+                return fmt
+        return None
 
     def method_of(self, config: AdapterConfig) -> MethodSpec:
         """The spec of the method ``config`` belongs to."""

@@ -408,16 +408,14 @@ def save_adapter(
     format: str | None = None,
     **kwargs: Any,
 ) -> None:
-    """See `ModelAdaptersMixin.save_adapter`."""
-    if kwargs:
+    """See `ModelAdaptersMixin.save_adapter`. ``kwargs``: options of a foreign ``format``
+    (its `CheckpointFormat.write_options`)."""
+    if kwargs and format in (None, FORMAT):
         raise TypeError(f"save_adapter got unexpected options {sorted(kwargs)}")
     entry = model._entry(adapter_name)  # type: ignore[operator]
     if format not in (None, FORMAT):
-        registry = get_registry()
-        fmt = registry.formats.get(format)
-        if fmt is None or fmt.write is None:
-            writable = [*sorted(n for n, f in registry.formats.items() if f.write), FORMAT]
-            raise CheckpointError(f"cannot write format {format!r}; writable formats: {writable}")
+        fmt = writer_for(format, entry.config.method, "write", f"adapter {adapter_name!r}")
+        check_write_options(fmt, format, kwargs)
         state_dict = _cpu_tensors(entry.state_dict())
 
         def write_foreign(tmp: str) -> None:
@@ -428,6 +426,7 @@ def save_adapter(
                 name=adapter_name,
                 config=entry.config,
                 state_dict=state_dict,
+                **kwargs,
             )
 
         write_directory_atomically(save_directory, write_foreign)
@@ -436,6 +435,41 @@ def save_adapter(
     write_directory_atomically(
         save_directory, lambda tmp: write_adapter_files(model, tmp, adapter_name)
     )
+
+
+def writer_for(format: str, method: str, attr: str, what: str, own: str = FORMAT) -> Any:
+    """The registered `CheckpointFormat` called ``format`` (or with that alias) that serves
+    ``method`` and has a writer ``attr`` (``"write"`` or ``"write_fusion"``); otherwise
+    `CheckpointError` naming the formats that can write ``what`` (``own``: this library's)."""
+    registry = get_registry()
+    fmt = registry.format_for(format, method)
+    if fmt is not None and getattr(fmt, attr) is not None:
+        return fmt
+    writable = {
+        n for f in registry.formats if f.serves(method) and getattr(f, attr) for n in f.names()
+    }
+    reason = ""
+    if fmt is not None:
+        reason = ": it is read-only"
+    else:
+        served = sorted({m for f in registry.formats if format in f.names() for m in f.methods})
+        if served:
+            reason = f": it serves the methods {served} and this is a {method!r} adapter"
+    raise CheckpointError(
+        f"cannot write format {format!r} for {what}{reason}; formats that can: "
+        f"{[*sorted(writable), own]}"
+    )
+
+
+def check_write_options(fmt: Any, format: str, options: Mapping[str, Any]) -> None:
+    """Refuse options ``fmt`` (a `CheckpointFormat`) does not declare in ``write_options``."""
+    unknown = sorted(set(options) - set(fmt.write_options))
+    if unknown:
+        accepted = list(fmt.write_options) or "none"
+        raise CheckpointError(
+            f"format {format!r} (plugin {fmt.plugin!r}) does not take the option(s) {unknown}; "
+            f"its options: {accepted}"
+        )
 
 
 def save_all_adapters(model: nn.Module, save_directory: str, **kwargs: Any) -> None:
@@ -473,7 +507,7 @@ def read_checkpoint(
         return _read_own(model, path, meta, override)
     registry = get_registry()
     claims, failures = [], []
-    for fmt in registry.formats.values():
+    for fmt in registry.formats:
         try:
             if fmt.detect(path):
                 claims.append(fmt)
@@ -507,10 +541,16 @@ def read_checkpoint(
                 f"{type(error).__name__}: {error}"
             ) from error
         check_config_values(cfg)
+        foreign = [p.method for p in config_parts(cfg) if not fmt.serves(p.method)]
+        if foreign:
+            raise CheckpointError(
+                f"format {fmt.name!r} (plugin {fmt.plugin!r}) read {path!r} as a {foreign[0]!r} "
+                f"adapter, but it declares the methods {list(fmt.methods)} only"
+            )
         return None, cfg, _checked_tensors(tensors, path)
     if os.path.isfile(config_file):
         read_json_strict(config_file)  # a malformed config explains itself (file and key)
-    known = [*sorted(registry.formats), FORMAT]
+    known = [*registry.format_names(), FORMAT]
     hint = f" ({'; '.join(failures)})" if failures else ""
     raise CheckpointError(
         f"{path!r} is not an adapter checkpoint in a known format ({', '.join(known)}); "

@@ -756,6 +756,8 @@ def _rescale_for_given_config(
 
 
 PEFT_FORMAT = CheckpointFormat(name="peft", detect=peft_detect, read=peft_read, write=peft_write)
+#: AdapterHub's format for LoRA, IA³ and DoRA adapters; the name is shared with other plugins'
+#: readers of AdapterHub's other methods (bottleneck, ...), each for its own method.
 ADAPTERHUB_FORMAT = CheckpointFormat(
-    name="adapterhub", detect=adapterhub_detect, read=adapterhub_read
+    name="adapterhub", detect=adapterhub_detect, read=adapterhub_read, methods=("lora",)
 )

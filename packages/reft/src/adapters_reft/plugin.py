@@ -95,6 +95,7 @@ def adapters_register_checkpoint_formats(register: Callable[[CheckpointFormat], 
     register(
         CheckpointFormat(
             name=interop.FORMAT_NAME,
+            methods=("reft",),
             detect=interop.detect_adapterhub,
             read=interop.read_adapterhub,
         )
