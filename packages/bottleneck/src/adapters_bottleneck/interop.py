@@ -19,9 +19,11 @@ Both also hold ``invertible_adapters.<name>.<param>`` and ``shared_parameters.<n
 beyond tensors. AdapterHub's GLOW coupling is not the GLOW of the paper (its forward ignores
 its first subnetwork), so GLOW checkpoints are refused.
 
-Writing produces AdapterHub's plugin-interface layout (``pytorch_adapter.bin`` and
-``adapter.safetensors`` with the same tensors), loadable by AdapterHub on a model initialised
-with the matching ``AdapterModelInterface``.
+Writing (``save_adapter(..., format="adapterhub", layout=...)``) produces AdapterHub's
+plugin-interface layout (``layout="plugin"``, the default) or that of its built-in BERT-family
+models (``layout="builtin"``), as ``pytorch_adapter.bin`` and ``adapter.safetensors`` with the
+same tensors, loadable by AdapterHub on a model initialised with the matching
+``AdapterModelInterface`` or on its built-in model.
 
 AdapterFusion directories (AdapterHub's ``save_adapter_fusion``) hold
 ``adapter_fusion_config.json`` (``{"config": {...}, "adapter_names": [...], "name": ...}``)
@@ -93,11 +95,31 @@ _FUSION_CONTAINERS = {
 }
 FUSION_CONFIG_FILE = "adapter_fusion_config.json"
 FUSION_WEIGHT_FILES = ("model_adapter_fusion.safetensors", "pytorch_model_adapter_fusion.bin")
-_WRITE_CONTAINERS = {
-    "mh_adapter": "attention_adapters.adapters",
-    "output_adapter": "output_adapters.adapters",
-    "cross_adapter": "cross_attention_adapters.adapters",
+#: The layouts ``save_adapter(..., format="adapterhub", layout=...)`` writes: our location ->
+#: AdapterHub's module path below a layer (the adapters sit in ``<that>.adapters.<name>``,
+#: fusion layers in ``<that>.adapter_fusion_layer.<name>``).
+LAYOUTS = {
+    "plugin": {  # AdapterHub's plugin interface (AdapterModelInterface), also its Llama
+        "mh_adapter": "attention_adapters",
+        "output_adapter": "output_adapters",
+        "cross_adapter": "cross_attention_adapters",
+    },
+    "builtin": {  # AdapterHub's built-in BERT-family models (BERT, RoBERTa, XLM-R, ...)
+        "mh_adapter": "attention.output",
+        "output_adapter": "output",
+        "cross_adapter": "crossattention.output",
+    },
 }
+WRITE_OPTIONS = ("layout",)
+
+
+def _containers(layout: str) -> dict[str, str]:
+    if layout not in LAYOUTS:
+        raise CheckpointError(
+            f"layout={layout!r} is not an AdapterHub key layout; use 'plugin' (AdapterHub's "
+            "plugin interface, the default) or 'builtin' (its built-in BERT-family models)"
+        )
+    return LAYOUTS[layout]
 
 
 def _saved(path: str) -> dict[str, Any] | None:
@@ -242,9 +264,15 @@ def write(
     name: str,
     config: AdapterConfig,
     state_dict: dict[str, torch.Tensor],
+    layout: str = "plugin",
 ) -> None:
-    """Write adapter ``name`` in AdapterHub's plugin-interface layout into ``path``."""
+    """Write adapter ``name`` in AdapterHub's format into ``path``: with the key layout of
+    its plugin interface (``layout="plugin"``: ``{layer}.output_adapters.adapters.<name>...``)
+    or of its built-in BERT-family models (``layout="builtin"``:
+    ``{layer}.output.adapters.<name>...``, ``{layer}.attention.output.adapters.<name>...``)."""
     from .plugin import invertible_key, shared_key
+
+    containers = _containers(layout)
 
     if not isinstance(config, BnConfig):
         raise CheckpointError(
@@ -269,13 +297,20 @@ def write(
             out[f"{base_dot}invertible_adapters.{name}.{key[len(inv_prefix) :]}"] = value
             continue
         if key.startswith(shared_prefix):
+            if not base:
+                raise CheckpointError(
+                    f"adapter {name!r} has parameters shared across layers (Compacter's "
+                    "phm_rule), which AdapterHub reads only below a base-model prefix (its "
+                    "loader keeps '.shared_parameters.<name>.' keys): save it from a model "
+                    "with a head (e.g. BertForSequenceClassification) or in this library's format"
+                )
             out[f"{base_dot}shared_parameters.{name}.{key[len(shared_prefix) :]}"] = value
             continue
         layer, _, rest = key.partition(".bottleneck.")
         location, _, param = rest.partition(".")
-        if layer not in layer_paths or location not in _WRITE_CONTAINERS:
+        if layer not in layer_paths or location not in containers:
             raise CheckpointError(f"cannot place tensor {key!r} in AdapterHub's layout")
-        out[f"{layer}.{_WRITE_CONTAINERS[location]}.{name}.{param}"] = value
+        out[f"{layer}.{containers[location]}.adapters.{name}.{param}"] = value
     out = {k: v.detach().contiguous().cpu() for k, v in out.items()}
     raw_config = {k: _plain(v) for k, v in config.to_dict().items()}
     raw_config.pop("method", None)
@@ -382,14 +417,16 @@ def write_fusion(
     children: list[str],
     config: Any,
     state_dict: dict[str, torch.Tensor],
+    layout: str = "plugin",
 ) -> None:
-    """Write fusion layer ``name`` in AdapterHub's ``save_adapter_fusion`` layout (plugin
-    interface keys) into ``path``."""
+    """Write fusion layer ``name`` in AdapterHub's ``save_adapter_fusion`` layout into
+    ``path``, with the keys of its plugin interface or built-in models (``layout``, as
+    `write`)."""
+    containers = _containers(layout)
     if "." in name or any("." in c for c in children):
         raise CheckpointError(
             f"AdapterHub fusion and adapter names cannot contain '.': {name!r} {children}"
         )
-    containers = {v: k for k, v in _FUSION_CONTAINERS.items() if "." not in k and "_" in k}
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         layer, _, rest = key.partition(".bottleneck.")
@@ -439,4 +476,5 @@ ADAPTERHUB_FORMAT = CheckpointFormat(
     detect_fusion=detect_fusion,
     read_fusion=read_fusion,
     write_fusion=write_fusion,
+    write_options=WRITE_OPTIONS,
 )
