@@ -5,14 +5,17 @@ meta-device models."""
 from __future__ import annotations
 
 import pytest
-import torch
 
-import adapters
-from adapters import AdapterModelInterface
 from adapters_bottleneck import CompacterConfig, ParBnConfig, SeqBnConfig
-from tests import models
 from tests.models import SEED_INTERFACE
-from tests.precision import HALF, adapter_dtypes, copy_adapter, llama_pair, logits, perturb, train
+from tests.precision import (
+    HALF,
+    check_dtype_policy,
+    check_forward_close_to_float32,
+    check_meta_device_then_to_empty,
+    check_seeded_init_under_device_context,
+    check_training_converges,
+)
 
 INTERFACE = dict(
     SEED_INTERFACE,
@@ -30,52 +33,35 @@ CONFIGS = {
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("method", sorted(CONFIGS))
 def test_float32_by_default_model_dtype_on_request(method, dtype):
-    _, half = llama_pair(INTERFACE, dtype)
-    half.add_adapter("a", CONFIGS[method]())
-    assert adapter_dtypes(half, "a") == {torch.float32}
-    half.add_adapter("b", CONFIGS[method](), adapter_dtype="model")
-    assert adapter_dtypes(half, "b") == {dtype}
+    check_dtype_policy(INTERFACE, CONFIGS[method], dtype)
 
 
 @pytest.mark.parametrize("adapter_dtype", [None, "model"])
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("method", sorted(CONFIGS))
 def test_forward_close_to_float32(method, dtype, adapter_dtype):
-    reference, half = llama_pair(INTERFACE, dtype)
-    reference.add_adapter("a", CONFIGS[method](), set_active=True)
-    perturb(reference, "a", scale=0.2)
-    half.add_adapter("a", CONFIGS[method](), set_active=True, adapter_dtype=adapter_dtype)
-    copy_adapter(reference, half, "a")
-    expected, got = logits(reference), logits(half)
-    assert got.dtype == dtype and torch.isfinite(got).all()
-    tolerance = 0.05 if dtype == torch.bfloat16 else 0.01
-    assert (got.float() - expected).abs().max() < tolerance * expected.abs().max()
+    check_forward_close_to_float32(INTERFACE, CONFIGS[method], dtype, adapter_dtype, scale=0.2)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_seq_bn_half_precision_training_converges(dtype):
-    _, half = llama_pair(INTERFACE, dtype)
-    half.add_adapter("a", SeqBnConfig(reduction_factor=4, init_weights="bert"))
-    losses, moved = train(half, "a")
-    assert losses[-1] < losses[0] - 0.05, losses
-    assert all(moved.values()), [k for k, v in moved.items() if not v]
+    def config():
+        return SeqBnConfig(reduction_factor=4, init_weights="bert")
+
+    check_training_converges(INTERFACE, config, dtype)
 
 
-def test_meta_device_model_then_to_empty():
-    def build():
-        return adapters.init(models.llama(0), interface=AdapterModelInterface(**INTERFACE))
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_meta_device_model_then_to_empty(method):
+    check_meta_device_then_to_empty(INTERFACE, CONFIGS[method])
 
-    reference = build()
-    reference.add_adapter("a", CONFIGS["seq_bn"](), set_active=True)
-    perturb(reference, "a")
-    with torch.device("meta"):
-        meta = build()
-        meta.add_adapter("a", CONFIGS["seq_bn"](), set_active=True)
-    assert all(p.is_meta for p in meta.parameters())
-    meta.to_empty(device="cpu")
-    meta.load_state_dict(reference.state_dict(), strict=False)
-    copy_adapter(reference, meta, "a")
-    with torch.no_grad():
-        for name, buffer in reference.named_buffers():
-            meta.get_buffer(name).copy_(buffer)
-    torch.testing.assert_close(logits(meta), logits(reference))
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=NotImplementedError,
+    reason="known gap: the plugin builds its modules under the ambient device (meta here) and "
+    "then moves them with .to(), which cannot copy meta tensors (_place_like in plugin.py)",
+)
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_seeded_init_under_another_device_context(method):
+    check_seeded_init_under_device_context(INTERFACE, CONFIGS[method])

@@ -12,25 +12,16 @@ import threading
 import pytest
 import torch
 
-from adapters import AdapterSetup, context
+from adapters import AdapterSetup
+from tests.compiling import (  # noqa: F401  (fresh_dynamo: an autouse fixture)
+    check_training_step_compiled_equals_eager,
+    compiled,
+    fresh_dynamo,
+)
 
 from .conftest import init_toy, randomize
 
 MASK = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Every test compiles new models: start from an empty Dynamo cache (the cache of a shared
-    code object such as a hook method would otherwise fill up across tests)."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-    assert not context._TRACED  # every compiled call closed its context
-
-
-def compiled(model, backend: str = "eager"):
-    return torch.compile(model, fullgraph=True, backend=backend)
 
 
 def logits(model, ids, **kwargs):
@@ -145,7 +136,6 @@ def test_adapter_setup_in_another_thread_is_not_seen_in_eager_mode(toy_plugins, 
 
 
 def test_compiled_training_step_equals_eager(toy_plugins, ids):
-    import copy
 
     model = init_toy()
     model.add_adapter("a", config="toy_lora")
@@ -153,26 +143,8 @@ def test_compiled_training_step_equals_eager(toy_plugins, ids):
     randomize(model, "a")
     randomize(model, "s", seed=3)
     model.train_adapter(["a", "s"])
-    twin = copy.deepcopy(model)
-    fast = compiled(twin, backend="aot_eager")
-
-    def step(module, call):
-        optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.1)
-        loss = call(ids, attention_mask=MASK, labels=ids).loss
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
-        optimizer.step()
-        return loss.detach(), grads
-
-    eager_loss, eager_grads = step(model, model)
-    fast_loss, fast_grads = step(twin, fast)
-    torch.testing.assert_close(fast_loss, eager_loss, atol=1e-5, rtol=0)
-    assert sorted(fast_grads) == sorted(eager_grads) and len(eager_grads) == 10
-    for name, grad in eager_grads.items():
-        torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=0)
-    twin_params = dict(twin.named_parameters())
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(twin_params[name], param, atol=1e-5, rtol=0)
+    eager_grads = check_training_step_compiled_equals_eager(model, ids, MASK)
+    assert len(eager_grads) == 10
 
 
 def test_compiled_training_with_activation_checkpointing_equals_eager(toy_plugins, ids):
@@ -201,7 +173,9 @@ def test_compiled_training_with_activation_checkpointing_equals_eager(toy_plugin
 
 
 def test_example_plugin_compiles_fullgraph(ids):
-    adapters_hidden_scale = pytest.importorskip("adapters_hidden_scale")
+    pytest.importorskip("adapters_hidden_scale")
+    from adapters_hidden_scale import plugin as hidden_scale_plugin
+
     from adapters import AdapterModelInterface, init, plugins
 
     from ..models import SEED_INTERFACE, llama
@@ -209,7 +183,7 @@ def test_example_plugin_compiles_fullgraph(ids):
     registry = plugins.get_registry()
     registered = "hidden_scale" not in registry.methods
     if registered:
-        registry.register(adapters_hidden_scale, "hidden_scale")
+        registry.register(hidden_scale_plugin, "hidden_scale")
     try:
         model = init(
             llama(),

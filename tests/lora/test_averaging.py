@@ -9,11 +9,12 @@ import os
 import pytest
 import torch
 import transformers as tf
-from conftest import FIXTURES, LLAMA_INTERFACE, build_llama, init, logits, randomise
 from safetensors.torch import load_file
 
 from adapters.errors import ConfigError
 from adapters_lora import DoRAConfig, IA3Config, LoRAConfig
+
+from .lora_helpers import FIXTURES, LLAMA_INTERFACE, build_llama, init, logits, randomise
 
 EXPECTED = load_file(os.path.join(FIXTURES, "expected.safetensors"))
 

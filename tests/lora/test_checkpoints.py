@@ -11,7 +11,12 @@ import shutil
 import pytest
 import torch
 import transformers as tf
-from conftest import (
+from safetensors.torch import load_file
+
+from adapters.errors import CheckpointError
+from adapters_lora import IA3Config, LoRAConfig
+
+from .lora_helpers import (
     BERT_INTERFACE,
     FIXTURES,
     GPT2_INTERFACE,
@@ -23,10 +28,6 @@ from conftest import (
     logits,
     randomise,
 )
-from safetensors.torch import load_file
-
-from adapters.errors import CheckpointError
-from adapters_lora import IA3Config, LoRAConfig
 
 EXPECTED = load_file(os.path.join(FIXTURES, "expected.safetensors"))
 CLASSES = {

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import GPT2_INTERFACE, IDS, build_gpt2, init, logits, randomise
 
 from adapters import AdapterSetup, Average, BatchSplit, Parallel, Stack
 from adapters.errors import ConfigError
 from adapters_lora import IA3Config, LoRAConfig
+
+from .lora_helpers import GPT2_INTERFACE, IDS, build_gpt2, init, logits, randomise
 
 
 @pytest.fixture

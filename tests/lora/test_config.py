@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from conftest import LLAMA_INTERFACE, build_llama, init
 
 import adapters
 from adapters.errors import ConfigError
 from adapters_lora import DoRAConfig, IA3Config, LoRAConfig
+
+from .lora_helpers import LLAMA_INTERFACE, build_llama, init
 
 
 def test_adapters_namespace_resolves_the_plugin_classes():

@@ -7,7 +7,13 @@ import math
 
 import pytest
 import torch
-from conftest import (
+from torch import nn
+
+from adapters import AdapterSetup
+from adapters.errors import ConfigError
+from adapters_lora import IA3Config, LoRAConfig
+
+from .lora_helpers import (
     BART_INTERFACE,
     GPT2_INTERFACE,
     GQA_INTERFACE,
@@ -22,11 +28,6 @@ from conftest import (
     logits,
     randomise,
 )
-from torch import nn
-
-from adapters import AdapterSetup
-from adapters.errors import ConfigError
-from adapters_lora import IA3Config, LoRAConfig
 
 
 def test_fresh_lora_leaves_outputs_unchanged_because_b_is_zero(llama):

@@ -9,7 +9,13 @@ import os
 import pytest
 import torch
 import transformers as tf
-from conftest import (
+from safetensors.torch import load_file
+
+from adapters import AdapterSetup
+from adapters.errors import CheckpointError, ConfigError
+from adapters_lora import IA3Config, LoRAConfig
+
+from .lora_helpers import (
     BERT_INTERFACE,
     FIXTURES,
     GPT2_INTERFACE,
@@ -19,11 +25,6 @@ from conftest import (
     logits,
     randomise,
 )
-from safetensors.torch import load_file
-
-from adapters import AdapterSetup
-from adapters.errors import CheckpointError, ConfigError
-from adapters_lora import IA3Config, LoRAConfig
 
 EXPECTED = load_file(os.path.join(FIXTURES, "expected.safetensors"))
 MINILM_IDS = EXPECTED["minilm/input_ids"]

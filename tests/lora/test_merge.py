@@ -7,7 +7,12 @@ from functools import partial
 import pytest
 import torch
 import transformers as tf
-from conftest import (
+
+import adapters
+from adapters.errors import ConfigError
+from adapters_lora import DoRAConfig, IA3Config, LoRAConfig
+
+from .lora_helpers import (
     BERT_INTERFACE,
     GPT2_INTERFACE,
     GQA_INTERFACE,
@@ -20,10 +25,6 @@ from conftest import (
     logits,
     randomise,
 )
-
-import adapters
-from adapters.errors import ConfigError
-from adapters_lora import DoRAConfig, IA3Config, LoRAConfig
 
 
 def build_bert(seed: int = 0):

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IDS, logits, randomise
 
 from adapters import AdapterNotFoundError, AdapterSetup
 from adapters_lora import IA3Config, LoRAConfig
+
+from .lora_helpers import IDS, logits, randomise
 
 
 @pytest.fixture

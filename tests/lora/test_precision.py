@@ -5,11 +5,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LLAMA_INTERFACE, build_llama, init
 
 from adapters.errors import ConfigError
 from adapters_lora import DoRAConfig, IA3Config, LoRAConfig
-from tests.precision import HALF, adapter_dtypes, copy_adapter, llama_pair, logits, perturb, train
+from tests.precision import (
+    HALF,
+    adapter_dtypes,
+    check_dtype_policy,
+    check_forward_close_to_float32,
+    check_invalid_adapter_dtype,
+    check_meta_device_then_to_empty,
+    check_seeded_init_under_device_context,
+    check_training_converges,
+    llama_pair,
+    logits,
+    perturb,
+    train,
+)
+
+from .lora_helpers import LLAMA_INTERFACE
 
 CONFIGS = {
     "lora": lambda: LoRAConfig(r=4, alpha=8, init_weights_seed=0),
@@ -22,11 +36,7 @@ CONFIGS = {
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("method", sorted(CONFIGS))
 def test_weights_are_float32_by_default_and_model_dtype_on_request(method, dtype):
-    _, half = llama_pair(LLAMA_INTERFACE, dtype)
-    half.add_adapter("a", CONFIGS[method]())
-    assert adapter_dtypes(half, "a") == {torch.float32}
-    half.add_adapter("b", CONFIGS[method](), adapter_dtype="model")
-    assert adapter_dtypes(half, "b") == {dtype}
+    half = check_dtype_policy(LLAMA_INTERFACE, CONFIGS[method], dtype)
     half.add_adapter("c", CONFIGS[method](), adapter_dtype=torch.float64)
     assert adapter_dtypes(half, "c") == {torch.float64}
     # a float32 model keeps float32 adapters either way; the config's dtype option still wins
@@ -38,40 +48,20 @@ def test_weights_are_float32_by_default_and_model_dtype_on_request(method, dtype
 
 
 def test_bad_adapter_dtype_raises_and_leaves_the_model_alone():
-    _, half = llama_pair(LLAMA_INTERFACE, torch.bfloat16)
-    before = {n for n, _ in half.named_parameters()}
-    for bad in ("int8", "half-ish", torch.int32, 3):
-        with pytest.raises(ConfigError, match="adapter_dtype"):
-            half.add_adapter("a", LoRAConfig(), adapter_dtype=bad)
-    assert not half.has_adapters()
-    assert {n for n, _ in half.named_parameters()} == before
+    check_invalid_adapter_dtype(LLAMA_INTERFACE, LoRAConfig)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("method", sorted(CONFIGS))
 def test_forward_is_close_to_float32_and_keeps_the_activation_dtype(method, dtype):
-    reference, half = llama_pair(LLAMA_INTERFACE, dtype)
-    reference.add_adapter("a", CONFIGS[method](), set_active=True)
-    perturb(reference, "a")
-    half.add_adapter("a", CONFIGS[method](), set_active=True)
-    copy_adapter(reference, half, "a")
-    expected = logits(reference)
-    got = logits(half)
-    assert got.dtype == dtype
-    assert torch.isfinite(got).all()
-    tolerance = 0.05 if dtype == torch.bfloat16 else 0.01
-    error = (got.float() - expected).abs().max().item()
-    assert error < tolerance * expected.abs().max().item(), error
+    check_forward_close_to_float32(LLAMA_INTERFACE, CONFIGS[method], dtype)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
 def test_half_precision_training_converges_and_moves_every_tensor(method, dtype):
-    _, half = llama_pair(LLAMA_INTERFACE, dtype)
-    half.add_adapter("a", CONFIGS[method]())
-    losses, moved = train(half, "a", lr=0.1 if method == "ia3" else 1e-2)
-    assert losses[-1] < losses[0] - 0.05, losses
-    assert all(moved.values()), [k for k, v in moved.items() if not v]
+    lr = 0.1 if method == "ia3" else 1e-2
+    half = check_training_converges(LLAMA_INTERFACE, CONFIGS[method], dtype, lr=lr)
     assert adapter_dtypes(half, "a") == {torch.float32}
 
 
@@ -111,33 +101,14 @@ def test_merging_into_half_weights_is_computed_in_float32_and_rounded_once(metho
 def test_meta_device_model_then_to_empty(method):
     """A model built under ``torch.device("meta")`` takes seeded adapters (a CPU generator
     used for meta tensors) and works once materialised and loaded."""
-    reference = init(build_llama(), LLAMA_INTERFACE)
-    reference.add_adapter("a", CONFIGS[method](), set_active=True)
-    perturb(reference, "a")
-    with torch.device("meta"):
-        meta = init(build_llama(), LLAMA_INTERFACE)
-        meta.add_adapter("a", CONFIGS[method](), set_active=True)
-    assert all(p.is_meta for p in meta.parameters())
-    meta.to_empty(device="cpu")
-    meta.load_state_dict(reference.state_dict(), strict=False, assign=False)
-    copy_adapter(reference, meta, "a")
-    with torch.no_grad():
-        for buffer_name, buffer in reference.named_buffers():
-            meta.get_buffer(buffer_name).copy_(buffer)
-    torch.testing.assert_close(logits(meta), logits(reference))
+    check_meta_device_then_to_empty(LLAMA_INTERFACE, CONFIGS[method])
 
 
 @pytest.mark.parametrize("method", ["lora", "gated"])
 def test_seeded_init_under_another_device_context_is_placed_like_the_model(method):
     """``add_adapter`` inside ``with torch.device(...)`` (here meta; cuda on a GPU) creates the
     adapter on the adapted weight's device, with the same seeded values as outside it."""
-    plain = init(build_llama(), LLAMA_INTERFACE)
-    plain.add_adapter("a", CONFIGS[method]())
-    inside = init(build_llama(), LLAMA_INTERFACE)
-    with torch.device("meta"):
-        inside.add_adapter("a", CONFIGS[method]())
-    for key, tensor in plain.adapter_state_dict("a").items():
-        assert torch.equal(inside.adapter_state_dict("a")[key], tensor), key
+    check_seeded_init_under_device_context(LLAMA_INTERFACE, CONFIGS[method])
 
 
 def test_load_adapter_takes_adapter_dtype(tmp_path):

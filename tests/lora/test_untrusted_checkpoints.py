@@ -11,12 +11,13 @@ import time
 import pytest
 import torch
 import transformers as tf
-from conftest import FIXTURES, init
 from safetensors.torch import load_file
 
 import adapters
 from adapters.errors import CheckpointError, ConfigError
 from tests.models import LLAMA_INTERFACE, SEED_INTERFACE, llama
+
+from .lora_helpers import FIXTURES, init
 
 V0_1 = os.path.join(os.path.dirname(__file__), "..", "fixtures", "core", "v0_1")
 IDS = torch.arange(14).reshape(2, 7) % 100

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reft_helpers import tiny_llama
+
+from .reft_helpers import tiny_llama
 
 
 @pytest.fixture

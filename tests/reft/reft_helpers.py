@@ -1,5 +1,5 @@
-"""Tiny models, interfaces and helpers shared by the ReFT tests (imported by name; pytest
-puts this folder on sys.path)."""
+"""Tiny models, interfaces and helpers shared by the ReFT tests (``from .reft_helpers import
+...``: tests/reft is a package, so its module names never collide with another folder's)."""
 
 from __future__ import annotations
 

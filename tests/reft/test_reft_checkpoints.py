@@ -10,13 +10,14 @@ import shutil
 
 import pytest
 import torch
-from reft_helpers import batch, decoder_interface, init_quietly, randomise
 from safetensors.torch import load_file
 
 from adapters import CheckpointError
 from adapters.plugins import get_registry
 from adapters_reft import DiReftConfig
 from adapters_reft.interop import FORMAT_NAME, detect_adapterhub
+
+from .reft_helpers import batch, decoder_interface, init_quietly, randomise
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "reft")
 

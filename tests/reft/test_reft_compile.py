@@ -3,13 +3,17 @@ equal to eager for inference and a training step, and no stale graph after setup
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from reft_helpers import randomise, tiny_llama
 
-from adapters import AdapterSetup, BatchSplit, context
+from adapters import AdapterSetup, BatchSplit
+from tests.compiling import (  # noqa: F401  (fresh_dynamo: an autouse fixture)
+    check_training_step_compiled_equals_eager,
+    compiled,
+    fresh_dynamo,
+)
+
+from .reft_helpers import randomise, tiny_llama
 
 IDS = torch.tensor([[5, 17, 42, 8, 99, 3, 61], [12, 1, 77, 31, 9, 50, 2]])
 MASK = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
@@ -19,18 +23,6 @@ CONFIGS = [
     "noreft[prefix_positions=1,suffix_positions=3]",
     "direft",
 ]
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-    assert not context._TRACED
-
-
-def compiled(model, backend: str = "eager"):
-    return torch.compile(model, fullgraph=True, backend=backend)
 
 
 def logits(model, **kwargs):
@@ -82,24 +74,5 @@ def test_compiled_model_follows_setup_changes_and_masks():
 def test_training_step_compiled_equals_eager():
     model = two_adapters("loreft[dropout=0.0,prefix_positions=2,suffix_positions=2]")
     model.train_adapter("a")
-    twin = copy.deepcopy(model)
-    fast = compiled(twin, backend="aot_eager")
-
-    def step(module, call):
-        optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.1)
-        loss = call(input_ids=IDS, attention_mask=MASK, labels=IDS).loss
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
-        optimizer.step()
-        return loss.detach(), grads
-
-    eager_loss, eager_grads = step(model, model)
-    fast_loss, fast_grads = step(twin, fast)
-    torch.testing.assert_close(fast_loss, eager_loss, atol=1e-5, rtol=0)
-    assert sorted(fast_grads) == sorted(eager_grads)
+    eager_grads = check_training_step_compiled_equals_eager(model, IDS, MASK)
     assert len(eager_grads) == 2 * 2 * 3  # layers x units x (W, b, R)
-    for name, grad in eager_grads.items():
-        torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=0)
-    twin_params = dict(twin.named_parameters())
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(twin_params[name], param, atol=1e-5, rtol=0)

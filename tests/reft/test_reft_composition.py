@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reft_helpers import Capture, batch, randomise
 
 from adapters import AdapterSetup, Average, BatchSplit, CompositionError, Fuse, Parallel, Stack
 from adapters_reft.layer import select_positions
+
+from .reft_helpers import Capture, batch, randomise
 
 
 def _two_adapters(model, layers="[0]"):

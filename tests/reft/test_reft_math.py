@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reft_helpers import Capture, batch, randomise, tiny_llama
 
 from adapters_reft.layer import ReftHost, orthonormal_rows, select_positions
+
+from .reft_helpers import Capture, batch, randomise, tiny_llama
 
 
 def _edited(model, name, config, layer=0):

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reft_helpers import (
+
+from .reft_helpers import (
     Capture,
     bert_interface,
     decoder_interface,

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reft_helpers import batch, randomise
 
 from adapters import AdapterNotFoundError, AdapterSetup, CompositionError
+
+from .reft_helpers import batch, randomise
 
 
 @pytest.fixture

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
-from reft_helpers import Capture, randomise
 
 from adapters_reft.layer import select_positions
+
+from .reft_helpers import Capture, randomise
 
 CPU = torch.device("cpu")
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reft_helpers import batch
+
+from .reft_helpers import batch
 
 
 def test_loreft_learns_and_stays_orthonormal_under_default_adamw(llama):
@@ -71,7 +72,7 @@ def test_adapter_name_clashing_with_module_attributes_is_refused(llama):
 def test_layer_recomputed_after_the_forward_repeats_the_forward_edit(llama):
     # What activation checkpointing does: re-run a layer during backward, after the model's
     # forward context has closed. The edit must be the forward's (same padded positions).
-    from reft_helpers import Capture
+    from .reft_helpers import Capture
 
     llama.add_adapter("a", config="loreft[dropout=0.0, prefix_positions=2, suffix_positions=1]")
     llama.train_adapter("a")

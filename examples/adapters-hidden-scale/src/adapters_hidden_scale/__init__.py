@@ -10,16 +10,6 @@ from __future__ import annotations
 
 from .config import HiddenScaleConfig
 
-# Transitional: an install made before the entry point moved to adapters_hidden_scale.plugin
-# still names this package as the plugin; it gets the same plugin until it is reinstalled
-# (pip install -e examples/adapters-hidden-scale). Remove these names with the next release.
-from .plugin import (  # noqa: F401
-    ADAPTERS_CONTRACT,
-    adapters_add_adapter,
-    adapters_delete_adapter,
-    adapters_register_methods,
-)
-
 __version__ = "0.1.0"
 
 __all__ = ["HiddenScaleConfig"]
