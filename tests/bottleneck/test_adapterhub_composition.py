@@ -106,3 +106,35 @@ def test_adapterhub_fusion_written_by_us_reads_back(tmp_path):
     torch.testing.assert_close(
         output(other, "llama"), expected("llama", "fuse_dynamic"), atol=1e-4, rtol=0
     )
+
+
+def test_adapterhub_fusion_saved_from_a_model_with_a_head_reads_on_the_bare_model(tmp_path):
+    """AdapterHub's keys carry a ``bert.`` prefix when saved from ``BertForSequenceClassification``
+    or ``BertAdapterModel``; they load on ``BertModel`` (and the outputs are unchanged)."""
+    source = os.path.join(HERE, "minilm", "composition", "dynamic")
+    target = tmp_path / "dynamic"
+    shutil.copytree(source, target)
+    weights = target / "pytorch_model_adapter_fusion.bin"
+    tensors = torch.load(weights, weights_only=True)
+    torch.save({f"bert.{k}": v for k, v in tensors.items()}, weights)
+    model = build("minilm")
+    model.load_adapter_fusion(str(target), set_active=True)
+    torch.testing.assert_close(
+        output(model, "minilm"), expected("minilm", "fuse_dynamic"), atol=1e-4, rtol=0
+    )
+
+
+def test_fusion_layers_where_no_fused_adapter_sits_are_dropped_and_partial_ones_refused():
+    path = os.path.join(HERE, "llama", "composition", "dynamic")
+    model = llama()
+    model.add_adapter("a", config="seq_bn[reduction_factor=4,leave_out=[1]]")
+    model.add_adapter("b", config="seq_bn[reduction_factor=4]")
+    with pytest.raises(CheckpointError, match="where only some of \\['a', 'b'\\] sit"):
+        model.load_adapter_fusion(path)
+    assert not model.adapter_fusions
+    model.delete_adapter("b")
+    model.add_adapter("b", config="seq_bn[reduction_factor=4,leave_out=[1]]")
+    model.load_adapter_fusion(path)  # layer 1's fusion layer is unused: dropped
+    assert sorted(model.get_adapter_fusion("dynamic")) == [
+        "model.layers.0.bottleneck.output_adapter.fusion"
+    ]
