@@ -33,7 +33,7 @@ from adapters.fusion_config import (
 
 from ..models import llama
 from .conftest import init_toy, randomize
-from .toy_fusion import ToyFusablePlugin
+from .toy_fusion import ToyFusablePlugin, ToyFusionLayer
 from .toy_plugins import ToyLoRAPlugin
 
 METHODS = ["toy_fusable", "toy_lora"]
@@ -435,3 +435,38 @@ def test_fusion_names_follow_the_adapter_name_rule(model, name):
     with pytest.raises(ConfigError, match="fusion name .* is not allowed"):
         model.add_adapter_fusion(Fuse("a", "b"), name=name)
     assert not model.adapter_fusions
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fusion_layers_take_add_adapters_dtype_rule(fusable_plugins, dtype, tmp_path, monkeypatch):
+    """Float32 fusion weights on a half-precision model by default, the model's dtype with
+    ``adapter_dtype="model"``, any floating dtype on request; an invalid value changes
+    nothing; ``load_adapter_fusion`` takes the same option."""
+    model = build().to(dtype)
+    create = ToyFusionLayer.__init__
+
+    def create_in_model_dtype(self, *args, **kwargs):  # as a plugin following the layer would
+        create(self, *args, **kwargs)
+        self.to(dtype)
+
+    monkeypatch.setattr(ToyFusionLayer, "__init__", create_in_model_dtype)
+
+    def dtypes(fusion):
+        return {p.dtype for m in model.get_adapter_fusion(fusion).values() for p in m.parameters()}
+
+    assert model.add_adapter_fusion(["a", "b"]) == "a,b"
+    assert dtypes("a,b") == {torch.float32}
+    model.add_adapter_fusion(["a", "b"], name="ab_model", adapter_dtype="model")
+    assert dtypes("ab_model") == {dtype}
+    model.add_adapter_fusion(["a", "b"], name="ab_64", adapter_dtype="float64")
+    assert dtypes("ab_64") == {torch.float64}
+    names = [n for n, _ in model.named_modules()]
+    with pytest.raises(ConfigError, match="adapter_dtype='int8'"):
+        model.add_adapter_fusion(["a", "c"], adapter_dtype="int8")
+    assert "a,c" not in model.adapter_fusions
+    assert [n for n, _ in model.named_modules()] == names
+    model.save_adapter_fusion(str(tmp_path / "f"), "a,b")
+    model.load_adapter_fusion(str(tmp_path / "f"), load_as="loaded", adapter_dtype="model")
+    assert dtypes("loaded") == {dtype}
+    model.load_adapter_fusion(str(tmp_path / "f"), load_as="loaded32")
+    assert dtypes("loaded32") == {torch.float32}

@@ -223,3 +223,41 @@ def test_the_undo_log_runs_newest_first_and_nested_operations_join(toy_plugins):
     log = UndoLog()
     log.record(lambda: order.append("x"))
     assert len(log) == 1
+
+
+class SubBlockEditHost(AdapterHost):
+    """Adds 1 to a sub-block's output through core's sub-block hooks (no plugin needed)."""
+
+    def on_attach(self, module):
+        pass
+
+    def edit(self, out, residual):
+        return out + 1.0
+
+
+def _hook_counts(model):
+    return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+
+
+def test_sub_block_hooks_belong_to_the_host(toy_plugins, ids):
+    model = init_toy()
+    site = model.adapter_sites.layers[1].sub_block("ffn")
+    layer = site.layer.module
+    before, base = _hook_counts(model), model(ids).logits
+    with pytest.raises(KeyError), operation(model):
+        host = SubBlockEditHost.attach(layer, "edit_host", model)
+        host.add_sub_block_hook(site, host.edit)
+        assert _hook_counts(model) != before
+        raise KeyError("a later failure")
+    assert _hook_counts(model) == before and not hasattr(layer, "edit_host")
+    host = SubBlockEditHost.attach(layer, "edit_host", model)
+    handle = host.add_sub_block_hook(site, host.edit)
+    assert len(host._handles) == len(handle.handles) == 3  # layer, residual source, output
+    edited = model(ids).logits
+    assert (edited - base).abs().max() > 1e-3
+    twin = copy.deepcopy(model)
+    twin.model.layers[1].edit_host.detach()  # the copy's handles remove the copy's hooks
+    assert _hook_counts(twin) == before and torch.equal(twin(ids).logits, base)
+    assert torch.equal(model(ids).logits, edited)
+    host.detach()
+    assert _hook_counts(model) == before and torch.equal(model(ids).logits, base)

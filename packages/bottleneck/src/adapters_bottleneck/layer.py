@@ -527,7 +527,13 @@ class BottleneckFusion(nn.Module):
     def forward(
         self, query: torch.Tensor, ups: torch.Tensor, residual: torch.Tensor
     ) -> torch.Tensor:
-        """``query`` and ``residual`` (batch, length, d); ``ups`` (batch, length, n, d)."""
+        """``query`` and ``residual`` (batch, length, d); ``ups`` (batch, length, n, d). The
+        inputs are cast to the dtype of the layer's weights (``add_adapter_fusion``'s
+        ``adapter_dtype``: a float32 fusion layer in a half-precision model computes in
+        float32); the caller casts the result back."""
+        param = next(self.parameters(), None)
+        dtype = query.dtype if param is None else param.dtype
+        query, ups, residual = query.to(dtype), ups.to(dtype), residual.to(dtype)
         if self.config.residual_before:
             ups = ups + residual.unsqueeze(2)
         q = self.query(query) if self.query is not None else query

@@ -1,6 +1,6 @@
 """Where bottleneck adapters sit in a model and the hooks that run them.
 
-A `SubBlockHost` lives on each adapted layer (child ``bottleneck_attention``,
+A `SubBlockHost` (an `adapters.hosts.AdapterHost`) lives on each adapted layer (child ``bottleneck_attention``,
 ``bottleneck_cross_attention`` or ``bottleneck_output``) and holds that sub-block's adapters.
 It runs through core's sub-block sites (`adapters.sites.SubBlockSite`,
 `adapters.subblocks.register_hook`), taken from **that layer's own** modules (never a getter
@@ -40,8 +40,9 @@ from adapters.composition import (
 )
 from adapters.context import context_for
 from adapters.errors import AdaptersError, CompositionError
+from adapters.hosts import AdapterHost
+from adapters.rollback import record_undo
 from adapters.sites import SubBlockSite
-from adapters.subblocks import register_hook
 
 #: sub-block location (AdapterHub's ``location_key``) -> the host's attribute name on a layer.
 HOST_NAMES = {
@@ -57,68 +58,91 @@ class ResidualMismatchError(AdaptersError, RuntimeError):
     """The captured residual input does not line up with the sub-block's output."""
 
 
-class SubBlockHost(nn.Module):
+class SubBlockHost(AdapterHost):
     """The adapters of one sub-block (attention, cross-attention or feed-forward) of one layer.
 
+    An `adapters.hosts.AdapterHost` (hook handles, activity cache, rollback come from core);
+    its hooks are core's sub-block hooks, registered while it holds at least one adapter.
+
     Attributes:
-        adapters: adapter name -> `BottleneckAdapter`.
+        adapters: adapter name -> `BottleneckAdapter` (the host's units).
+        fusions: fusion name -> `BottleneckFusion`.
         location: ``"mh_adapter"``, ``"cross_adapter"`` or ``"output_adapter"``.
         path: the layer's path (for messages).
     """
 
+    units_attr = "adapters"
+
     def __init__(self, model: nn.Module, location: str, path: str, site: SubBlockSite) -> None:
-        super().__init__()
-        self.adapters = nn.ModuleDict()
+        super().__init__(model)
         self.fusions = nn.ModuleDict()
         self.location = location
         self.path = path
-        # References, not submodules: the site's modules are the model's own.
-        self.__dict__["model"] = model
+        # A reference, not a submodule: the site's modules are the model's own.
         self.__dict__["site"] = site
         self.__dict__["norm"] = (
             site.norm.module if site.norm_placement == "post" and (site.norm is not None) else None
         )
         self.replacing = False  # registered in core's replace-the-add mode
-        self._activity: tuple[Any, bool] = (None, False)
-
-    def forget_setup(self) -> None:
-        """Drop the cached "is one of my adapters active" answer (adapters changed)."""
-        self._activity = (None, False)
 
     # -- hooks (core's sub-block sites call these) -----------------------------------------
-    def attach(self) -> None:
-        """Register with core's sub-block hooks: edit mode, or replace-the-add mode (post-LN)
-        while one of this sub-block's adapters has ``original_ln_after=False``."""
-        replacing = self.norm is not None and any(
+    def on_attach(self, module: nn.Module) -> None:
+        """Register core's sub-block hooks (none while the host holds no adapter)."""
+        if not self.is_empty:
+            self._register(self._wants_replace())
+
+    def _wants_replace(self) -> bool:
+        """Replace-the-add mode: a post-LN sub-block where one of the adapters has
+        ``original_ln_after=False``."""
+        return self.norm is not None and any(
             not a.original_ln_after for a in self.adapters.values()
         )
-        if self.__dict__.get("_attached") and replacing == self.replacing:
-            return
-        self.detach()
-        if replacing:
-            register_hook(self.site, self.replace, replace_add=True)
-        else:
-            register_hook(self.site, self.edit)
-        self.replacing = replacing
-        self.__dict__["_attached"] = True
 
-    def detach(self) -> None:
-        """Remove this host's sub-block hooks (found by identity: works on a deep copy)."""
-        site = self.site
-        for module in (site.output, site.residual, site.norm, site.layer):
-            if module is not None:
-                remove_hooks_of(module.module, self)
-        self.__dict__["_attached"] = False
+    def _register(self, replacing: bool) -> None:
+        if replacing:
+            self.add_sub_block_hook(self.site, self.replace, replace_add=True)
+        else:
+            self.add_sub_block_hook(self.site, self.edit)
+        self.replacing = replacing
+
+    def sync_hooks(self) -> None:
+        """After adapters were added or removed: register the hooks in the mode they need
+        (edit, or replace-the-add while one has ``original_ln_after=False`` on a post-LN
+        sub-block). Inside a core operation a rollback restores the previous registration."""
+        replacing = self._wants_replace()
+        registered = bool(self._handles)
+        if registered and replacing == self.replacing:
+            return
+        previous = self.replacing if registered else None
+        self.remove_hooks()
+        record_undo(self.model, functools.partial(self._restore_hooks, previous))
+        self._register(replacing)
+
+    def _restore_hooks(self, replacing: bool | None) -> None:
+        self.remove_hooks()
+        self.replacing = False
+        if replacing is not None:
+            self._register(replacing)
+
+    def add_fusion(self, name: str, fusion: nn.Module) -> None:
+        """Hold fusion layer ``name`` here (recorded: a rollback removes it again)."""
+        previous = self.fusions[name] if name in self.fusions else None
+        self.fusions[name] = fusion
+        self.invalidate()
+
+        def undo() -> None:
+            if previous is None:
+                if name in self.fusions:
+                    del self.fusions[name]
+            else:
+                self.fusions[name] = previous
+            self.invalidate()
+
+        record_undo(self.model, undo)
 
     def _active_setup(self) -> AdapterCompositionBlock | None:
         setup = context_for(self.model).setup
-        if setup is None:
-            return None
-        seen, relevant = self._activity
-        if setup is not seen:
-            relevant = any(name in self.adapters for name in setup.flatten())
-            self._activity = (setup, relevant)
-        return setup if relevant else None
+        return setup if self.is_active(setup) else None
 
     def _check(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
         if residual is not None and residual.shape != hidden.shape:
@@ -267,28 +291,23 @@ def _split_positions(
     return torch.cat([compose(c, p, rows) for c, p in zip(block.children, parts)], dim=1)
 
 
-class InvertibleHost(nn.Module):
-    """Invertible adapters on the input embeddings; inverted before the output embeddings."""
+class InvertibleHost(AdapterHost):
+    """Invertible adapters on the input embeddings (a forward hook there); inverted in a
+    forward pre-hook of the model's output embeddings, when it has them. An
+    `adapters.hosts.AdapterHost`."""
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.adapters = nn.ModuleDict()
-        self.__dict__["model"] = model
-        self._activity: tuple[Any, bool] = (None, False)
+    units_attr = "adapters"
 
-    def forget_setup(self) -> None:
-        """Drop the cached activity answer (adapters changed)."""
-        self._activity = (None, False)
+    def on_attach(self, module: nn.Module) -> None:
+        """Hook the input embeddings ``module`` and the model's output embeddings."""
+        self.add_hook(module, self.embed_hook)
+        output_embeddings = output_embeddings_of(self.model)
+        if output_embeddings is not None:
+            self.add_hook(output_embeddings, self.unembed_hook, pre=True)
 
     def _setup(self) -> AdapterCompositionBlock | None:
         setup = context_for(self.model).setup
-        if setup is None:
-            return None
-        seen, relevant = self._activity
-        if setup is not seen:
-            relevant = any(name in self.adapters for name in setup.flatten())
-            self._activity = (setup, relevant)
-        return setup if relevant else None
+        return setup if self.is_active(setup) else None
 
     def apply(
         self, setup: AdapterCompositionBlock | str, hidden: torch.Tensor, rev: bool
@@ -344,19 +363,13 @@ class InvertibleHost(nn.Module):
         return (self.apply(setup, args[0], rev=True), *args[1:])
 
 
-def remove_hooks_of(module: nn.Module, owner: nn.Module) -> None:
-    """Remove every hook of ``module`` bound to ``owner`` (found by identity, so that it also
-    works on a deep copy of the model)."""
-    for attr in ("_forward_hooks", "_forward_pre_hooks"):
-        hooks = getattr(module, attr)
-        for key, hook in list(hooks.items()):
-            bound = getattr(hook, "__self__", None)
-            # core's sub-block hooks are bound to a SubBlockHook whose fn is bound to owner
-            if bound is owner or getattr(getattr(bound, "fn", None), "__self__", None) is owner:
-                del hooks[key]
-                for extra in (
-                    "_forward_hooks_with_kwargs",
-                    "_forward_pre_hooks_with_kwargs",
-                    "_forward_hooks_always_called",
-                ):
-                    getattr(module, extra, {}).pop(key, None)
+def output_embeddings_of(model: nn.Module) -> nn.Module | None:
+    """``model.get_output_embeddings()``, or None when the model has none."""
+    getter = getattr(model, "get_output_embeddings", None)
+    if getter is None:
+        return None
+    try:
+        found = getter()
+    except (AttributeError, NotImplementedError):
+        return None
+    return found if isinstance(found, nn.Module) else None

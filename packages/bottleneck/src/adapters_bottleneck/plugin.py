@@ -31,7 +31,6 @@ from .placement import (
     SHARED_HOST,
     InvertibleHost,
     SubBlockHost,
-    remove_hooks_of,
 )
 
 #: The plugin contract version this plugin implements (see adapters.hookspecs).
@@ -215,35 +214,36 @@ def adapters_add_adapter(
     created: dict[str, nn.Module] = {}
     shared = None
     if config.phm_layer and (config.shared_phm_rule or config.shared_W_phm) and placements:
-        shared = PHMShared(config, placements[0].hidden, placements[0].bottleneck)
+        with _CPU:  # drawn on the CPU whatever device context is open, then moved
+            shared = PHMShared(config, placements[0].hidden, placements[0].bottleneck)
         _place_like(shared, sites.base_model.module)
         holder = _holder(sites.base_model.module, SHARED_HOST)
         holder[name] = shared
         created[shared_key(sites)] = shared
     for placement in placements:
-        host = _host(model, placement)
-        adapter = BottleneckAdapter(placement.hidden, placement.bottleneck, config, shared)
+        host = SubBlockHost.attach(
+            placement.layer.layer.module,
+            HOST_NAMES[placement.location],
+            model,
+            placement.location,
+            placement.layer.layer.path,
+            placement.sub_block,
+        )
+        with _CPU:
+            adapter = BottleneckAdapter(placement.hidden, placement.bottleneck, config, shared)
         _place_like(adapter, placement.layer.layer.module)
-        host.adapters[name] = adapter
-        host.forget_setup()
-        host.attach()
+        host.add_unit(name, adapter)
+        host.sync_hooks()
         created[placement.key] = adapter
     if config.inv_adapter:
         embeddings = sites.embeddings
         assert embeddings is not None
         width = _embedding_width(embeddings.module)
-        block = invertible_adapter(width, config)
+        with _CPU:
+            block = invertible_adapter(width, config)
         _place_like(block, embeddings.module)
-        inv = getattr(embeddings.module, INV_HOST, None)
-        if inv is None:
-            inv = InvertibleHost(model)
-            embeddings.module.add_module(INV_HOST, inv)
-            embeddings.module.register_forward_hook(inv.embed_hook)
-            output_embeddings = _output_embeddings(model)
-            if output_embeddings is not None:
-                output_embeddings.register_forward_pre_hook(inv.unembed_hook)
-        inv.adapters[name] = block
-        inv.forget_setup()
+        inv = InvertibleHost.attach(embeddings.module, INV_HOST, model)
+        inv.add_unit(name, block)
         created[invertible_key(sites)] = block
     return created
 
@@ -256,28 +256,21 @@ def adapters_delete_adapter(
     if not isinstance(config, BnConfig):
         return None
     for layer in sites.layers:
-        for location, host_name in HOST_NAMES.items():
+        for host_name in HOST_NAMES.values():
             host = getattr(layer.layer.module, host_name, None)
             if not isinstance(host, SubBlockHost) or name not in host.adapters:
                 continue
-            del host.adapters[name]
-            host.forget_setup()
-            if len(host.adapters):
-                host.attach()
-            else:
+            host.remove_unit(name)
+            if host.is_empty:
                 host.detach()
-                delattr(layer.layer.module, HOST_NAMES[location])
+            else:
+                host.sync_hooks()
     if sites.embeddings is not None:
         inv = getattr(sites.embeddings.module, INV_HOST, None)
         if isinstance(inv, InvertibleHost) and name in inv.adapters:
-            del inv.adapters[name]
-            inv.forget_setup()
-            if not len(inv.adapters):
-                remove_hooks_of(sites.embeddings.module, inv)
-                output_embeddings = _output_embeddings(model)
-                if output_embeddings is not None:
-                    remove_hooks_of(output_embeddings, inv)
-                delattr(sites.embeddings.module, INV_HOST)
+            inv.remove_unit(name)
+            if inv.is_empty:
+                inv.detach()
     holder = getattr(sites.base_model.module, SHARED_HOST, None)
     if isinstance(holder, nn.ModuleDict) and name in holder:
         del holder[name]
@@ -317,10 +310,10 @@ def adapters_add_fusion(
         )
     created: dict[str, nn.Module] = {}
     for key, host in hosts:
-        fusion = BottleneckFusion(host.adapters[children[-1]].hidden, config)
+        with _CPU:
+            fusion = BottleneckFusion(host.adapters[children[-1]].hidden, config)
         _place_like(fusion, host.adapters[children[-1]])
-        host.fusions[name] = fusion
-        host.forget_setup()
+        host.add_fusion(name, fusion)
         created[f"{key}.fusion"] = fusion
     return created
 
@@ -368,18 +361,6 @@ def adapters_setup_changed(model: nn.Module, sites: ModelSites, setup: object) -
     """Nothing to do: the hooks read the setup from the forward context on every call."""
 
 
-def _host(model: nn.Module, placement: Placement) -> SubBlockHost:
-    layer_module = placement.layer.layer.module
-    host_name = HOST_NAMES[placement.location]
-    host = getattr(layer_module, host_name, None)
-    if host is None:
-        host = SubBlockHost(
-            model, placement.location, placement.layer.layer.path, placement.sub_block
-        )
-        layer_module.add_module(host_name, host)
-    return host
-
-
 def _holder(module: nn.Module, attr: str) -> nn.ModuleDict:
     holder = getattr(module, attr, None)
     if holder is None:
@@ -405,15 +386,10 @@ def _embedding_width(module: nn.Module) -> int:
     )
 
 
-def _output_embeddings(model: nn.Module) -> nn.Module | None:
-    getter = getattr(model, "get_output_embeddings", None)
-    if getter is None:
-        return None
-    try:
-        found = getter()
-    except (AttributeError, NotImplementedError):
-        return None
-    return found if isinstance(found, nn.Module) else None
+#: Modules are built on the CPU, where seeded generators draw, whatever ``torch.device``
+#: context the caller has open (``with torch.device("cuda")`` or ``"meta"``), then moved to
+#: the adapted module's device by `_place_like`: seeded weights are equal on every device.
+_CPU = torch.device("cpu")
 
 
 def _place_like(module: nn.Module, like: nn.Module) -> None:

@@ -546,6 +546,7 @@ class ModelAdaptersMixin:
         name: str | None = None,
         overwrite_ok: bool = False,
         set_active: bool = False,
+        adapter_dtype: AdapterDtype = None,
     ) -> str:
         """Add a fusion layer (AdapterFusion) over added adapters; returns its name.
 
@@ -558,15 +559,29 @@ class ModelAdaptersMixin:
             name: the fusion's name; default ``Fuse.name``, i.e. the names joined by commas.
             overwrite_ok: replace a fusion of that name instead of raising.
             set_active: make ``Fuse(*adapter_names)`` the active setup.
+            adapter_dtype: the dtype of the fusion layer's weights, as in ``add_adapter``:
+                None (default) float32 on a float16 / bfloat16 model; ``"model"`` the dtype
+                of the model weights nearest to each fusion module; or a floating
+                ``torch.dtype``. The forward casts between it and the activations' dtype.
 
         Example::
 
             model.add_adapter_fusion(Fuse("a", "b"), config="dynamic")
             model.train_adapter_fusion(Fuse("a", "b"))  # trains the fusion layer only
         """
-        return fusion.add_adapter_fusion(
+        adapter_dtype = check_adapter_dtype(adapter_dtype)
+        name = fusion.add_adapter_fusion(
             self, adapter_names, config, name, overwrite_ok, set_active
         )
+        self._apply_fusion_dtype(name, adapter_dtype)
+        return name
+
+    def _apply_fusion_dtype(self, name: str, adapter_dtype: AdapterDtype) -> None:
+        """Cast fusion layer ``name``'s parameters by the ``adapter_dtype`` rule (see
+        `adapters.precision.apply_adapter_dtype`; other adapters' and fusions' parameters do
+        not count as model weights for ``"model"``)."""
+        entry = get_state(self).fusions[name]
+        apply_adapter_dtype(self, entry.modules, adapter_dtype, None, self._adapter_param_ids())
 
     def delete_adapter_fusion(self, adapter_names: Fuse | list[str] | str) -> None:
         """Remove a fusion layer (given as its `Fuse` block, adapter names or name); the fused
@@ -641,13 +656,18 @@ class ModelAdaptersMixin:
         load_as: str | None = None,
         set_active: bool = False,
         overwrite_ok: bool = False,
+        adapter_dtype: AdapterDtype = None,
     ) -> str:
         """Load a fusion layer saved by ``save_adapter_fusion`` (or in a foreign format a plugin
         reads, such as AdapterHub's); the adapters it fuses must be added already. Returns its
-        name (``load_as`` renames it)."""
-        return fusion.load_adapter_fusion(
+        name (``load_as`` renames it). ``adapter_dtype``: as in ``add_adapter_fusion`` (the
+        saved tensors are cast to it)."""
+        adapter_dtype = check_adapter_dtype(adapter_dtype)
+        name = fusion.load_adapter_fusion(
             self, adapter_fusion_name_or_path, load_as, set_active, overwrite_ok
         )
+        self._apply_fusion_dtype(name, adapter_dtype)
+        return name
 
     def save_all_adapter_fusions(self, save_directory: str) -> None:
         """Save every fusion layer into ``save_directory/<name>``."""

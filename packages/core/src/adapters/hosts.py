@@ -4,7 +4,8 @@ A host is a child module of the site it adapts (``q_proj.adapters_lora``, a laye
 ``adapters_reft``); it holds one unit per adapter in a ``ModuleDict`` and owns everything a
 method would otherwise re-implement:
 
-- **hooks**: `add_hook` registers a forward hook or pre-hook on any module and keeps its handle;
+- **hooks**: `add_hook` registers a forward hook or pre-hook on any module and keeps its handle
+  (`add_sub_block_hook` does the same for core's sub-block hooks, `adapters.subblocks`);
   `detach` removes them all (through the handles: copies and pickles of the model keep working,
   because torch re-binds a handle to the copied model's hook dictionaries);
 - **activity**: `owns` (this host holds the adapter and it is not merged) and `is_active` (the
@@ -37,7 +38,7 @@ Minimal use (the example plugin, ``examples/adapters-hidden-scale``)::
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -48,6 +49,10 @@ from .composition import AdapterCompositionBlock
 from .context import is_compiling
 from .errors import ConfigError
 from .rollback import record_undo
+from .subblocks import SubBlockFn, SubBlockHookHandle, register_hook
+
+if TYPE_CHECKING:
+    from .sites import SubBlockSite
 
 H = TypeVar("H", bound="AdapterHost")
 
@@ -156,6 +161,18 @@ class AdapterHost(nn.Module):
                 hook, with_kwargs=with_kwargs, prepend=prepend, always_call=always_call
             )
         self._handles.append(handle)
+        record_undo(self.model, handle.remove)
+        return handle
+
+    def add_sub_block_hook(
+        self, site: SubBlockSite, fn: SubBlockFn, *, replace_add: bool = False
+    ) -> SubBlockHookHandle:
+        """`adapters.subblocks.register_hook` on ``site`` (``fn`` called with the sub-block
+        output and its residual input), with the torch hook handles kept by this host:
+        `remove_hooks`, `detach` and a rollback remove them. ``fn`` should be a bound method
+        of this host (copies and pickles of the model carry it along)."""
+        handle = register_hook(site, fn, replace_add=replace_add)
+        self._handles.extend(handle.handles)
         record_undo(self.model, handle.remove)
         return handle
 
