@@ -139,3 +139,29 @@ def test_unknown_layout_and_unrepresentable_shared_rule_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match="shared_parameters"):
         model.save_adapter(str(tmp_path / "y"), "phm", format="adapterhub", layout="builtin")
     assert not (tmp_path / "y").exists()
+
+
+def test_adapters_convert_writes_the_builtin_layout(tmp_path, capsys):
+    """``adapters convert ... --format adapterhub --option layout=builtin``: an AdapterHub
+    plugin-interface directory rewritten for AdapterHub's built-in BERT models."""
+    from adapters import cli
+
+    model = bert()
+    model.add_adapter("task", config="double_seq_bn[reduction_factor=4]", set_active=True)
+    randomise(model, "task")
+    expected = output(model)
+    model.save_adapter(str(tmp_path / "src"), "task")
+    model.save_pretrained(str(tmp_path / "base"))
+    interface = tmp_path / "interface.json"
+    interface.write_text(json.dumps(adapters.AdapterModelInterface(**BERT).to_dict()))
+    argv = ["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--model"]
+    argv += [str(tmp_path / "base"), "--model-class", "BertModel", "--interface", str(interface)]
+    argv += ["--format", "adapterhub", "--option", "layout=builtin"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    written = torch.load(tmp_path / "out" / "pytorch_adapter.bin", weights_only=True)
+    assert "encoder.layer.0.attention.output.adapters.task.adapter_up.weight" in written
+    other = bert()
+    other.load_adapter(str(tmp_path / "out"), load_as="task", set_active=True)
+    torch.testing.assert_close(output(other), expected, atol=0, rtol=0)
+    assert cli.main([*argv[:-2], "--option", "layout"]) == 2
+    assert "is not KEY=VALUE" in capsys.readouterr().err

@@ -64,12 +64,6 @@ def test_meta_device_model_then_to_empty(method):
     check_meta_device_then_to_empty(INTERFACE, CONFIGS[method])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=NotImplementedError,
-    reason="known gap: the plugin builds its modules under the ambient device (meta here) and "
-    "then moves them with .to(), which cannot copy meta tensors (_place_like in plugin.py)",
-)
 @pytest.mark.parametrize("method", sorted(CONFIGS))
 def test_seeded_init_under_another_device_context(method):
     check_seeded_init_under_device_context(INTERFACE, CONFIGS[method])

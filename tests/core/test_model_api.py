@@ -149,6 +149,33 @@ def test_merge_and_unload_leaves_a_plain_merged_model(toy_plugins, ids):
     torch.testing.assert_close(model(ids).logits, adapted, atol=1e-5, rtol=0)
 
 
+def _hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("how", ["same", "deepcopy", "pickle"])
+@pytest.mark.parametrize("training", [False, True])
+def test_unload_removes_every_hook_init_added_also_on_copies(toy_plugins, ids, how, training):
+    import pickle
+
+    plain = llama()
+    hooks_before = _hook_count(plain)
+    model = init_toy(plain)
+    model.train(training)  # training adds the per-layer recompute hooks
+    model.add_adapter("a", config="toy_lora", set_active=True)
+    if how == "deepcopy":
+        model = copy.deepcopy(model)
+    elif how == "pickle":
+        model = pickle.loads(pickle.dumps(model))
+    assert _hook_count(model) > hooks_before
+    model.delete_adapter("a")
+    model.unload()
+    assert _hook_count(model) == hooks_before
+    assert not adapters.is_initialized(model)
+    model.eval()
+    assert model(ids).logits.shape[-1] == 100
+
+
 def test_methods_that_cannot_merge_say_so(toy_plugins):
     model = init_toy()
     model.add_adapter("s", config="toy_shift")

@@ -214,7 +214,8 @@ def adapters_add_adapter(
     created: dict[str, nn.Module] = {}
     shared = None
     if config.phm_layer and (config.shared_phm_rule or config.shared_W_phm) and placements:
-        shared = PHMShared(config, placements[0].hidden, placements[0].bottleneck)
+        with _CPU:  # drawn on the CPU whatever device context is open, then moved
+            shared = PHMShared(config, placements[0].hidden, placements[0].bottleneck)
         _place_like(shared, sites.base_model.module)
         holder = _holder(sites.base_model.module, SHARED_HOST)
         holder[name] = shared
@@ -228,7 +229,8 @@ def adapters_add_adapter(
             placement.layer.layer.path,
             placement.sub_block,
         )
-        adapter = BottleneckAdapter(placement.hidden, placement.bottleneck, config, shared)
+        with _CPU:
+            adapter = BottleneckAdapter(placement.hidden, placement.bottleneck, config, shared)
         _place_like(adapter, placement.layer.layer.module)
         host.add_unit(name, adapter)
         host.sync_hooks()
@@ -237,7 +239,8 @@ def adapters_add_adapter(
         embeddings = sites.embeddings
         assert embeddings is not None
         width = _embedding_width(embeddings.module)
-        block = invertible_adapter(width, config)
+        with _CPU:
+            block = invertible_adapter(width, config)
         _place_like(block, embeddings.module)
         inv = InvertibleHost.attach(embeddings.module, INV_HOST, model)
         inv.add_unit(name, block)
@@ -307,7 +310,8 @@ def adapters_add_fusion(
         )
     created: dict[str, nn.Module] = {}
     for key, host in hosts:
-        fusion = BottleneckFusion(host.adapters[children[-1]].hidden, config)
+        with _CPU:
+            fusion = BottleneckFusion(host.adapters[children[-1]].hidden, config)
         _place_like(fusion, host.adapters[children[-1]])
         host.add_fusion(name, fusion)
         created[f"{key}.fusion"] = fusion
@@ -380,6 +384,12 @@ def _embedding_width(module: nn.Module) -> int:
         f"cannot tell the width of the embeddings module {type(module).__name__}; "
         "model_embeddings must name an nn.Embedding (or a module with embedding_dim)"
     )
+
+
+#: Modules are built on the CPU, where seeded generators draw, whatever ``torch.device``
+#: context the caller has open (``with torch.device("cuda")`` or ``"meta"``), then moved to
+#: the adapted module's device by `_place_like`: seeded weights are equal on every device.
+_CPU = torch.device("cpu")
 
 
 def _place_like(module: nn.Module, like: nn.Module) -> None:

@@ -9,6 +9,11 @@ prepares it with ``--interface`` (an ``adapter_interface.json`` or the JSON of a
     adapters convert ah_sentiment/ ours_sentiment/ --model bert-base-uncased \\
         --interface bert_interface.json
     adapters convert ours/ peft_dir/ --model ... --interface ... --format peft
+    adapters convert ours/ ah_dir/ --model ... --interface ... --format adapterhub \\
+        --option layout=builtin
+
+``--option KEY=VALUE`` (repeatable) passes a foreign format's write options (its
+``CheckpointFormat.write_options``) to ``save_adapter``.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import argparse
 import sys
 from typing import Any
 
-from .errors import AdaptersError
+from .errors import AdaptersError, CheckpointError
 from .initialization import init
 from .interface import AdapterModelInterface
 
@@ -49,6 +54,13 @@ def add_command(subparsers: Any) -> None:
     parser.add_argument(
         "--format", help="write this foreign format instead of ours (e.g. peft)", default=None
     )
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the --format writer (e.g. layout=builtin for adapterhub); repeatable",
+    )
     parser.set_defaults(func=convert_command)
 
 
@@ -61,13 +73,29 @@ def convert(
     config: Any = None,
     name: str | None = None,
     format: str | None = None,
+    options: dict[str, Any] | None = None,
 ) -> str:
     """Load adapter ``source`` onto ``model`` (prepared with ``interface``) and save it into
-    ``target``, in this library's format or in ``format``. Returns the adapter's name."""
+    ``target``, in this library's format or in ``format`` (with its write ``options``).
+    Returns the adapter's name."""
+    if options and format is None:
+        raise CheckpointError(
+            f"options {sorted(options)} are options of a foreign format's writer; pass format="
+        )
     init(model, interface=interface)
     loaded = model.load_adapter(source, config=config, load_as=name)
-    model.save_adapter(target, loaded, format=format)
+    model.save_adapter(target, loaded, format=format, **(options or {}))
     return loaded
+
+
+def _options(pairs: list[str]) -> dict[str, str]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise CheckpointError(f"--option {pair!r} is not KEY=VALUE (e.g. layout=builtin)")
+        options[key.strip()] = value.strip()
+    return options
 
 
 def convert_command(args: argparse.Namespace) -> int:
@@ -86,6 +114,7 @@ def convert_command(args: argparse.Namespace) -> int:
         )
         return 2
     try:
+        options = _options(args.option)
         interface = AdapterModelInterface.load(args.interface)
         model = model_class.from_pretrained(args.model)
         name = convert(
@@ -96,6 +125,7 @@ def convert_command(args: argparse.Namespace) -> int:
             config=args.config,
             name=args.name,
             format=args.format,
+            options=options,
         )
     except (AdaptersError, OSError, ValueError) as error:
         print(f"adapters convert: {type(error).__name__}: {error}", file=sys.stderr)

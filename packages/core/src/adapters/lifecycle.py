@@ -4,8 +4,6 @@ original class (``init`` gave the instance a subclass that records it, see
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from .state import STATE_ATTR, get_state
@@ -23,42 +21,16 @@ def strip_adapters(model: nn.Module) -> nn.Module:
     """Remove what ``init`` added once the adapters are gone: the model-level hooks, the
     per-layer training hooks, the state attribute, and the subclass (the instance gets its
     original class back). Returns ``model``."""
-    from .forward import ForwardHooks
-    from .recompute import LayerHooks
-
     state = get_state(model)
     if state.adapters:
         raise RuntimeError(f"adapters {list(state.adapters)} are still added")
-    for module in model.modules():
-        for attr in (
-            "_forward_pre_hooks",
-            "_forward_hooks",
-            "_forward_hooks_with_kwargs",
-            "_forward_pre_hooks_with_kwargs",
-            "_forward_hooks_always_called",
-        ):
-            hooks = getattr(module, attr, None)
-            if not hooks:
-                continue
-            for key, hook in list(hooks.items()):
-                owner = getattr(hook, "__self__", None)
-                if isinstance(owner, ForwardHooks | LayerHooks):
-                    _drop_hook(module, key)
+    # through their handles (copies and pickles of the model carry handles bound to their own
+    # hook dicts), never by searching torch's hook dicts
+    for handle in (*state.hook_handles, *state.layer_hook_handles):
+        handle.remove()
+    state.hook_handles, state.layer_hook_handles = [], []
     model.__dict__.pop(STATE_ATTR, None)
     original = original_class_of(type(model))
     if original is not None:
         model.__class__ = original
     return model
-
-
-def _drop_hook(module: nn.Module, key: int) -> None:
-    for attr in (
-        "_forward_pre_hooks",
-        "_forward_hooks",
-        "_forward_hooks_with_kwargs",
-        "_forward_pre_hooks_with_kwargs",
-        "_forward_hooks_always_called",
-    ):
-        hooks: Any = getattr(module, attr, None)
-        if hooks is not None:
-            hooks.pop(key, None)

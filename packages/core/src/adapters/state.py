@@ -108,7 +108,7 @@ class AdaptersState:
         new.virtual_providers = copy.deepcopy(self.virtual_providers, memo)  # rebinds methods
         new.per_example_setups = OrderedDict()  # index tensors may sit on another device
         new.active_setup = self.active_setup
-        new.hook_handles = []  # the copied model's hooks live in its own hook dicts
+        new.hook_handles = copy.deepcopy(self.hook_handles, memo)  # bound to the copy's dicts
         new.last_training_context = None
         new.layer_contexts = OrderedDict()
         new.recompute_context = None
