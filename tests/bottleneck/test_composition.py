@@ -149,3 +149,41 @@ def test_train_adapter_fusion_trains_only_the_fusion_layer_and_saves_it(tmp_path
     model.delete_adapter_fusion(Fuse("a", "b"))
     model.load_adapter_fusion(str(tmp_path / "fusion"))
     torch.testing.assert_close(run(model, Fuse("a", "b"), ids), expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("post_ln", [True, False])
+@pytest.mark.parametrize(
+    "setup",
+    [
+        "a",
+        "c",
+        Stack("a"),
+        Stack("a", "b"),
+        Stack("c", "a"),
+        Fuse("a", "b"),
+        Fuse("c", "a"),
+        Fuse("a", "c"),
+    ],
+)
+def test_direct_path_equals_the_packed_composition(post_ln, setup):
+    """One adapter, a Stack or a Fuse runs without packing [h | r] (a speed path); inside a
+    BatchSplit the same setup goes through the packed `apply_setup` path: same result."""
+    model = toy(post_ln)
+    model.add_adapter("a", config="seq_bn[reduction_factor=4]")
+    model.add_adapter("b", config="seq_bn[reduction_factor=2]")
+    model.add_adapter("c", config="par_bn[reduction_factor=4]")
+    for seed, name in enumerate("abc"):
+        randomize(model, name, seed=seed + 1)
+    for fused in (Fuse("a", "b"), Fuse("c", "a"), Fuse("a", "c")):
+        model.add_adapter_fusion(fused, config="dynamic")
+        with torch.no_grad():
+            for p in model.layers[0].bottleneck_output.fusions[fused.name].parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+    host = model.layers[0].bottleneck_output
+    h, r = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    with torch.no_grad():
+        direct = host._direct(setup, h, r)
+        assert direct is not None
+        packed = host.compose(BatchSplit(setup, setup, batch_sizes=[1, 1]), h, r)
+        torch.testing.assert_close(direct, packed, atol=1e-6, rtol=0)
+        assert not torch.allclose(direct, h)

@@ -36,6 +36,7 @@ from adapters.composition import (
     PerExample,
     Rows,
     Split,
+    Stack,
     apply_setup,
 )
 from adapters.context import context_for
@@ -203,9 +204,13 @@ class SubBlockHost(AdapterHost):
         (last dimension), so that every block slices them alike. Returns the new hidden state
         and the boolean flag (None when no adapter here replaces the residual add).
         """
+        flagged = any(not a.original_ln_after for a in self.adapters.values())
+        if not flagged:
+            direct = self._direct(setup, hidden, residual)
+            if direct is not None:
+                return direct, None
         width = hidden.shape[-1]
         parts = [hidden] if residual is None else [hidden, residual.to(hidden.dtype)]
-        flagged = any(not a.original_ln_after for a in self.adapters.values())
         if flagged:
             parts.append(hidden.new_zeros((*hidden.shape[:-1], 1)))
         state = torch.cat(parts, dim=-1) if len(parts) > 1 else hidden
@@ -230,6 +235,56 @@ class SubBlockHost(AdapterHost):
         out = apply_setup(setup, state, apply_one, self.adapters.__contains__, handlers=handlers)
         replaced = out[..., -1:] > 0.5 if flagged else None
         return out[..., :width], replaced
+
+    def _direct(
+        self,
+        setup: AdapterCompositionBlock | str,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """The common setups without packing ``[hidden | residual]`` into one tensor: one
+        adapter, a `Stack` of adapters, or a `Fuse` of adapters (alone or as a Stack's only
+        child). The same computation as `apply_setup` on the packed tensor, without its
+        concatenations and slices; None for any other setup (evaluated packed)."""
+        if residual is not None:
+            residual = residual.to(hidden.dtype)  # as packed
+        if isinstance(setup, Stack) and len(setup.children) == 1:
+            setup = setup.children[0]
+        if isinstance(setup, Fuse):
+            if not all(isinstance(c, str) for c in setup.children):
+                return None  # nested blocks: the packed path raises the error
+            return self._fused(setup, hidden, residual)
+        names = setup.children if isinstance(setup, Stack) else (setup,)
+        if not all(isinstance(n, str) for n in names):
+            return None
+        for name in names:
+            if name in self.adapters:
+                hidden = self.adapters[name].step(hidden, residual, self.norm)
+        return hidden
+
+    def _fused(self, block: Fuse, h: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+        """``Fuse`` of adapter names on unpacked tensors: the new hidden state."""
+        names = list(block.children)
+        if not any(n in self.adapters for n in names):
+            return h
+        fusion = self.fusions[block.name] if block.name in self.fusions else None
+        if fusion is None:
+            # Not every fused adapter sits at this sub-block (e.g. seq_bn with double_seq_bn):
+            # the ones that do run in order, as a Stack.
+            for name in names:
+                if name in self.adapters:
+                    h = self.adapters[name].step(h, r, self.norm)
+            return h
+        last = self.adapters[names[-1]]
+        if last.is_parallel:
+            # parallel adapters read the residual input; the fused output is added beside h
+            x = r.to(last._compute_dtype(r.dtype))
+            ups = torch.stack([self.adapters[n].up(x) for n in names], dim=2)
+            return (h + fusion(x, ups, torch.zeros_like(x)).to(h.dtype)).to(h.dtype)
+        x, adapter_residual = last.prepare(h, r, self.norm)
+        query = h.to(x.dtype) if fusion.config.query_before_ln else x
+        ups = torch.stack([self.adapters[n].up(x) for n in names], dim=2)
+        return fusion(query, ups, adapter_residual).to(h.dtype)
 
     def _fuse(
         self,
@@ -259,17 +314,8 @@ class SubBlockHost(AdapterHost):
             return packed
         h = packed[..., :width]
         r = packed[..., width : 2 * width] if has_residual else None
+        new = self._fused(block, h, r)
         last = self.adapters[names[-1]]
-        if last.is_parallel:
-            # parallel adapters read the residual input; the fused output is added beside h
-            x = r.to(last._compute_dtype(r.dtype))
-            ups = torch.stack([self.adapters[n].up(x) for n in names], dim=2)
-            new = (h + fusion(x, ups, torch.zeros_like(x)).to(h.dtype)).to(h.dtype)
-        else:
-            x, adapter_residual = last.prepare(h, r, self.norm)
-            query = h.to(x.dtype) if fusion.config.query_before_ln else x
-            ups = torch.stack([self.adapters[n].up(x) for n in names], dim=2)
-            new = fusion(query, ups, adapter_residual).to(h.dtype)
         pieces = [new] + ([r] if r is not None else [])
         if flagged:
             flag = 0.0 if last.original_ln_after else 1.0
