@@ -163,11 +163,12 @@ def test_adapterhub_config_override_must_match_the_tensors():
 
 def test_only_the_reft_reader_claims_adapterhub_reft_directories():
     claims = [
-        fmt.name
+        (fmt.name, fmt.methods)
         for fmt in get_registry().formats
         if fmt.detect(os.path.join(FIXTURES, "loreft_untied"))
     ]
-    assert claims == [FORMAT_NAME]
+    assert claims == [(FORMAT_NAME, ("reft",))]
+    assert get_registry().format_for("adapterhub-reft", "reft").name == "adapterhub"
 
 
 def test_detect_ignores_other_adapterhub_methods(tmp_path):

@@ -1,7 +1,8 @@
 """adapters-reft: ReFT (LoReFT, NoReFT, DiReFT) for adapters-core.
 
 Installed, it registers the ``reft`` method (presets ``"loreft"``, ``"noreft"``, ``"direft"``)
-and the ``"adapterhub-reft"`` checkpoint reader through the ``adapters.methods`` entry point::
+and the ``"adapterhub"`` checkpoint reader for ReFT (alias ``"adapterhub-reft"``) through
+the ``adapters.methods`` entry point::
 
     model.add_adapter("task", config="loreft[prefix_positions=2, suffix_positions=2]")
 """

@@ -1,4 +1,5 @@
-"""Reading AdapterHub ``adapters`` ReFT checkpoints (format name ``"adapterhub-reft"``).
+"""Reading AdapterHub ``adapters`` ReFT checkpoints (format name ``"adapterhub"`` for ReFT
+adapters, alias ``"adapterhub-reft"``).
 
 An AdapterHub adapter directory holds ``adapter_config.json`` (``{"config": {"architecture":
 "reft", ...}, "name": ..., ...}``) and ``pytorch_adapter.bin`` or ``adapter.safetensors`` with
@@ -29,7 +30,8 @@ from adapters.sites import LayerSite, ModelSites
 
 from .config import ReftConfig
 
-FORMAT_NAME = "adapterhub-reft"
+FORMAT_NAME = "adapterhub"
+FORMAT_ALIASES = ("adapterhub-reft",)
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter.safetensors", "pytorch_adapter.bin")
 

@@ -96,6 +96,7 @@ def adapters_register_checkpoint_formats(register: Callable[[CheckpointFormat], 
         CheckpointFormat(
             name=interop.FORMAT_NAME,
             methods=("reft",),
+            aliases=interop.FORMAT_ALIASES,
             detect=interop.detect_adapterhub,
             read=interop.read_adapterhub,
         )
