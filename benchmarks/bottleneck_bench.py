@@ -25,9 +25,11 @@ Against AdapterHub (a different venv, so a different process): ``bottleneck_adap
 repetitions goes through every measurement in a random order and, for each, runs ours once and
 AdapterHub's once, in a random order, back to back (the two processes never run at once): one
 ratio ours / AdapterHub per measurement and repetition, reported as median and spread. Both
-sides run the same measurement code (``bottleneck_common.prepare``). ``*/base/inference`` (the
-base model without either library) is the control: it shows what the two venvs'
-transformers versions make of the same base model.
+sides run the same measurement code (``bottleneck_common.prepare``). ``*/base/inference`` and
+``*/base/train_step`` (the base model without either library, all of it trained in the step)
+are the controls: they show what the two processes and venvs make of identical work. Each
+training-step and inference ratio is also reported divided by the same repetition's control
+ratio (``ratio_over_control``).
 """
 
 from __future__ import annotations
@@ -226,6 +228,19 @@ def paired(pairs: int, python: str | None, clock: str) -> dict[str, object]:
             c["ratio_ours_to_adapterhub"] = summary(
                 [a / b for a, b in zip(t["ours"], t["adapterhub"])]
             )
+            kind, config, what = name.split("/")
+            control = times.get(f"{kind}/base/{what}")
+            if config != "base" and control is not None:
+                # divided by the same repetition's control ratio (the plain model in both
+                # processes): what is left is the libraries' difference
+                c["ratio_over_control"] = summary(
+                    [
+                        (a / b) / (ca / cb)
+                        for a, b, ca, cb in zip(
+                            t["ours"], t["adapterhub"], control["ours"], control["adapterhub"]
+                        )
+                    ]
+                )
         comparison[name] = c
     result["vs_adapterhub"] = comparison
     if worker:
@@ -305,10 +320,12 @@ def table(result: dict) -> str:
         ours = c["ours_median_s"] * 1e3
         if "ratio_ours_to_adapterhub" in c:
             ah = c["adapterhub_median_s"] * 1e3
+            adjusted = c.get("ratio_over_control")
             lines.append(
                 f"| {kind} | {config} {what} vs AdapterHub | "
-                f"{_ratio(c['ratio_ours_to_adapterhub'])} | ours {ours:.2f} ms, "
-                f"AdapterHub {ah:.2f} ms |"
+                f"{_ratio(c['ratio_ours_to_adapterhub'])}"
+                + (f"; over control {_ratio(adjusted)}" if adjusted else "")
+                + f" | ours {ours:.2f} ms, AdapterHub {ah:.2f} ms |"
             )
         else:
             lines.append(f"| {kind} | {config} {what} | (no AdapterHub run) | ours {ours:.2f} ms |")

@@ -132,8 +132,8 @@ def _creation(template: torch.nn.Module, init: Init, kind: str, config: str):
 def prepare(init: Init, fuse: type) -> dict[str, Callable[[], float]]:
     """Every measurement of one library, as ``name -> run once, return seconds``.
 
-    Names: ``<model>/base/inference`` (the base model without the library: a control for the
-    two venvs' transformers), ``<model>/<config>/{create,train_step,inference}`` (create is
+    Names: ``<model>/base/{inference,train_step}`` (the base model without the library, all of
+    it trained in the step: controls for what the two processes and venvs do by themselves), ``<model>/<config>/{create,train_step,inference}`` (create is
     ``init`` + ``add_adapter`` on a fresh copy of the base model), and
     ``minilm/fuse<k>/{train_step,inference}`` (``k`` seq_bn adapters, a ``"dynamic"`` fusion
     layer, ``train_adapter_fusion``).
@@ -143,6 +143,8 @@ def prepare(init: Init, fuse: type) -> dict[str, Callable[[], float]]:
         template = build(kind)
         inputs = batch(kind)
         out[f"{kind}/base/inference"] = _timing(forward_fn(copy.deepcopy(template), inputs))
+        # control for the training steps: the plain model, every parameter trained
+        out[f"{kind}/base/train_step"] = _timing(step_fn(copy.deepcopy(template).train(), inputs))
         for config in CONFIGS:
             out[f"{kind}/{config}/create"] = _creation(template, init, kind, config)
             model = init(copy.deepcopy(template), kind)
