@@ -128,6 +128,19 @@ def bart(seed: int = 0, **overrides: Any) -> nn.Module:
     return BartForConditionalGeneration(config).eval()
 
 
+#: BART with its sub-block sites (post-LN: each sub-block's norm follows its residual add), as
+#: the bottleneck plugin needs them; ``adapter_methods`` is set by the tests.
+BART_SUBBLOCK_INTERFACE: dict[str, Any] = dict(
+    BART_INTERFACE,
+    layer_pre_self_attn="self_attn",
+    layer_pre_cross_attn="encoder_attn",
+    layer_pre_ffn="fc1",
+    layer_ln_1="self_attn_layer_norm",
+    layer_ln_cross_attn="encoder_attn_layer_norm",
+    layer_ln_2="final_layer_norm",
+)
+
+
 #: T5: encoder blocks hold [self-attention, FFN], decoder blocks [self-attention,
 #: cross-attention, FFN], so the decoder gets its own sub-paths through ``stack_paths``.
 T5_INTERFACE: dict[str, Any] = dict(
@@ -174,3 +187,20 @@ def t5(seed: int = 0, **overrides: Any) -> nn.Module:
         }
     )
     return T5ForConditionalGeneration(config).eval()
+
+
+def greedy_uncached(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, steps: int
+) -> torch.Tensor:
+    """Greedy decoding by full forward calls without a KV cache (positions from the mask): the
+    reference ``generate`` must equal, with and without its cache."""
+    tokens, step_mask = ids, mask
+    for _ in range(steps):
+        positions = (step_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(
+            tokens, attention_mask=step_mask, position_ids=positions, use_cache=False
+        ).logits
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        tokens = torch.cat([tokens, nxt], 1)
+        step_mask = torch.cat([step_mask, torch.ones_like(nxt)], 1)
+    return tokens

@@ -20,16 +20,7 @@ EXPECTED = load_file(os.path.join(HERE, "bart_expected.safetensors"))
 NAMES = ["seq_bn_cross", "double_seq_bn_cross", "par_bn_cross", "cross_only"]
 
 #: A ``BartModel`` (no LM head): paths relative to it; post-LN norms of every sub-block.
-BART = dict(
-    models.BART_INTERFACE,
-    adapter_methods=["bottleneck"],
-    layer_pre_self_attn="self_attn",
-    layer_pre_cross_attn="encoder_attn",
-    layer_pre_ffn="fc1",
-    layer_ln_1="self_attn_layer_norm",
-    layer_ln_cross_attn="encoder_attn_layer_norm",
-    layer_ln_2="final_layer_norm",
-)
+BART = dict(models.BART_SUBBLOCK_INTERFACE, adapter_methods=["bottleneck"])
 
 
 def bart():

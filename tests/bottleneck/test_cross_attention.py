@@ -21,16 +21,7 @@ from tests import models
 from .conftest import randomize
 
 T5_INTERFACE = dict(models.T5_INTERFACE, adapter_methods=["bottleneck"])
-BART_INTERFACE = dict(
-    models.BART_INTERFACE,
-    adapter_methods=["bottleneck"],
-    layer_pre_self_attn="self_attn",
-    layer_pre_cross_attn="encoder_attn",
-    layer_pre_ffn="fc1",
-    layer_ln_1="self_attn_layer_norm",
-    layer_ln_cross_attn="encoder_attn_layer_norm",
-    layer_ln_2="final_layer_norm",
-)
+BART_INTERFACE = dict(models.BART_SUBBLOCK_INTERFACE, adapter_methods=["bottleneck"])
 
 
 def t5():

@@ -184,15 +184,7 @@ def test_generate_with_a_cache_equals_uncached_steps(plugin):
         generated = model.generate(
             ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0
         )
-        tokens, step_mask = ids, mask
-        for _ in range(4):
-            positions = (step_mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(
-                tokens, attention_mask=step_mask, position_ids=positions, use_cache=False
-            ).logits
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
-            tokens = torch.cat([tokens, nxt], 1)
-            step_mask = torch.cat([step_mask, torch.ones_like(nxt)], 1)
+        tokens = models.greedy_uncached(model, ids, mask, 4)
     assert torch.equal(generated, tokens)
 
 

@@ -189,15 +189,7 @@ def test_generate_with_a_cache_equals_uncached_steps(plugin, padded):
     with torch.no_grad():
         cached = model.generate(ids, attention_mask=mask, **kwargs)
         uncached = model.generate(ids, attention_mask=mask, use_cache=False, **kwargs)
-        tokens, step_mask = ids, mask
-        for _ in range(5):
-            positions = (step_mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(
-                tokens, attention_mask=step_mask, position_ids=positions, use_cache=False
-            ).logits
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
-            tokens = torch.cat([tokens, nxt], 1)
-            step_mask = torch.cat([step_mask, torch.ones_like(nxt)], 1)
+        tokens = models.greedy_uncached(model, ids, mask, 5)
         with adapters.AdapterSetup(None):
             base = model.generate(ids, attention_mask=mask, **kwargs)
     assert torch.equal(cached, tokens) and torch.equal(uncached, tokens)
