@@ -148,3 +148,8 @@ def test_adapterhub_format_dispatches_on_the_adapters_method(tmp_path):
     with pytest.raises(CheckpointError, match="'adapterhub' for adapter 'lo': it is read-only"):
         model.save_adapter(str(tmp_path / "lo"), "lo", format="adapterhub")
     assert not (tmp_path / "lo").exists()
+
+
+def test_an_adapterhub_directory_loads_under_the_name_it_records(tmp_path):
+    shutil.copytree(os.path.join(HERE, "llama", "seq_bn"), tmp_path / "renamed")
+    assert llama().load_adapter(str(tmp_path / "renamed")) == "seq_bn"

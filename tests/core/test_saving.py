@@ -162,13 +162,19 @@ class ForeignFormat:
 
     ADAPTERS_CONTRACT = "1.0"
 
-    def __init__(self, format_name="foreign"):
-        self.format_name = format_name
+    def __init__(self, format_name="foreign", saved_name=None):
+        self.format_name, self.saved_name = format_name, saved_name
 
     @hookimpl
     def adapters_register_checkpoint_formats(self, register):
         register(
-            CheckpointFormat(self.format_name, detect=self.detect, read=self.read, write=self.write)
+            CheckpointFormat(
+                self.format_name,
+                detect=self.detect,
+                read=self.read,
+                write=self.write,
+                saved_name=self.saved_name,
+            )
         )
 
     def detect(self, path):
@@ -207,6 +213,43 @@ def test_plugins_read_and_write_foreign_formats(model, tmp_path, ids):
         registry.unregister("foreign")
     with pytest.raises(CheckpointError, match="cannot write format 'foreign'"):
         model.save_adapter(str(tmp_path / "g"), "a", format="foreign")
+
+
+def _broken(path):
+    raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize(
+    ("saved_name", "expected"),
+    [(None, "folder"), (lambda path: "recorded", "recorded"), (_broken, "folder")],
+)
+def test_a_foreign_directory_loads_under_the_name_its_format_says_it_records(
+    model, tmp_path, saved_name, expected
+):
+    from adapters.plugins import get_registry
+
+    registry = get_registry()
+    registry.register(ForeignFormat(saved_name=saved_name), "foreign")
+    try:
+        model.save_adapter(str(tmp_path / "folder"), "a", format="foreign")
+        assert model.load_adapter(str(tmp_path / "folder")) == expected
+        assert model.load_adapter(str(tmp_path / "folder"), load_as="mine") == "mine"
+    finally:
+        registry.unregister("foreign")
+
+
+def test_a_recorded_name_that_is_not_allowed_is_refused_with_the_fix(model, tmp_path):
+    from adapters.plugins import get_registry
+
+    registry = get_registry()
+    registry.register(ForeignFormat(saved_name=lambda path: "a/b"), "foreign")
+    try:
+        model.save_adapter(str(tmp_path / "folder"), "a", format="foreign")
+        with pytest.raises(CheckpointError, match="records the adapter name 'a/b'.*load_as"):
+            model.load_adapter(str(tmp_path / "folder"))
+        assert model.load_adapter(str(tmp_path / "folder"), load_as="ok") == "ok"
+    finally:
+        registry.unregister("foreign")
 
 
 def test_config_override_when_loading(model, tmp_path):

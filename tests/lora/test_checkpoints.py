@@ -518,3 +518,11 @@ def test_pretrained_minilm_peft_export_loads_in_peft_with_the_same_outputs(tmp_p
     again = init(tf.BertModel.from_pretrained(path).eval(), BERT_INTERFACE)
     again.load_adapter(str(tmp_path / "peft"), set_active=True)
     torch.testing.assert_close(logits(again, ids), ours, atol=1e-5, rtol=0)
+
+
+def test_an_adapterhub_directory_loads_under_the_name_it_records(tmp_path):
+    model = base("gpt2")
+    shutil.copytree(os.path.join(FIXTURES, "gpt2", "ah_lora"), tmp_path / "renamed")
+    assert model.load_adapter(str(tmp_path / "renamed")) == "ah_lora"  # as AdapterHub does
+    assert model.load_adapter(str(tmp_path / "renamed"), load_as="mine") == "mine"
+    assert set(model.adapters_config) == {"ah_lora", "mine"}

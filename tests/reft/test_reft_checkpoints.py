@@ -196,3 +196,8 @@ def test_bin_checkpoint_is_never_unpickled(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="weights_only=True"):
         model.load_adapter(str(target))
     assert "unpickled!" not in capsys.readouterr().out
+
+
+def test_an_adapterhub_directory_loads_under_the_name_it_records(tmp_path):
+    shutil.copytree(os.path.join(FIXTURES, "loreft_prefix"), tmp_path / "renamed")
+    assert _fixture_model().load_adapter(str(tmp_path / "renamed")) == "loreft_prefix"

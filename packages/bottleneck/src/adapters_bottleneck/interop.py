@@ -49,7 +49,7 @@ from torch import nn
 from adapters import CheckpointFormat
 from adapters.configs import AdapterConfig
 from adapters.errors import CheckpointError
-from adapters.saving import load_tensor_file, read_json_object
+from adapters.saving import load_tensor_file, read_json_object, recorded_name
 from adapters.sites import ModelSites
 
 from .config import BnConfig
@@ -473,6 +473,7 @@ ADAPTERHUB_FORMAT = CheckpointFormat(
     detect=detect,
     read=read,
     write=write,
+    saved_name=lambda path: recorded_name(os.path.join(path, CONFIG_FILE)),
     detect_fusion=detect_fusion,
     read_fusion=read_fusion,
     write_fusion=write_fusion,

@@ -84,6 +84,10 @@ class CheckpointFormat:
             conflict: the plugin is refused. (New in contract 1.0.)
         aliases: more names ``save_adapter(..., format=...)`` accepts for this format, owned
             like ``name`` (e.g. a format's former name). (New in contract 1.0.)
+        saved_name: ``saved_name(path) -> str or None``: the adapter name the directory
+            records (AdapterHub's ``"name"``), which ``load_adapter`` uses when no
+            ``load_as`` is given (else the folder's name); optional, must not raise
+            (`adapters.saving.recorded_name` reads a JSON field). (New in contract 1.0.)
         write_options: names of keyword options ``save_adapter(..., format=name, **options)``
             and ``save_adapter_fusion`` accept for this format; core passes them to ``write``
             / ``write_fusion`` as keyword arguments and refuses any other option with
@@ -101,6 +105,7 @@ class CheckpointFormat:
     methods: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
     write_options: tuple[str, ...] = ()
+    saved_name: Callable[[str], str | None] | None = None
 
     def names(self) -> tuple[str, ...]:
         """``name`` and the ``aliases``."""

@@ -547,7 +547,7 @@ def read_checkpoint(
                 f"format {fmt.name!r} (plugin {fmt.plugin!r}) read {path!r} as a {foreign[0]!r} "
                 f"adapter, but it declares the methods {list(fmt.methods)} only"
             )
-        return None, cfg, _checked_tensors(tensors, path)
+        return _saved_name(fmt, path), cfg, _checked_tensors(tensors, path)
     if os.path.isfile(config_file):
         read_json_strict(config_file)  # a malformed config explains itself (file and key)
     known = [*registry.format_names(), FORMAT]
@@ -641,6 +641,25 @@ def read_json_object(path: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def recorded_name(path: str, key: str = "name") -> str | None:
+    """The string field ``key`` of the JSON object in file ``path``, or None (missing file or
+    field, not a string, unreadable): for a `CheckpointFormat`'s ``saved_name``."""
+    data = read_json_object(path)
+    value = data.get(key) if data is not None else None
+    return value if isinstance(value, str) else None
+
+
+def _saved_name(fmt: Any, path: str) -> str | None:
+    """The name ``fmt`` says the directory records, or None (a failing plugin is ignored)."""
+    if fmt.saved_name is None:
+        return None
+    try:
+        name = fmt.saved_name(path)
+    except Exception:  # optional information: a broken plugin must not break loading
+        return None
+    return name if isinstance(name, str) else None
+
+
 def read_json_strict(path: str) -> dict[str, Any]:
     """The JSON object in file ``path``; a missing or malformed file, duplicate keys or
     non-finite numbers raise `CheckpointError` naming the file and key."""
@@ -711,8 +730,8 @@ def load_adapter(
         problem = name_problem(saved_name)
         if problem is not None:
             raise CheckpointError(
-                f"{os.path.join(path, CONFIG_NAME)!r}: field 'name' {saved_name!r} is not an "
-                f"allowed adapter name ({problem}); pass load_as='a_name'"
+                f"{path!r} records the adapter name {saved_name!r}, which is not an allowed "
+                f"adapter name ({problem}); pass load_as='a_name'"
             )
         name = saved_name
     else:

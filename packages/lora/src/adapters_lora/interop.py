@@ -29,7 +29,7 @@ from torch import nn
 from adapters import CheckpointFormat
 from adapters.configs import AdapterConfig
 from adapters.errors import CheckpointError
-from adapters.saving import load_tensor_file, read_json_object
+from adapters.saving import load_tensor_file, read_json_object, recorded_name
 from adapters.sites import ModelSites
 
 from .config import ATTN_MATRICES, IA3Config, LoRAConfig
@@ -759,5 +759,9 @@ PEFT_FORMAT = CheckpointFormat(name="peft", detect=peft_detect, read=peft_read, 
 #: AdapterHub's format for LoRA, IA³ and DoRA adapters; the name is shared with other plugins'
 #: readers of AdapterHub's other methods (bottleneck, ...), each for its own method.
 ADAPTERHUB_FORMAT = CheckpointFormat(
-    name="adapterhub", detect=adapterhub_detect, read=adapterhub_read, methods=("lora",)
+    name="adapterhub",
+    detect=adapterhub_detect,
+    read=adapterhub_read,
+    methods=("lora",),
+    saved_name=lambda path: recorded_name(os.path.join(path, "adapter_config.json")),
 )

@@ -25,7 +25,7 @@ from torch import nn
 
 from adapters.configs import AdapterConfig
 from adapters.errors import CheckpointError
-from adapters.saving import load_tensor_file, read_json_object
+from adapters.saving import load_tensor_file, read_json_object, recorded_name
 from adapters.sites import LayerSite, ModelSites
 
 from .config import ReftConfig
@@ -64,6 +64,11 @@ def _saved_config(path: str) -> dict[str, Any] | None:
         return None
     config = data.get("config")
     return config if isinstance(config, dict) else None
+
+
+def saved_name(path: str) -> str | None:
+    """The adapter name an AdapterHub directory records (its config's ``"name"``)."""
+    return recorded_name(os.path.join(path, CONFIG_FILE))
 
 
 def detect_adapterhub(path: str) -> bool:

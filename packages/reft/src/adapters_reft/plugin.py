@@ -99,6 +99,7 @@ def adapters_register_checkpoint_formats(register: Callable[[CheckpointFormat], 
             aliases=interop.FORMAT_ALIASES,
             detect=interop.detect_adapterhub,
             read=interop.read_adapterhub,
+            saved_name=interop.saved_name,
         )
     )
 
