@@ -17,34 +17,19 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
 import adapters
-from adapters import AdapterModelInterface, Stack
+from adapters import Stack
 from adapters.plugins import installed_methods
+from adapters.testing import llama_interface
 
 STEPS = 4
 GLOBAL_BATCH = 8
 LENGTH = 6
 LR = 0.5
-
-INTERFACE: dict[str, Any] = dict(
-    model_embeddings="embed_tokens",
-    model_layers="layers",
-    layer_self_attn="self_attn",
-    layer_cross_attn=None,
-    attn_q_proj="q_proj",
-    attn_k_proj="k_proj",
-    attn_v_proj="v_proj",
-    attn_o_proj="o_proj",
-    layer_intermediate_proj="mlp.up_proj",
-    layer_output_proj="mlp.down_proj",
-    layer_pre_self_attn="input_layernorm",
-    layer_pre_ffn="post_attention_layernorm",
-)
 
 
 def methods() -> list[str]:
@@ -67,7 +52,7 @@ def build_model() -> torch.nn.Module:
     )
     model = LlamaForCausalLM(config)
     names = methods()
-    adapters.init(model, interface=AdapterModelInterface(adapter_methods=names, **INTERFACE))
+    adapters.init(model, interface=llama_interface(names))
     # B (LoRA) and the up projection (bottleneck) start non-zero so that every tensor moves
     model.add_adapter("l", config="lora[r=4, alpha=16, init_weights='bert', init_weights_seed=1]")
     if "bottleneck" in names:

@@ -92,7 +92,7 @@ class ForwardContext:
         # Computed on first use only: most methods never need positions.
         if self._positions is None and self.batch_size is not None and self.input_length:
             positions = positions_from_mask(
-                self.real_tokens() if self.virtual_length else self.attention_mask,
+                self.real_tokens(),
                 self.batch_size,
                 self.past_length + self.input_length,
                 self.device or torch.device("cpu"),

@@ -9,7 +9,6 @@ block's children or one of their names.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,24 +17,15 @@ from torch import nn
 
 from .composition import AdapterCompositionBlock, MultiTask
 from .errors import CompositionError
+from .signature import forward_takes
 
 KWARG = "task_ids"
-
-_TAKES_TASK_IDS: dict[type, bool] = {}
 
 
 def forward_takes_task_ids(model: nn.Module) -> bool:
     """Whether the model's own ``forward`` has a ``task_ids`` parameter (then a call without
     an active `MultiTask` passes it through untouched)."""
-    cls = type(model)
-    known = _TAKES_TASK_IDS.get(cls)
-    if known is None:
-        try:
-            known = KWARG in inspect.signature(cls.forward).parameters
-        except (TypeError, ValueError):
-            known = False
-        _TAKES_TASK_IDS[cls] = known
-    return known
+    return forward_takes(model, KWARG)
 
 
 def task_names(block: MultiTask, task_ids: Any, batch: int | None) -> tuple[str, ...]:

@@ -32,7 +32,6 @@ refused at the call.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -42,6 +41,7 @@ from torch import nn
 
 from .errors import CompositionError, InterfaceError
 from .rollback import record_undo
+from .signature import forward_takes
 from .state import get_state
 
 if TYPE_CHECKING:
@@ -81,10 +81,8 @@ class VirtualTokensHandle:
     def remove(self) -> None:
         """Remove this provider (idempotent)."""
         providers = get_state(self.model).virtual_providers
-        for i, registered in enumerate(providers):
-            if registered is self.provider or registered == self.provider:
-                del providers[i]
-                return
+        if self.provider in providers:  # bound methods compare equal, not identical
+            providers.remove(self.provider)
 
 
 def register_virtual_tokens(model: nn.Module, provider: VirtualProvider) -> VirtualTokensHandle:
@@ -168,22 +166,6 @@ def _collect(ctx: ForwardContext, providers: list[VirtualProvider], batch: int) 
     return _Prepared(all_embeds, mask, mask.long().sum(dim=1))
 
 
-_TAKES: dict[tuple[type, str], bool] = {}
-
-
-def _takes(model: nn.Module, name: str) -> bool:
-    """Whether ``type(model).forward`` has a parameter ``name`` (cached per class)."""
-    key = (type(model), name)
-    found = _TAKES.get(key)
-    if found is None:
-        try:
-            found = name in inspect.signature(type(model).forward).parameters
-        except (TypeError, ValueError):
-            found = False
-        _TAKES[key] = found
-    return found
-
-
 def apply(
     model: nn.Module,
     ctx: ForwardContext,
@@ -244,7 +226,7 @@ def apply(
             virtual = _virtual_positions(vmask, batch, n, device).to(positions.dtype)
             real = torch.cat([virtual, real], dim=1)
         kwargs["position_ids"] = real
-    elif vmask is not None and _takes(model, "position_ids"):
+    elif vmask is not None and forward_takes(model, "position_ids"):
         past = 0 if prepend else cache_length - n
         base = torch.arange(past, past + length, device=device)[None] + shift
         if prepend:
