@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -214,9 +215,13 @@ def adapters_add_adapter(
     created: dict[str, nn.Module] = {}
     shared = None
     if config.phm_layer and (config.shared_phm_rule or config.shared_W_phm) and placements:
-        with _CPU:  # drawn on the CPU whatever device context is open, then moved
-            shared = PHMShared(config, placements[0].hidden, placements[0].bottleneck)
-        _place_like(shared, sites.base_model.module)
+        shared = _made_like(
+            sites.base_model.module,
+            PHMShared,
+            config,
+            placements[0].hidden,
+            placements[0].bottleneck,
+        )
         holder = _holder(sites.base_model.module, SHARED_HOST)
         holder[name] = shared
         created[shared_key(sites)] = shared
@@ -229,9 +234,14 @@ def adapters_add_adapter(
             placement.layer.layer.path,
             placement.sub_block,
         )
-        with _CPU:
-            adapter = BottleneckAdapter(placement.hidden, placement.bottleneck, config, shared)
-        _place_like(adapter, placement.layer.layer.module)
+        adapter = _made_like(
+            placement.layer.layer.module,
+            BottleneckAdapter,
+            placement.hidden,
+            placement.bottleneck,
+            config,
+            shared,
+        )
         host.add_unit(name, adapter)
         host.sync_hooks()
         created[placement.key] = adapter
@@ -239,9 +249,7 @@ def adapters_add_adapter(
         embeddings = sites.embeddings
         assert embeddings is not None
         width = _embedding_width(embeddings.module)
-        with _CPU:
-            block = invertible_adapter(width, config)
-        _place_like(block, embeddings.module)
+        block = _made_like(embeddings.module, invertible_adapter, width, config)
         inv = InvertibleHost.attach(embeddings.module, INV_HOST, model)
         inv.add_unit(name, block)
         created[invertible_key(sites)] = block
@@ -310,9 +318,8 @@ def adapters_add_fusion(
         )
     created: dict[str, nn.Module] = {}
     for key, host in hosts:
-        with _CPU:
-            fusion = BottleneckFusion(host.adapters[children[-1]].hidden, config)
-        _place_like(fusion, host.adapters[children[-1]])
+        like = host.adapters[children[-1]]
+        fusion = _made_like(like, BottleneckFusion, like.hidden, config)
         host.add_fusion(name, fusion)
         created[f"{key}.fusion"] = fusion
     return created
@@ -386,10 +393,17 @@ def _embedding_width(module: nn.Module) -> int:
     )
 
 
-#: Modules are built on the CPU, where seeded generators draw, whatever ``torch.device``
-#: context the caller has open (``with torch.device("cuda")`` or ``"meta"``), then moved to
-#: the adapted module's device by `_place_like`: seeded weights are equal on every device.
-_CPU = torch.device("cpu")
+M = TypeVar("M", bound=nn.Module)
+
+
+def _made_like(like: nn.Module, build: Callable[..., M], *args: Any) -> M:
+    """``build(*args)`` run on the CPU, where seeded generators draw, whatever ``torch.device``
+    context the caller has open (``with torch.device("cuda")`` or ``"meta"``), then placed
+    like ``like`` (`_place_like`): seeded weights are equal on every device."""
+    with torch.device("cpu"):
+        module = build(*args)
+    _place_like(module, like)
+    return module
 
 
 def _place_like(module: nn.Module, like: nn.Module) -> None:
