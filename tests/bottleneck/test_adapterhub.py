@@ -131,7 +131,7 @@ def test_adapterhub_format_dispatches_on_the_adapters_method(tmp_path):
     """One format name, two plugins: LoRA's AdapterHub reader is read-only, so a LoRA adapter
     cannot be written as "adapterhub", while a bottleneck adapter can (its own writer)."""
     pytest.importorskip("adapters_lora")
-    from adapters.plugins import get_registry
+    from adapters.registry.loading import get_registry
 
     registry = get_registry()
     served = sorted((f.plugin, f.methods) for f in registry.formats if f.name == "adapterhub")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from adapters import AdapterConfig
+from adapters._runtime.averaging import configs_equal_for_average
 from adapters.errors import ConfigError
-from adapters.saving import configs_equal_for_average
 
 from .conftest import init_toy, randomize
 

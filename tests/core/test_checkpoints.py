@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 import adapters
 from adapters import CheckpointError, ConfigError
-from adapters.saving import MANIFEST_NAME, write_manifest
+from adapters.checkpoint.format import MANIFEST_NAME
+from adapters.checkpoint.manifest import write_manifest
 
 from ..models import SEED_INTERFACE, llama
 from .conftest import init_toy, randomize
@@ -172,7 +173,7 @@ def test_saving_over_an_existing_save_replaces_it_whole_and_keeps_user_files(mod
 
 
 def test_a_failed_save_leaves_the_previous_save_intact(model, tmp_path, monkeypatch):
-    import adapters.saving as saving
+    import adapters.checkpoint.adapter as saving
 
     model.save_adapter(str(tmp_path / "a"), "a")
     before = {p: (tmp_path / "a" / p).read_bytes() for p in os.listdir(tmp_path / "a")}

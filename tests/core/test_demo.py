@@ -8,8 +8,8 @@ from typing import ClassVar
 import pytest
 
 from adapters import AdapterConfig, MethodSpec, cli, hookimpl, plugins
-from adapters.demo import demo_config, demo_method
 from adapters.errors import ConfigError, MethodNotInstalledError
+from adapters.tools.demo import demo_config, demo_method
 
 from .toy_plugins import ToyLoRAConfig, ToyLoRAPlugin, ToyShiftPlugin
 
@@ -111,5 +111,5 @@ def test_a_plugin_command_cannot_replace_a_builtin_one(monkeypatch, capsys):
         lambda group=None: [_CommandEntryPoint()] if group == cli.COMMANDS_GROUP else real(),
     )
     parser = cli.build_parser()
-    assert parser.parse_args(["demo", "--quick"]).func.__module__ == "adapters.demo"
+    assert parser.parse_args(["demo", "--quick"]).func.__module__ == "adapters.tools.demo"
     assert "command plugin 'demo' (unknown distribution) ignored" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""`adapters.hosts.AdapterHost` and the undo log of `adapters.rollback`: a failed operation
+"""`adapters.hosts.AdapterHost` and the undo log of `adapters._runtime.rollback`: a failed operation
 leaves no trace (no class swap, no base tensor touched, no hook, no module), hosts own their
 hook handles (also in copies), and the activity cache follows changes."""
 
@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from adapters import AdapterConfig, MethodSpec, Stack, hookimpl, plugins
+from adapters._runtime.rollback import UndoLog, operation, record_undo
 from adapters.composition import apply_setup
 from adapters.context import context_for
 from adapters.hosts import AdapterHost, unparametrize
-from adapters.rollback import UndoLog, operation, record_undo
 
 from .conftest import init_toy, randomize
 

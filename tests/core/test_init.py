@@ -105,7 +105,7 @@ def test_adding_a_method_the_interface_does_not_enable_is_refused(toy_plugins):
 
 
 def test_uninitialised_model_gets_a_clear_error():
-    from adapters.api import ModelAdaptersMixin
+    from adapters._runtime.api import ModelAdaptersMixin
 
     with pytest.raises(adapters.NotInitializedError, match="adapters.init"):
         ModelAdaptersMixin.adapter_summary(llama())

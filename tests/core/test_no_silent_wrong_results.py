@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import adapters
+import adapters.checkpoint.model
 from adapters import AdapterSetup, CompositionError, ConfigError
 from adapters.configs import resolve_config
 
@@ -102,14 +103,14 @@ def test_json_config_files_with_duplicates_or_non_finite_numbers_are_refused(
 
 
 def _base_weights(model):
-    return {k: v.clone() for k, v in adapters.saving.base_state_dict(model).items()}
+    return {k: v.clone() for k, v in adapters.checkpoint.model.base_state_dict(model).items()}
 
 
 def test_deleting_a_merged_adapter_resets_the_base_weights_first(model, ids):
     base = _base_weights(model)
     model.merge_adapter("a")
     model.delete_adapter("a")
-    after = adapters.saving.base_state_dict(model)
+    after = adapters.checkpoint.model.base_state_dict(model)
     for key, value in base.items():  # the toy plugin resets by subtraction: float error only
         torch.testing.assert_close(after[key], value, atol=1e-6, rtol=0)
 
@@ -119,7 +120,7 @@ def test_overwriting_a_merged_adapter_resets_the_base_weights_first(model, tmp_p
     model.merge_adapter("a")
     model.add_adapter("a", config="toy_lora[r=2]", overwrite_ok=True)
     assert not model.is_merged("a")
-    after = adapters.saving.base_state_dict(model)
+    after = adapters.checkpoint.model.base_state_dict(model)
     for key, value in base.items():
         torch.testing.assert_close(after[key], value, atol=1e-6, rtol=0)
     model.save_pretrained(str(tmp_path / "m"))  # no merged change is saved as the base model

@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 import adapters
 from adapters import CheckpointError, CheckpointFormat, Stack, hookimpl
-from adapters.saving import write_manifest
+from adapters.checkpoint.manifest import write_manifest
 
 from .conftest import init_toy, llama, randomize
 from .toy_plugins import ToyLoRAConfig
@@ -64,7 +64,7 @@ def test_saving_into_an_existing_directory_keeps_other_files(model, tmp_path):
 
 
 def test_a_failed_save_leaves_no_partial_directory(model, tmp_path, monkeypatch):
-    import adapters.saving as saving
+    import adapters.checkpoint.adapter as saving
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
@@ -198,7 +198,7 @@ class ForeignFormat:
 
 
 def test_plugins_read_and_write_foreign_formats(model, tmp_path, ids):
-    from adapters.plugins import get_registry
+    from adapters.registry.loading import get_registry
 
     registry = get_registry()
     registry.register(ForeignFormat(), "foreign")
@@ -226,7 +226,7 @@ def _broken(path):
 def test_a_foreign_directory_loads_under_the_name_its_format_says_it_records(
     model, tmp_path, saved_name, expected
 ):
-    from adapters.plugins import get_registry
+    from adapters.registry.loading import get_registry
 
     registry = get_registry()
     registry.register(ForeignFormat(saved_name=saved_name), "foreign")
@@ -239,7 +239,7 @@ def test_a_foreign_directory_loads_under_the_name_its_format_says_it_records(
 
 
 def test_a_recorded_name_that_is_not_allowed_is_refused_with_the_fix(model, tmp_path):
-    from adapters.plugins import get_registry
+    from adapters.registry.loading import get_registry
 
     registry = get_registry()
     registry.register(ForeignFormat(saved_name=lambda path: "a/b"), "foreign")
@@ -280,7 +280,7 @@ def test_core_never_unpickles():
 def test_load_tensor_file_reads_plain_tensors_and_refuses_objects(tmp_path):
     import pickle
 
-    from adapters.saving import load_tensor_file
+    from adapters.checkpoint.readers import load_tensor_file
 
     tensors = {"a": torch.ones(2)}
     torch.save(tensors, tmp_path / "plain.bin")
@@ -300,7 +300,7 @@ def test_load_tensor_file_reads_plain_tensors_and_refuses_objects(tmp_path):
 
 
 def test_read_json_object_never_raises(tmp_path):
-    from adapters.saving import read_json_object
+    from adapters.checkpoint.readers import read_json_object
 
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "list.json").write_text("[1]")
@@ -351,7 +351,7 @@ def test_a_saved_config_reloads_as_its_own_class(toy_plugins, tmp_path):
 
 
 def test_a_directory_claimed_by_two_formats_is_an_error(model, tmp_path):
-    from adapters.plugins import get_registry
+    from adapters.registry.loading import get_registry
 
     registry = get_registry()
     registry.register(ForeignFormat(), "foreign")
@@ -404,7 +404,7 @@ class SharedFormat:
 
 
 def test_a_formats_write_options_are_passed_on_and_others_refused(model, tmp_path):
-    registry = adapters.plugins.get_registry()
+    registry = adapters.registry.loading.get_registry()
     registry.register(SharedFormat("toy_lora"), "shared_lora")
     try:
         model.save_adapter(str(tmp_path / "a"), "a", format="shared", flavour="salty")
@@ -419,7 +419,7 @@ def test_a_formats_write_options_are_passed_on_and_others_refused(model, tmp_pat
 
 
 def test_one_format_name_served_by_two_plugins_dispatches_on_the_method(model, tmp_path, ids):
-    registry = adapters.plugins.get_registry()
+    registry = adapters.registry.loading.get_registry()
     model.add_adapter("s", config="toy_shift")
     randomize(model, "s", seed=2)
     registry.register(SharedFormat("toy_lora"), "shared_lora")

@@ -2,7 +2,7 @@ import pytest
 from torch import nn
 
 from adapters import AdapterModelInterface, InterfaceError, InterfacePathError
-from adapters.sites import resolve_sites
+from adapters._runtime.resolution import resolve_sites
 
 from .. import models
 from .conftest import SEED_INTERFACE, gemma2, llama

@@ -23,8 +23,8 @@ from adapters import (
     hookimpl,
     plugins,
 )
+from adapters._runtime.resolution import resolve_sites
 from adapters.interface import INTERFACE_FILENAME
-from adapters.sites import resolve_sites
 
 from .. import models
 from .conftest import SEED_INTERFACE, SEED_INTERFACE_2, gemma2, llama

@@ -24,9 +24,9 @@ from adapters import (
     hookimpl,
     plugins,
 )
+from adapters._runtime.resolution import resolve_sites
 from adapters.context import context_for
 from adapters.prefix import register_kv_prefix
-from adapters.sites import resolve_sites
 
 from .. import models
 from .conftest import SEED_INTERFACE, llama

@@ -25,9 +25,9 @@ from adapters import (
     hookimpl,
     plugins,
 )
+from adapters._runtime.resolution import resolve_sites
 from adapters.composition import apply_setup, select_rows
 from adapters.context import context_for
-from adapters.sites import resolve_sites
 from adapters.subblocks import SubBlockHook, register_hook
 
 from .. import models

@@ -158,7 +158,7 @@ def test_an_inactive_or_deleted_prompt_leaves_the_model_as_it_was(plugin):
         model.delete_adapter("p")
         deleted = model(ids, attention_mask=mask).logits
     assert torch.equal(inactive, base) and torch.equal(deleted, base)
-    assert adapters.state.get_state(model).virtual_providers == []
+    assert adapters._runtime.state.get_state(model).virtual_providers == []
     assert METHOD not in model.get_input_embeddings()._modules
 
 
@@ -250,7 +250,7 @@ def test_copies_carry_the_prompt(plugin):
     with torch.no_grad():
         expected = model(ids, attention_mask=mask).logits
         for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-            providers = adapters.state.get_state(twin).virtual_providers
+            providers = adapters._runtime.state.get_state(twin).virtual_providers
             assert providers[0].__self__ is twin.get_input_embeddings()._modules[METHOD]
             torch.testing.assert_close(twin(ids, attention_mask=mask).logits, expected)
 
@@ -281,7 +281,7 @@ def test_a_failed_add_takes_the_provider_off_again(plugin, monkeypatch):
     monkeypatch.setattr(toy_prompt.PromptUnit, "to", broken)
     with pytest.raises(RuntimeError, match="boom"):
         model.add_adapter("p", ToyPromptConfig())
-    assert adapters.state.get_state(model).virtual_providers == []
+    assert adapters._runtime.state.get_state(model).virtual_providers == []
     assert METHOD not in model.get_input_embeddings()._modules
 
 
@@ -322,7 +322,7 @@ def test_encoder_decoder_models_are_refused_with_the_alternative(plugin):
     adapters.init(model, interface=interface)
     with pytest.raises(InterfaceError, match="encoder-decoder.*register_kv_prefix"):
         model.add_adapter("p", ToyPromptConfig())
-    assert adapters.state.get_state(model).virtual_providers == []
+    assert adapters._runtime.state.get_state(model).virtual_providers == []
 
 
 def test_parallel_runs_each_prompt_on_its_replica(plugin):

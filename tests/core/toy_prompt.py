@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from adapters import AdapterConfig, BatchSplit, MethodSpec, Parallel, Stack, hookimpl
+from adapters._runtime.embeddings import input_embedding
 from adapters.composition import apply_setup
-from adapters.embeddings import input_embedding
 from adapters.virtual import VirtualTokens, register_virtual_tokens
 
 N = 4

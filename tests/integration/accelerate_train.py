@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 import adapters
 from adapters import Stack
-from adapters.plugins import installed_methods
+from adapters.registry.loading import installed_methods
 from adapters.testing import llama_interface
 
 STEPS = 4

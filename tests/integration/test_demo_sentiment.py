@@ -11,7 +11,7 @@ pytest.importorskip("vaderSentiment")
 pytest.importorskip("adapters_lora")
 
 from adapters import cli
-from adapters.demo_sentiment import load_lexicon
+from adapters.tools.demo_sentiment import load_lexicon
 
 
 def test_the_lexicon_split_is_real_labelled_data_and_reproducible():

@@ -15,7 +15,7 @@ else:
 
 import adapters
 from adapters import AdapterModelInterface, Average, Stack
-from adapters.plugins import reload_plugins
+from adapters.registry.loading import reload_plugins
 
 from .. import models
 
@@ -37,7 +37,7 @@ def test_entry_point_is_discovered_with_its_distribution():
 
 def test_plugins_command_lists_it():
     out = subprocess.run(
-        [sys.executable, "-m", "adapters.cli", "plugins"],
+        [sys.executable, "-m", "adapters.tools.cli", "plugins"],
         capture_output=True,
         text=True,
         check=False,
@@ -125,7 +125,7 @@ def adapters_register_methods(register):
 def _plugins_command(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
     return subprocess.run(
-        [sys.executable, "-m", "adapters.cli", "plugins"],
+        [sys.executable, "-m", "adapters.tools.cli", "plugins"],
         capture_output=True,
         text=True,
         check=False,

@@ -15,7 +15,7 @@ else:
 
 import adapters
 from adapters import AdapterModelInterface, AdapterSetup, Parallel, Stack
-from adapters.plugins import reload_plugins
+from adapters.registry.loading import reload_plugins
 
 from ..core.conftest import randomize
 from ..models import SEED_INTERFACE, SEED_INTERFACE_2, gemma2, llama

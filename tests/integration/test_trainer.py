@@ -13,7 +13,7 @@ pytest.importorskip("adapters_lora")
 
 import adapters
 from adapters import AdapterModelInterface, CheckpointError, NotInitializedError
-from adapters.trainer import AdapterTrainer, load_training_checkpoint
+from adapters.tools.trainer import AdapterTrainer, load_training_checkpoint
 from tests.models import LLAMA_INTERFACE, TINY_DECODER, llama
 
 

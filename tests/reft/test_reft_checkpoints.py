@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from adapters import CheckpointError
-from adapters.plugins import get_registry
+from adapters.registry.loading import get_registry
 from adapters_reft import DiReftConfig
 from adapters_reft.interop import FORMAT_NAME, detect_adapterhub
 

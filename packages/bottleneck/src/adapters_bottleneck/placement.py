@@ -1,12 +1,12 @@
 """Where bottleneck adapters sit in a model and the hooks that run them.
 
-A `SubBlockHost` (an `adapters.hosts.AdapterHost`) lives on each adapted layer (child ``bottleneck_attention``,
-``bottleneck_cross_attention`` or ``bottleneck_output``) and holds that sub-block's adapters.
-It runs through core's sub-block sites (`adapters.sites.SubBlockSite`,
-`adapters.subblocks.register_hook`), taken from **that layer's own** modules (never a getter
-resolved later, pitfall 13): core captures the sub-block's residual input ``r`` (per thread,
-also under activation checkpointing) and calls the host with the sub-block output ``h`` before
-the residual add:
+A `SubBlockHost` (an `adapters.hosts.AdapterHost`) lives on each adapted layer (child
+``bottleneck_attention``, ``bottleneck_cross_attention`` or ``bottleneck_output``) and holds
+that sub-block's adapters. It runs through core's sub-block sites
+(`adapters.sites.SubBlockSite`, `adapters.subblocks.register_hook`), taken from **that layer's
+own** modules (never a getter resolved later, pitfall 13): core captures the sub-block's
+residual input ``r`` (per thread, also under activation checkpointing) and calls the host with
+the sub-block output ``h`` before the residual add:
 
 - edit mode: the host returns the new ``h``; the model then adds ``r`` (and applies its
   post-LN norm) as usual;
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adapters._runtime.rollback import record_undo
 from adapters.composition import (
     AdapterCompositionBlock,
     Average,
@@ -42,7 +43,6 @@ from adapters.composition import (
 from adapters.context import context_for
 from adapters.errors import AdaptersError, CompositionError
 from adapters.hosts import AdapterHost
-from adapters.rollback import record_undo
 from adapters.sites import SubBlockSite
 
 #: sub-block location (AdapterHub's ``location_key``) -> the host's attribute name on a layer.

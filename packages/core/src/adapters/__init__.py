@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .api import ModelAdaptersMixin
+from . import _moved
+from ._runtime.api import ModelAdaptersMixin
+from ._runtime.initialization import init, load_model
+from ._runtime.state import is_initialized
 from .composition import Average, BatchSplit, Fuse, MultiTask, Parallel, Split, Stack
 from .configs import AdapterConfig, ConfigUnion
 from .context import AdapterSetup, ForwardContext, current_context
@@ -29,27 +32,27 @@ from .fusion_config import (
     DynamicAdapterFusionConfig,
     StaticAdapterFusionConfig,
 )
-from .initialization import init, load_model
 from .interface import AdapterModelInterface
-from .plugins import CheckpointFormat, MethodSpec, hookimpl
-from .state import is_initialized
+from .registry.loading import CheckpointFormat, MethodSpec, hookimpl
 
 __version__ = "0.1.0"
+
+_moved.install()
 
 
 class _AdapterMethodMeta(type):
     def __iter__(cls):
-        from .plugins import installed_methods
+        from .registry.loading import installed_methods
 
         return iter(installed_methods())
 
     def __contains__(cls, name: object) -> bool:
-        from .plugins import installed_methods
+        from .registry.loading import installed_methods
 
         return name in installed_methods()
 
     def __getattr__(cls, name: str) -> str:
-        from .plugins import get_registry
+        from .registry.loading import get_registry
 
         if name in get_registry().methods:
             return name
@@ -75,12 +78,12 @@ def __getattr__(name: str) -> Any:
     """Resolve ``adapters.<SomethingConfig>`` to the installed plugin's config class, and
     ``adapters.AdapterTrainer`` (which needs transformers) on first use."""
     if name == "AdapterTrainer":
-        from .trainer import AdapterTrainer
+        from .tools.trainer import AdapterTrainer
 
         return AdapterTrainer
     if name.endswith("Config") and name[:1].isupper():
         from .errors import MethodNotInstalledError as _Missing
-        from .plugins import distribution_for, get_registry
+        from .registry.loading import distribution_for, get_registry
 
         cls = get_registry().config_class_named(name)
         if cls is not None:

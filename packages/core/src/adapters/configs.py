@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-from ._catalog import catalog
 from .errors import ConfigError, MethodNotInstalledError
+from .registry.catalog import catalog
 
 T = TypeVar("T", bound="AdapterConfig")
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
+from ._runtime.state import STATE_ATTR, get_state
 from .composition import AdapterCompositionBlock, SetupLike, expand_parallel, parse_composition
 from .errors import CompositionError
-from .state import STATE_ATTR, get_state
 
 _FORWARD: contextvars.ContextVar[ForwardContext | None] = contextvars.ContextVar(
     "adapters_forward_context", default=None

@@ -87,7 +87,7 @@ class CheckpointFormat:
         saved_name: ``saved_name(path) -> str or None``: the adapter name the directory
             records (AdapterHub's ``"name"``), which ``load_adapter`` uses when no
             ``load_as`` is given (else the folder's name); optional, must not raise
-            (`adapters.saving.recorded_name` reads a JSON field). (New in contract 1.0.)
+            (`adapters.checkpoint.readers.recorded_name` reads a JSON field). (New in contract 1.0.)
         write_options: names of keyword options ``save_adapter(..., format=name, **options)``
             and ``save_adapter_fusion`` accept for this format; core passes them to ``write``
             / ``write_fusion`` as keyword arguments and refuses any other option with

@@ -19,8 +19,8 @@ declares the contract version it implements::
 Core calls every hook with keyword arguments, so an implementation may accept just the
 arguments it uses, and new arguments can be added without breaking plugins.
 
-Loading is strict (`adapters.plugins`); a plugin is refused as a whole, and the others still
-load, when:
+Loading is strict (`adapters.registry.loading`); a plugin is refused as a whole, and the others
+still load, when:
 
 - its ``ADAPTERS_CONTRACT`` is missing or not served by this core: the major version must be
   `CONTRACT_VERSION`'s and the minor version at most its minor (`PluginContractError`);

@@ -16,7 +16,7 @@ method would otherwise re-implement:
   `restore_original` (the original weight and bias, kept once for a bit-exact reset);
 - **rollback**: every change it makes during a core operation (attaching, hooks, units,
   parametrisations, `protect`-ed tensors) is recorded in the operation's undo log
-  (`adapters.rollback`), so a failed ``add_adapter`` leaves the model exactly as it was.
+  (`adapters._runtime.rollback`), so a failed ``add_adapter`` leaves the model exactly as it was.
 
 Minimal use (the example plugin, ``examples/adapters-hidden-scale``)::
 
@@ -45,10 +45,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
+from ._runtime.rollback import record_undo
 from .composition import AdapterCompositionBlock
 from .context import is_compiling
 from .errors import ConfigError
-from .rollback import record_undo
 from .subblocks import SubBlockFn, SubBlockHookHandle, register_hook
 
 if TYPE_CHECKING:

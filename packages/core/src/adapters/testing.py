@@ -294,7 +294,7 @@ class AdapterMethodConformance:
 
     def method_specs(self, config: Any) -> list[Any]:
         """The `adapters.MethodSpec` of every method of ``config``."""
-        from adapters.plugins import get_registry
+        from .registry.loading import get_registry
 
         methods = get_registry().methods
         return [methods[part.method] for part in config_parts(resolve_config(config))]

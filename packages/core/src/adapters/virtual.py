@@ -39,10 +39,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ._runtime.rollback import record_undo
+from ._runtime.signature import forward_takes
+from ._runtime.state import get_state
 from .errors import CompositionError, InterfaceError
-from .rollback import record_undo
-from .signature import forward_takes
-from .state import get_state
 
 if TYPE_CHECKING:
     from .context import ForwardContext
@@ -105,7 +105,7 @@ def register_virtual_tokens(model: nn.Module, provider: VirtualProvider) -> Virt
             f"({type(model).__name__}): generate() runs the encoder outside the model call; "
             "use a KV prefix (adapters.prefix.register_kv_prefix) instead"
         )
-    from .embeddings import input_embedding
+    from ._runtime.embeddings import input_embedding
 
     input_embedding(model)  # raises InterfaceError when there is none
     state.virtual_providers.append(provider)
@@ -242,7 +242,7 @@ def apply(
 
     if prepend:
         if not isinstance(embeds, torch.Tensor):
-            from .embeddings import input_embedding
+            from ._runtime.embeddings import input_embedding
 
             embeds = input_embedding(model)(ids)
             kwargs.pop("input_ids", None)

@@ -27,9 +27,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from adapters import CheckpointFormat
+from adapters.checkpoint.readers import load_tensor_file, read_json_object, recorded_name
 from adapters.configs import AdapterConfig
 from adapters.errors import CheckpointError
-from adapters.saving import load_tensor_file, read_json_object, recorded_name
 from adapters.sites import ModelSites
 
 from .config import ATTN_MATRICES, IA3Config, LoRAConfig

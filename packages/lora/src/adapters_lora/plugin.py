@@ -449,7 +449,7 @@ def average_negate_b(
         ConfigError: options given, sources with other configs, DoRA or gated sources (they
             have parameters besides A and B, which AdapterHub refuses too).
     """
-    from adapters.saving import configs_equal_for_average
+    from adapters._runtime.averaging import configs_equal_for_average
 
     if options:
         raise ConfigError(

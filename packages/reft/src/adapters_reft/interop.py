@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from adapters.checkpoint.readers import load_tensor_file, read_json_object, recorded_name
 from adapters.configs import AdapterConfig
 from adapters.errors import CheckpointError
-from adapters.saving import load_tensor_file, read_json_object, recorded_name
 from adapters.sites import LayerSite, ModelSites
 
 from .config import ReftConfig

@@ -12,12 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .composition import AdapterCompositionBlock
-from .configs import AdapterConfig, config_parts
-from .errors import NotInitializedError
-from .fusion_config import AdapterFusionConfig
-from .interface import AdapterModelInterface
-from .sites import ModelSites
+from ..composition import AdapterCompositionBlock
+from ..configs import AdapterConfig, config_parts
+from ..errors import NotInitializedError
+from ..fusion_config import AdapterFusionConfig
+from ..interface import AdapterModelInterface
+from ..sites import ModelSites
 
 STATE_ATTR = "_adapters_state"
 
@@ -92,7 +92,8 @@ class AdaptersState:
     layer_hook_handles: list[Any] = field(default_factory=list)  # only while in train mode
     # ``adapter_names`` lists seen recently → their `PerExample` setup (index tensors made once)
     per_example_setups: OrderedDict = field(default_factory=OrderedDict)
-    # ``add_embeddings`` / ``set_active_embeddings`` (an `adapters.embeddings.EmbeddingsState`)
+    # ``add_embeddings`` / ``set_active_embeddings``
+    # (an `adapters._runtime.embeddings.EmbeddingsState`)
     embeddings: Any = None
     # `adapters.virtual.register_virtual_tokens` providers, in registration order
     virtual_providers: list[Any] = field(default_factory=list)

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 #: The longest name accepted (a folder name stays well below every file system's limit).
 MAX_NAME_LENGTH = 128
@@ -84,7 +84,7 @@ def safe_join(folder: str, name: str, kind: str = "adapter") -> str:
     """``folder/name`` for a validated ``name``; raises `ConfigError` for a bad name and
     `adapters.errors.CheckpointError` when the path (following symbolic links) leaves
     ``folder``."""
-    from .errors import CheckpointError
+    from ..errors import CheckpointError
 
     validate_adapter_name(name, kind)
     path = os.path.join(folder, name)
@@ -111,7 +111,7 @@ def validate_setup_names(state: Any, setup: Any) -> None:
     used = [setup] if isinstance(setup, str) else setup.flatten()
     missing = [n for n in used if n not in state.adapters]
     if missing:
-        from .errors import CompositionError
+        from ..errors import CompositionError
 
         raise CompositionError(
             f"the setup {getattr(setup, 'name', setup)!r} of this forward call uses adapter "

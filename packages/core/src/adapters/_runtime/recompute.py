@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import context as ctx_mod
+from .. import context as ctx_mod
 from .state import STATE_ATTR
 
 

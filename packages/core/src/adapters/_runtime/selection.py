@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .composition import AdapterCompositionBlock, PerExample
-from .context import is_compiling, remove_last
-from .errors import AdapterNotFoundError, CompositionError
+from ..composition import AdapterCompositionBlock, PerExample
+from ..context import is_compiling, remove_last
+from ..errors import AdapterNotFoundError, CompositionError
 
 KWARG = "adapter_names"
 

@@ -1,6 +1,6 @@
 """AdapterHub's ``MultiTask`` block: ``model(**inputs, task_ids=...)`` picks one of the block's
-adapters per example. Core maps it onto per-example selection (`adapters.selection`): the task
-ids become one adapter name per example and the call runs a `PerExample` setup.
+adapters per example. Core maps it onto per-example selection (`adapters._runtime.selection`):
+the task ids become one adapter name per example and the call runs a `PerExample` setup.
 
 ``task_ids`` is taken out of the call at the model input (transformers 5 forwards would
 silently swallow an unknown keyword) and checked: one id per example, each an index into the
@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .composition import AdapterCompositionBlock, MultiTask
-from .errors import CompositionError
+from ..composition import AdapterCompositionBlock, MultiTask
+from ..errors import CompositionError
 from .signature import forward_takes
 
 KWARG = "task_ids"

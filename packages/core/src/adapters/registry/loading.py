@@ -2,7 +2,7 @@
 
 A plugin that fails to import, or that breaks the contract of `adapters.hookspecs` (an
 incompatible or missing ``ADAPTERS_CONTRACT`` or a hook name that matches no spec: see
-`adapters.contract`; a method / preset / config-class / format name another plugin owns) is
+`adapters.registry.contract`; a method / preset / config-class / format name another plugin owns) is
 recorded with its name and error, and the others still load. Registration is atomic: a refused
 plugin leaves the registry as it was. ``ADAPTERS_DISABLE_PLUGINS=name,other`` skips plugins by entry-point name. Tests and
 applications may register plugin objects directly with `register_plugin` (same rules).
@@ -18,16 +18,13 @@ from typing import Any
 
 import pluggy
 
-from . import _catalog, hookspecs
-from ._known import FIRST_PARTY
-from .configs import AdapterConfig, ConfigUnion, make_missing_error
+from .. import hookspecs
+from ..configs import AdapterConfig, ConfigUnion, make_missing_error
+from ..declarations import CheckpointFormat, MethodSpec
+from ..errors import MethodNotInstalledError, PluginConflictError, PluginError
+from . import catalog as _catalog
 from .contract import check_contract, check_hook_names, check_marked_hooks
-from .declarations import CheckpointFormat, MethodSpec
-from .errors import (
-    MethodNotInstalledError,
-    PluginConflictError,
-    PluginError,
-)
+from .known import FIRST_PARTY
 
 ENTRY_POINT_GROUP = "adapters.methods"
 hookimpl = pluggy.HookimplMarker("adapters")

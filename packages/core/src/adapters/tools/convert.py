@@ -22,9 +22,9 @@ import argparse
 import sys
 from typing import Any
 
-from .errors import AdaptersError, CheckpointError
-from .initialization import init
-from .interface import AdapterModelInterface
+from .._runtime.initialization import init
+from ..errors import AdaptersError, CheckpointError
+from ..interface import AdapterModelInterface
 
 
 def add_command(subparsers: Any) -> None:

@@ -9,8 +9,8 @@ import argparse
 import sys
 from importlib import metadata
 
+from ..registry.loading import get_registry
 from . import convert, demo
-from .plugins import get_registry
 
 COMMANDS_GROUP = "adapters.commands"
 

@@ -1,8 +1,8 @@
 """``adapters demo``: the library end to end on a CPU, offline.
 
-By default (`adapters.demo_sentiment`): the real pretrained all-MiniLM-L6-v2 fine-tuned with an
-adapter of each chosen method on the VADER sentiment lexicon (positive vs negative words and
-phrases, held-out accuracy before and after, parameters and checkpoint size next to full
+By default (`adapters.tools.demo_sentiment`): the real pretrained all-MiniLM-L6-v2 fine-tuned
+with an adapter of each chosen method on the VADER sentiment lexicon (positive vs negative words
+and phrases, held-out accuracy before and after, parameters and checkpoint size next to full
 fine-tuning, a plot and a JSON summary). ``--method all`` runs every installed method.
 
 With ``--quick`` (for CI and scripts): builds a small Llama-style model from a config (or loads ``--model``), describes it with an
@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 
-from ._known import FIRST_PARTY
-from .configs import AdapterConfig, config_parts, resolve_config
-from .errors import ConfigError, MethodNotInstalledError
-from .initialization import init
-from .interface import AdapterModelInterface
-from .plugins import Registry, get_registry
+from .._runtime.initialization import init
+from ..configs import AdapterConfig, config_parts, resolve_config
+from ..errors import ConfigError, MethodNotInstalledError
+from ..interface import AdapterModelInterface
+from ..registry.known import FIRST_PARTY
+from ..registry.loading import Registry, get_registry
 
 #: Where a Llama-style model (transformers' ``LlamaForCausalLM`` and most decoder LMs) keeps
 #: its parts.
@@ -89,7 +89,7 @@ def add_command(subparsers: Any) -> None:
 
 def demo_method(registry: Registry, requested: str | None = None) -> str:
     """The method the demo uses: ``requested`` if installed, else the first installed
-    first-party method (in the order of `adapters._known.FIRST_PARTY`), else the first
+    first-party method (in the order of `adapters.registry.known.FIRST_PARTY`), else the first
     installed method by name.
 
     Raises:

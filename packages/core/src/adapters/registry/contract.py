@@ -1,6 +1,6 @@
 """What a plugin must satisfy to be loaded, beyond owning its names: a served contract version
 (``ADAPTERS_CONTRACT``) and hook implementations that match the specs of `adapters.hookspecs`.
-`adapters.plugins.Registry` runs these checks before it records anything of a plugin.
+`adapters.registry.loading.Registry` runs these checks before it records anything of a plugin.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from importlib import metadata
 
 import pluggy
 
-from . import hookspecs
-from .errors import PluginContractError, PluginError
+from .. import hookspecs
+from ..errors import PluginContractError, PluginError
 
 #: The attribute of a plugin object that declares the contract version it implements.
 CONTRACT_ATTRIBUTE = "ADAPTERS_CONTRACT"

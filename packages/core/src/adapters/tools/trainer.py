@@ -30,10 +30,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer
 
-from .composition import setup_from_dict, setup_to_dict
-from .errors import CheckpointError, NotInitializedError
-from .fusion import copy_fusion_tensors, read_fusion_checkpoint
-from .state import get_state, is_initialized
+from .._runtime.fusion import copy_fusion_tensors, read_fusion_checkpoint
+from .._runtime.state import get_state, is_initialized
+from ..composition import setup_from_dict, setup_to_dict
+from ..errors import CheckpointError, NotInitializedError
 
 CHECKPOINT_INDEX = "adapters_checkpoint.json"
 TRAINABLE_WEIGHTS = "trainable_weights.safetensors"

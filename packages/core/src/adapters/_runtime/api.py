@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import averaging, embeddings, fusion, lifecycle, multitask, rollback, saving, selection
-from . import context as ctx_mod
-from .composition import (
+from .. import context as ctx_mod
+from ..checkpoint import adapter as saving
+from ..checkpoint import model as model_folder
+from ..composition import (
     AdapterCompositionBlock,
     BatchSplit,
     Fuse,
@@ -24,15 +25,16 @@ from .composition import (
     names_outside,
     parse_composition,
 )
-from .configs import AdapterConfig, ConfigUnion, config_parts, resolve_config
-from .errors import AdapterNotFoundError, CompositionError, ConfigError, InterfaceError
-from .fusion_config import AdapterFusion
-from .interface import AdapterModelInterface
+from ..configs import AdapterConfig, ConfigUnion, config_parts, resolve_config
+from ..errors import AdapterNotFoundError, CompositionError, ConfigError, InterfaceError
+from ..fusion_config import AdapterFusion
+from ..interface import AdapterModelInterface
+from ..registry.loading import MethodSpec, get_registry
+from ..sites import ModelSites
+from . import averaging, embeddings, fusion, lifecycle, multitask, rollback, selection
 from .naming import validate_adapter_name
-from .plugins import MethodSpec, get_registry
 from .precision import AdapterDtype, apply_adapter_dtype, check_adapter_dtype
 from .recompute import sync_layer_hooks
-from .sites import ModelSites
 from .state import AdapterEntry, get_state
 
 
@@ -484,7 +486,7 @@ class ModelAdaptersMixin:
             return rows
         return _format_summary(rows)
 
-    # -- embeddings for new vocabularies (see adapters.embeddings) -------------------------
+    # -- embeddings for new vocabularies (see adapters._runtime.embeddings) ------------------------
     def add_embeddings(
         self,
         name: str,
@@ -529,7 +531,7 @@ class ModelAdaptersMixin:
         ``name`` and make it active; returns the tokenizer saved with it, or None."""
         return embeddings.load_embeddings(self, path, name)
 
-    # -- fusion (see adapters.fusion) ------------------------------------------------------
+    # -- fusion (see adapters._runtime.fusion) -----------------------------------------------------
     @property
     def adapter_fusions(self) -> dict[str, AdapterFusion]:
         """``{name: AdapterFusion(name, adapter_names, config, method)}`` of every fusion layer
@@ -578,7 +580,7 @@ class ModelAdaptersMixin:
 
     def _apply_fusion_dtype(self, name: str, adapter_dtype: AdapterDtype) -> None:
         """Cast fusion layer ``name``'s parameters by the ``adapter_dtype`` rule (see
-        `adapters.precision.apply_adapter_dtype`; other adapters' and fusions' parameters do
+        `adapters._runtime.precision.apply_adapter_dtype`; other adapters' and fusions' parameters do
         not count as model weights for ``"model"``)."""
         entry = get_state(self).fusions[name]
         apply_adapter_dtype(self, entry.modules, adapter_dtype, None, self._adapter_param_ids())
@@ -673,7 +675,7 @@ class ModelAdaptersMixin:
         """Save every fusion layer into ``save_directory/<name>``."""
         fusion.save_all_adapter_fusions(self, save_directory)
 
-    # -- saving / loading (see adapters.saving) ---------------------------------------------
+    # -- saving / loading (see adapters.checkpoint) -----------------------------------------
     def save_adapter(
         self, save_directory: str, adapter_name: str, format: str | None = None, **kwargs: Any
     ) -> None:
@@ -736,7 +738,7 @@ class ModelAdaptersMixin:
                 "and keep the embedding with save_embeddings"
             )
         parent_save = getattr(super(), "save_pretrained", None)
-        saving.save_pretrained(
+        model_folder.save_pretrained(
             self,
             save_directory,
             parent_save,

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import AdapterNotFoundError, CheckpointError, ConfigError, InterfaceError
-from .saving import write_directory_atomically
+from ..checkpoint.manifest import write_directory_atomically
+from ..errors import AdapterNotFoundError, CheckpointError, ConfigError, InterfaceError
 from .state import get_state
 
 DEFAULT = "default"

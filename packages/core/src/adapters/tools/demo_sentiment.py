@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .configs import AdapterConfig, config_parts
-from .errors import MethodNotInstalledError
-from .initialization import init
-from .interface import AdapterModelInterface
+from .._runtime.initialization import init
+from ..configs import AdapterConfig, config_parts
+from ..errors import MethodNotInstalledError
+from ..interface import AdapterModelInterface
 
 #: Where a BERT encoder (``BertModel``, as all-MiniLM-L6-v2 loads) keeps its parts.
 BERT_PATHS: dict[str, Any] = dict(

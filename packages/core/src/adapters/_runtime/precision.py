@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 #: ``adapter_dtype`` values besides a floating ``torch.dtype``.
 MODEL = "model"

@@ -1,10 +1,10 @@
 """`adapters.init`: prepare any model for adapters, and `load_model` for a saved one.
 
 ``init`` gives the model's instance a subclass of its own class that adds
-`adapters.api.ModelAdaptersMixin` (the model's class itself is never modified), resolves the
-interface into sites, and registers two hooks on the model: a forward pre-hook that opens the
-forward context (and replicates the batch for ``Parallel``) and a forward hook that closes it.
-Base ``state_dict`` keys and the ``forward`` signature stay as they were.
+`adapters._runtime.api.ModelAdaptersMixin` (the model's class itself is never modified),
+resolves the interface into sites, and registers two hooks on the model: a forward pre-hook that
+opens the forward context (and replicates the batch for ``Parallel``) and a forward hook that
+closes it. Base ``state_dict`` keys and the ``forward`` signature stay as they were.
 """
 
 from __future__ import annotations
@@ -16,17 +16,19 @@ from typing import Any
 
 from torch import nn
 
+from ..checkpoint.adapter import load_adapter
+from ..checkpoint.model import active_setup_of, read_saved_model_folder
+from ..checkpoint.readers import load_safetensors
+from ..errors import CheckpointError, InterfaceError
+from ..interface import INTERFACE_FILENAME, AdapterModelInterface
+from ..registry.loading import distribution_for, get_registry
 from . import rollback
 from .api import GenerateMixin, ModelAdaptersMixin
-from .errors import CheckpointError, InterfaceError
 from .forward import ForwardHooks
 from .fusion import FUSIONS_SUBDIR, load_all_adapter_fusions
-from .interface import INTERFACE_FILENAME, AdapterModelInterface
 from .lifecycle import ORIGINAL_CLASS_ATTR, original_class_of
-from .plugins import distribution_for, get_registry
 from .recompute import sync_layer_hooks
-from .saving import active_setup_of, load_adapter, load_safetensors, read_saved_model_folder
-from .sites import resolve_sites
+from .resolution import resolve_sites
 from .state import STATE_ATTR, AdaptersState, get_state, is_initialized
 
 _SUBCLASSES: dict[type, type] = {}

@@ -1,6 +1,6 @@
 """Leaving the adapted state: ``merge_and_unload`` / ``unload`` give back a plain model of the
 original class (``init`` gave the instance a subclass that records it, see
-`adapters.initialization.adapted_class`)."""
+`adapters._runtime.initialization.adapted_class`)."""
 
 from __future__ import annotations
 

@@ -13,11 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import context as ctx_mod
-from . import multitask, virtual
-from .composition import AdapterCompositionBlock, BatchSplit, expand_parallel
-from .context import effective_setup
-from .errors import CompositionError
+from .. import context as ctx_mod
+from .. import virtual
+from ..composition import AdapterCompositionBlock, BatchSplit, expand_parallel
+from ..context import effective_setup
+from ..errors import CompositionError
+from . import multitask
 from .naming import validate_setup_names
 from .selection import NO_SELECTION, NoSelection, per_example, take_adapter_names
 from .state import STATE_ATTR

@@ -7,9 +7,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .plugins import get_registry
-from .saving import configs_equal_for_average, load_tensors
+from ..checkpoint.adapter import load_tensors
+from ..configs import AdapterConfig, config_parts
+from ..errors import ConfigError
+from ..registry.loading import get_registry
 
 
 def average_adapter(
@@ -75,3 +76,20 @@ def average_adapter(
         raise
     if set_active:
         model.set_active_adapters(adapter_name)  # type: ignore[operator]
+
+
+AVERAGE_IGNORED_FIELDS = ("dropout", "init_weights")
+
+
+def configs_equal_for_average(configs: list[AdapterConfig]) -> bool:
+    """Whether adapters with these configs have identical parameter layouts: equal configs
+    except for `AVERAGE_IGNORED_FIELDS` (dropout and initialisation)."""
+
+    def key(config: AdapterConfig) -> list[dict[str, Any]]:
+        return [
+            {k: v for k, v in part.to_dict().items() if k not in AVERAGE_IGNORED_FIELDS}
+            for part in config_parts(config)
+        ]
+
+    first = key(configs[0])
+    return all(key(other) == first for other in configs[1:])

@@ -24,21 +24,17 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import nn
 
+from ..checkpoint.foreign import check_write_options, writer_for
+from ..checkpoint.format import _versions as versions_of
+from ..checkpoint.manifest import write_directory_atomically
+from ..checkpoint.readers import load_safetensors, read_json
+from ..composition import AdapterCompositionBlock, Fuse, find_blocks, parse_composition
+from ..configs import config_parts
+from ..errors import AdapterNotFoundError, CheckpointError, CompositionError, ConfigError
+from ..fusion_config import AdapterFusionConfig, resolve_fusion_config
+from ..registry.loading import get_registry
 from . import rollback
-from .composition import AdapterCompositionBlock, Fuse, find_blocks, parse_composition
-from .configs import config_parts
-from .errors import AdapterNotFoundError, CheckpointError, CompositionError, ConfigError
-from .fusion_config import AdapterFusionConfig, resolve_fusion_config
 from .naming import validate_adapter_name
-from .plugins import get_registry
-from .saving import _versions as versions_of
-from .saving import (
-    check_write_options,
-    load_safetensors,
-    read_json,
-    write_directory_atomically,
-    writer_for,
-)
 from .state import AdaptersState, FusionEntry, get_state
 
 FUSION_CONFIG_NAME = "fusion_config.json"
