@@ -114,7 +114,7 @@ def _declaring(version):
 
 @pytest.mark.parametrize(
     ("declared", "fix"),
-    [("2.0", "upgrade adapters-core"), ("1.1", "upgrade adapters-core"), ("0.9", "upgrade the")],
+    [("2.0", "upgrade adapters-core"), ("1.2", "upgrade adapters-core"), ("0.9", "upgrade the")],
 )
 def test_an_incompatible_contract_is_refused_naming_both_versions_and_the_fix(
     monkeypatch, declared, fix
@@ -129,7 +129,7 @@ def test_an_incompatible_contract_is_refused_naming_both_versions_and_the_fix(
         assert error.name == "newer" and error.kind == "contract"
         assert error.error.startswith("PluginContractError: plugin 'newer' (adapters-newer 3.0)")
         assert f"implements plugin contract {declared}" in error.error
-        assert "serves contract 1.0" in error.error and fix in error.error
+        assert "serves contract 1.1" in error.error and fix in error.error
         assert list(registry.methods) == ["toy_shift"]  # the others still load
         assert registry.pm.get_plugin("newer") is None
     finally:
@@ -166,8 +166,8 @@ def test_an_undeclared_plugin_is_refused_as_written_for_0_1():
         registry.register(UndeclaredPlugin(), "old")
     message = str(caught.value)
     assert "plugin 'old' (in-process) declares no plugin contract version" in message
-    assert "adapters 0.1" in message and "serves contract 1.0" in message
-    assert 'ADAPTERS_CONTRACT = "1.0"' in message
+    assert "adapters 0.1" in message and "serves contract 1.1" in message
+    assert 'ADAPTERS_CONTRACT = "1.1"' in message
     assert registry.methods == {} and registry.presets == {}
     assert registry.pm.get_plugin("old") is None
 
@@ -590,7 +590,9 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_core_has_no_import_cycle():
     graph = _core_import_graph()
     loading = "adapters.registry.loading"
-    assert {"adapters.configs", loading, "adapters.hookspecs", "adapters.declarations"} <= set(graph)
+    assert {"adapters.configs", loading, "adapters.hookspecs", "adapters.declarations"} <= set(
+        graph
+    )
     assert loading not in graph["adapters.configs"] and loading not in graph["adapters.hookspecs"]
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
 

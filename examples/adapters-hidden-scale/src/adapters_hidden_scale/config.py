@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from adapters import AdapterConfig, ConfigError
+from adapters.plugin import AdapterConfig, ConfigError
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,13 @@ as plain module functions; the ``adapters.methods`` entry point names this modul
 
 from __future__ import annotations
 
-from adapters import Average, BatchSplit, MethodSpec, Stack, hookimpl
+from adapters.plugin import Average, BatchSplit, MethodSpec, Stack, hookimpl
 
 from .config import HiddenScaleConfig
 from .layer import ScaleHost, ScaleUnit
 
 #: The plugin contract version this plugin implements (see adapters.hookspecs).
-ADAPTERS_CONTRACT = "1.0"
+ADAPTERS_CONTRACT = "1.1"
 
 
 def _layers(sites, config: HiddenScaleConfig):
@@ -35,8 +35,6 @@ def adapters_register_methods(register) -> None:
 @hookimpl
 def adapters_add_adapter(model, sites, name, config):
     """Give each adapted layer a `ScaleUnit` for ``name`` (and a `ScaleHost` on first use)."""
-    if not isinstance(config, HiddenScaleConfig):
-        return None
     created = {}
     for layer in _layers(sites, config):
         module = layer.layer.module
@@ -50,8 +48,6 @@ def adapters_add_adapter(model, sites, name, config):
 @hookimpl
 def adapters_delete_adapter(model, sites, name, config):
     """Remove ``name``'s units; a layer left with none loses its host and hook."""
-    if not isinstance(config, HiddenScaleConfig):
-        return None
     for layer in _layers(sites, config):
         module = layer.layer.module
         host = module.hidden_scale

@@ -16,8 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from adapters import AdapterConfig
-from adapters.errors import ConfigError
+from adapters.plugin import AdapterConfig, ConfigError
 
 #: Activation names accepted for ``non_linearity`` (lower-case; transformers' names).
 NON_LINEARITIES = (

@@ -9,19 +9,22 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from adapters import (
+from adapters.plugin import (
+    AdapterConfig,
     Average,
     BatchSplit,
     CheckpointFormat,
+    ConfigError,
     Fuse,
+    LayerSite,
     MethodSpec,
+    ModelSites,
+    ModuleSite,
     Split,
     Stack,
+    SubBlockSite,
     hookimpl,
 )
-from adapters.configs import AdapterConfig
-from adapters.errors import ConfigError
-from adapters.sites import LayerSite, ModelSites, ModuleSite, SubBlockSite
 
 from . import interop
 from .config import CONFIG_CLASSES, PRESETS, BnConfig
@@ -35,7 +38,7 @@ from .placement import (
 )
 
 #: The plugin contract version this plugin implements (see adapters.hookspecs).
-ADAPTERS_CONTRACT = "1.0"
+ADAPTERS_CONTRACT = "1.1"
 
 #: core's sub-block kind per location.
 _SUB_BLOCKS = {"mh_adapter": "self_attn", "cross_adapter": "cross_attn", "output_adapter": "ffn"}
@@ -197,8 +200,6 @@ def adapters_add_adapter(
 ) -> dict[str, nn.Module] | None:
     """Create the adapter's modules at every planned sub-block (and its invertible and shared
     parts), hooking each layer's own sites."""
-    if not isinstance(config, BnConfig):
-        return None
     if hasattr(nn.ModuleDict(), name) or "." in name:
         raise ConfigError(
             f"adapter name {name!r} cannot be used for a bottleneck adapter: it is an "
@@ -261,8 +262,6 @@ def adapters_delete_adapter(
     model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
 ) -> bool | None:
     """Remove adapter ``name``'s modules; hosts left empty lose their hooks."""
-    if not isinstance(config, BnConfig):
-        return None
     for layer in sites.layers:
         for host_name in HOST_NAMES.values():
             host = getattr(layer.layer.module, host_name, None)
@@ -308,8 +307,6 @@ def adapters_add_fusion(
     method: str,
 ) -> dict[str, nn.Module] | None:
     """Create an AdapterFusion layer at every sub-block where all ``children`` sit."""
-    if method != "bottleneck":
-        return None
     hosts = _fusion_hosts(sites, children)
     if not hosts:
         raise ConfigError(
@@ -330,42 +327,12 @@ def adapters_delete_fusion(
     model: nn.Module, sites: ModelSites, name: str, children: list[str], method: str
 ) -> bool | None:
     """Remove fusion layer ``name`` from every sub-block."""
-    if method != "bottleneck":
-        return None
     for layer in sites.layers:
         for host_name in HOST_NAMES.values():
             host = getattr(layer.layer.module, host_name, None)
             if isinstance(host, SubBlockHost) and name in host.fusions:
                 del host.fusions[name]
     return True
-
-
-@hookimpl
-def adapters_fusion_regularization_loss(
-    model: nn.Module,
-    sites: ModelSites,
-    name: str,
-    children: list[str],
-    config: object,
-    method: str,
-) -> object:
-    """``0.01 * ||I - V||^2`` summed over the fusion layer's sub-blocks."""
-    if method != "bottleneck":
-        return None
-    total = None
-    for layer in sites.layers:
-        for host_name in HOST_NAMES.values():
-            host = getattr(layer.layer.module, host_name, None)
-            if isinstance(host, SubBlockHost) and name in host.fusions:
-                term = host.fusions[name].regularization()
-                if term is not None:
-                    total = term if total is None else total + term
-    return total
-
-
-@hookimpl
-def adapters_setup_changed(model: nn.Module, sites: ModelSites, setup: object) -> None:
-    """Nothing to do: the hooks read the setup from the forward context on every call."""
 
 
 def _holder(module: nn.Module, attr: str) -> nn.ModuleDict:

@@ -8,8 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from adapters import AdapterConfig
-from adapters.errors import ConfigError
+from adapters.plugin import AdapterConfig, ConfigError
 
 ATTN_MATRICES = ("q", "k", "v", "o")
 COMPOSITION_MODES = ("add", "scale")

@@ -9,16 +9,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapters import Average, BatchSplit, MethodSpec, Stack, hookimpl
-from adapters.configs import AdapterConfig
-from adapters.errors import ConfigError
-from adapters.sites import ModelSites, ModuleSite
+from adapters.plugin import (
+    AdapterConfig,
+    Average,
+    BatchSplit,
+    ConfigError,
+    MethodSpec,
+    ModelSites,
+    ModuleSite,
+    Stack,
+    hookimpl,
+)
 
 from .config import DoRAConfig, IA3Config, LoRAConfig
 from .layer import HOST_ATTR, LoRAHost, LoRAUnit, is_conv1d, weight_out_in
 
 #: The plugin contract version this plugin implements (see adapters.hookspecs).
-ADAPTERS_CONTRACT = "1.0"
+ADAPTERS_CONTRACT = "1.1"
 
 
 @dataclass
@@ -213,10 +220,6 @@ def _check_rank(config: LoRAConfig, targets: list[Target]) -> None:
             )
 
 
-def _ours(config: AdapterConfig) -> bool:
-    return isinstance(config, LoRAConfig)
-
-
 @hookimpl
 def adapters_register_methods(register: Callable[[MethodSpec], None]) -> None:
     """Declare the ``lora`` method (LoRA, IA3, DoRA configs and presets)."""
@@ -245,8 +248,6 @@ def adapters_add_adapter(
     model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
 ) -> dict[str, nn.Module] | None:
     """Create a `LoRAUnit` per adapted projection, on the projection's `LoRAHost`."""
-    if not _ours(config):
-        return None
     targets = targets_of(sites, config)  # validates everything before touching the model
     _check_rank(config, targets)
     if config.use_dora and any(t.role == "qkv" for t in targets):
@@ -291,8 +292,6 @@ def adapters_delete_adapter(
     model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
 ) -> bool | None:
     """Remove adapter ``name``'s units; a projection left with none loses its host."""
-    if not _ours(config):
-        return None
     for target in targets_of(sites, config):
         module = target.site.module
         host = host_of(module)
@@ -309,8 +308,6 @@ def adapters_merge_adapter(
     model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
 ) -> bool | None:
     """Fold adapter ``name`` into the adapted projections' weights."""
-    if not _ours(config):
-        return None
     if config.use_gating:
         raise ConfigError(
             f"adapter {name!r} uses use_gating=True: its gate depends on the input, so it "
@@ -326,8 +323,6 @@ def adapters_reset_adapter(
     model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
 ) -> bool | None:
     """Restore the base weights of the projections adapter ``name`` was merged into."""
-    if not _ours(config):
-        return None
     for target in _units(sites, config, name):
         host_of(target.site.module).reset(name, target.site.module)
     return True
@@ -343,8 +338,6 @@ def adapters_average_adapter(
 ) -> tuple[AdapterConfig, dict[str, torch.Tensor]] | None:
     """The ``lora_delta_w_svd`` and ``lora_linear_only_negate_b`` strategies (see
     `average_delta_w_svd` and `average_negate_b`)."""
-    if not _ours(sources[0][1]):
-        return None
     if combine_strategy == "lora_delta_w_svd":
         return average_delta_w_svd(sites, sources, options)
     if combine_strategy == "lora_linear_only_negate_b":
@@ -449,7 +442,7 @@ def average_negate_b(
         ConfigError: options given, sources with other configs, DoRA or gated sources (they
             have parameters besides A and B, which AdapterHub refuses too).
     """
-    from adapters._runtime.averaging import configs_equal_for_average
+    from adapters.plugin import configs_equal_for_average
 
     if options:
         raise ConfigError(

@@ -12,7 +12,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from adapters import AdapterConfig, ConfigError
+from adapters.plugin import AdapterConfig, ConfigError
 
 #: ``non_linearity`` names accepted (lower-case), as in AdapterHub (transformers' names).
 NON_LINEARITIES = (

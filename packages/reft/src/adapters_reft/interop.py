@@ -23,10 +23,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapters.checkpoint.readers import load_tensor_file, read_json_object, recorded_name
-from adapters.configs import AdapterConfig
-from adapters.errors import CheckpointError
-from adapters.sites import LayerSite, ModelSites
+from adapters.plugin import (
+    AdapterConfig,
+    CheckpointError,
+    LayerSite,
+    ModelSites,
+    load_tensor_file,
+    read_json_object,
+    recorded_name,
+)
 
 from .config import ReftConfig
 

@@ -26,10 +26,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.composition import Rows, apply_setup, select_rows
-from adapters.context import ForwardContext, context_for, is_compiling
-from adapters.errors import AdaptersError, CompositionError
-from adapters.hosts import AdapterHost
+from adapters.plugin import (
+    AdapterHost,
+    AdaptersError,
+    CompositionError,
+    ForwardContext,
+    Rows,
+    apply_setup,
+    context_for,
+    is_compiling,
+    select_rows,
+)
 
 from .config import ReftConfig
 

@@ -8,17 +8,25 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from adapters import Average, BatchSplit, CheckpointFormat, MethodSpec, Stack, hookimpl
-from adapters.configs import AdapterConfig
-from adapters.errors import ConfigError
-from adapters.sites import LayerSite, ModelSites
+from adapters.plugin import (
+    AdapterConfig,
+    Average,
+    BatchSplit,
+    CheckpointFormat,
+    ConfigError,
+    LayerSite,
+    MethodSpec,
+    ModelSites,
+    Stack,
+    hookimpl,
+)
 
 from . import interop
 from .config import PRESETS, DiReftConfig, LoReftConfig, NoReftConfig, ReftConfig, torch_dtype
 from .layer import HOST_ATTR, ReftHost, ReftIntervention
 
 #: The plugin contract version this plugin implements (see adapters.hookspecs).
-ADAPTERS_CONTRACT = "1.0"
+ADAPTERS_CONTRACT = "1.1"
 
 #: The name-independent key of an adapter's intervention at a layer: ``{layer path}.reft``.
 KEY_SUFFIX = "reft"
@@ -109,8 +117,6 @@ def adapters_add_adapter(
     model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
 ) -> dict[str, nn.Module] | None:
     """Create one `ReftIntervention` per used layer and hook it onto the layer's output."""
-    if not isinstance(config, ReftConfig):
-        return None
     if hasattr(nn.ModuleDict(), name):
         raise ConfigError(
             f"adapter name {name!r} cannot be used for a ReFT adapter: it is an attribute of "
@@ -158,8 +164,6 @@ def adapters_delete_adapter(
     model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
 ) -> bool | None:
     """Remove adapter ``name``'s interventions; a layer left with none loses its hook."""
-    if not isinstance(config, ReftConfig):
-        return None
     for layer in sites.layers:
         module = layer.layer.module
         host = getattr(module, HOST_ATTR, None)
@@ -169,11 +173,6 @@ def adapters_delete_adapter(
         if host.is_empty:
             host.detach()
     return True
-
-
-@hookimpl
-def adapters_setup_changed(model: nn.Module, sites: ModelSites, setup: object) -> None:
-    """Nothing to do: the hooks read the setup from the forward context on every call."""
 
 
 def _placement_of(module: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:

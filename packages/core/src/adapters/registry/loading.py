@@ -102,6 +102,18 @@ class Registry:
                     )
                 )
 
+    def call_owner(self, hook_name: str, method: str, **kwargs: Any) -> Any:
+        """Call ``hook_name`` on the plugin that owns ``method`` only, and return its answer
+        (None when it does not implement the hook).
+
+        Method-specific hooks (adding, deleting, merging, resetting, averaging an adapter;
+        adding, deleting and regularising a fusion) go to the owner since contract 1.1, so no
+        plugin is asked about a config that is not its own. A contract-1.0 plugin that still
+        answers None for other plugins' configs behaves exactly as before.
+        """
+        owner = self.pm.get_plugin(self.methods[method].plugin)
+        return _call_own(self.pm, owner, hook_name, **kwargs)
+
     def register(self, plugin: object, name: str | None = None) -> str:
         """Register an in-process plugin object (tests, applications). Returns its name.
 
@@ -305,12 +317,14 @@ def _load_order(ep: metadata.EntryPoint) -> tuple[bool, str]:
     return (name not in FIRST_PARTY, ep.name)
 
 
-def _call_own(pm: pluggy.PluginManager, plugin: object, hook_name: str, **kwargs: Any) -> None:
-    """Call ``plugin``'s own implementation of ``hook_name`` (registration hooks are per
-    plugin: each registration must see only what this plugin declares)."""
+def _call_own(pm: pluggy.PluginManager, plugin: object, hook_name: str, **kwargs: Any) -> Any:
+    """Call ``plugin``'s own implementation of ``hook_name`` and return its answer (None when
+    it has none). Registration hooks are per plugin (each registration must see only what this
+    plugin declares), and so are method-specific hooks (`Registry.call_owner`)."""
     for impl in getattr(pm.hook, hook_name).get_hookimpls():
         if impl.plugin is plugin:
-            impl.function(*(kwargs[arg] for arg in impl.argnames))
+            return impl.function(*(kwargs[arg] for arg in impl.argnames))
+    return None
 
 
 def _label(name: str | None, dist: str | None, version: str | None) -> str:
