@@ -4,6 +4,7 @@ plugin that owns the method."""
 from __future__ import annotations
 
 import ast
+import os
 import pathlib
 from dataclasses import dataclass
 from typing import ClassVar
@@ -173,3 +174,77 @@ def test_a_contract_1_0_plugin_still_gets_the_retired_setup_changed_hook():
     finally:
         registry.unregister("rec_a")
     assert ("setup", "Stack('a')") in plugin.calls
+
+
+# -- one source for each fact -----------------------------------------------------------------
+def test_cores_first_party_table_matches_what_the_installed_plugins_declare():
+    from adapters.registry.known import FIRST_PARTY
+
+    registry = adapters.registry.get_registry()
+    checked = 0
+    for dist, known in FIRST_PARTY.items():
+        specs = [s for s in registry.methods.values() if s.distribution == dist]
+        if not specs:
+            continue  # not installed in this environment
+        checked += 1
+        declared = {
+            "methods": sorted(s.name for s in specs),
+            "presets": sorted(p for s in specs for p in s.presets),
+            "classes": sorted(
+                [c.__name__ for s in specs for c in s.config_classes]
+                + [a for s in specs for a in s.class_aliases]
+            ),
+        }
+        assert declared == {k: sorted(v) for k, v in known.items()}, dist
+    if os.environ.get("ADAPTERS_REQUIRE_ALL_PLUGINS") == "1":
+        assert checked == len(FIRST_PARTY)
+
+
+@pytest.mark.parametrize("alias", ["PfeifferConfig", "HoulsbyConfig", "ParallelConfig"])
+def test_adapterhub_class_aliases_resolve_to_the_plugins_classes(alias):
+    bottleneck = pytest.importorskip("adapters_bottleneck")
+    assert getattr(adapters, alias) is getattr(bottleneck, alias)
+
+
+# -- every plugin the same shape ----------------------------------------------------------------
+PLUGIN_PACKAGES = [
+    path.parent
+    for path in sorted((ROOT / "packages").glob("*/src/adapters_*/plugin.py"))
+    + sorted((ROOT / "examples").glob("*/src/adapters_*/plugin.py"))
+]
+
+
+def _hookimpl_files(package: pathlib.Path) -> set[str]:
+    found = set()
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef) and any(
+                getattr(d, "id", None) == "hookimpl" for d in node.decorator_list
+            ):
+                found.add(path.name)
+    return found
+
+
+@pytest.mark.parametrize("package", PLUGIN_PACKAGES, ids=lambda p: p.name)
+def test_every_plugin_has_the_same_file_roles(package):
+    import importlib
+
+    assert {"__init__.py", "config.py", "layer.py", "plugin.py"} <= {
+        p.name for p in package.glob("*.py")
+    }
+    assert _hookimpl_files(package) == {"plugin.py"}  # every hook in plugin.py
+    name = package.name
+    try:
+        plugin = importlib.import_module(f"{name}.plugin")
+    except ImportError:
+        pytest.skip(f"{name} is not installed here")
+    config = importlib.import_module(f"{name}.config")
+    assert plugin.ADAPTERS_CONTRACT == "1.1"
+    registry = adapters.registry.get_registry()
+    specs = [s for s in registry.methods.values() if registry.pm.get_plugin(s.plugin) is plugin]
+    assert specs, f"{name} is not loaded from its entry point"
+    assert {p: c for s in specs for p, c in s.presets.items()} == config.PRESETS
+    formats = [f for f in registry.formats if registry.pm.get_plugin(f.plugin) is plugin]
+    if formats or (package / "interop.py").exists():
+        interop = importlib.import_module(f"{name}.interop")
+        assert list(interop.FORMATS) == formats

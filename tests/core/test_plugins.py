@@ -10,7 +10,7 @@ import adapters
 from adapters import AdapterConfig, CheckpointFormat, MethodSpec, cli, hookimpl, hookspecs, plugins
 from adapters.errors import PluginConflictError, PluginContractError, PluginError
 
-from .conftest import ToyLoRAPlugin, init_toy, llama
+from .conftest import SEED_INTERFACE, ToyLoRAPlugin, init_toy, llama
 from .toy_plugins import ToyLoRAConfig
 
 
@@ -616,3 +616,57 @@ def test_the_plugin_guide_documents_every_field_a_plugin_touches():
     for hook in (n for n in dir(hookspecs) if n.startswith("adapters_")):
         assert f"`{hook}`" in text, hook
     assert "ADAPTERS_CONTRACT" in text and "get_adapter" in text
+
+
+# -- a refused plugin is explained wherever its method is named ---------------------------------
+class OldBottleneck:
+    """An installed adapters-bottleneck written for adapters 0.1 (no ADAPTERS_CONTRACT)."""
+
+    @hookimpl
+    def adapters_register_methods(self, register):
+        register(MethodSpec("bottleneck", (OldConfig,)))
+
+
+@pytest.fixture
+def refused_bottleneck(monkeypatch):
+    eps = [FakeEntryPoint("bottleneck", OldBottleneck(), ("adapters-bottleneck", "0.1.0"))]
+    yield _install(monkeypatch, eps)
+    monkeypatch.undo()
+    plugins.reload_plugins()
+
+
+REFUSED = "installed but was refused when plugins were loaded: PluginContractError"
+
+
+def test_init_names_the_refusal_not_a_missing_install(refused_bottleneck):
+    model = llama()
+    interface = adapters.AdapterModelInterface(
+        **{**SEED_INTERFACE, "adapter_methods": ["bottleneck"]}
+    )
+    with pytest.warns(UserWarning) as caught:
+        adapters.init(model, interface=interface)
+    message = str(caught[0].message)
+    assert "enables adapter method 'bottleneck', which comes from plugin 'bottleneck' " in message
+    assert "(adapters-bottleneck), which is installed but was refused" in message
+    assert REFUSED in message and "declares no plugin contract version" in message
+    assert "pip install adapters-bottleneck" not in message
+
+
+def test_add_adapter_and_config_names_give_the_refusal(refused_bottleneck):
+    model = llama()
+    interface = adapters.AdapterModelInterface(**{**SEED_INTERFACE, "adapter_methods": ["lora"]})
+    adapters.init(model, interface=interface)
+    for use in (
+        lambda: model.add_adapter("x", config="seq_bn"),
+        lambda: adapters.SeqBnConfig,
+        lambda: adapters.PfeifferConfig,
+    ):
+        with pytest.raises(adapters.MethodNotInstalledError, match=REFUSED):
+            use()
+
+
+def test_a_method_that_is_simply_missing_still_says_what_to_install(core_alone):
+    with pytest.raises(adapters.MethodNotInstalledError) as caught:
+        adapters.SeqBnConfig  # noqa: B018
+    assert "pip install adapters-bottleneck" in str(caught.value)
+    assert "refused" not in str(caught.value)

@@ -29,3 +29,7 @@ class HiddenScaleConfig(AdapterConfig):
         # A list (from JSON or a config string) becomes a tuple: configs compare equal after a
         # save/load round trip and stay hashable.
         object.__setattr__(self, "layers", tuple(self.layers))
+
+
+#: The presets this plugin declares (the method's default first).
+PRESETS = {"hidden_scale": HiddenScaleConfig()}

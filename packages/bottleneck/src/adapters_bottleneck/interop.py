@@ -483,3 +483,7 @@ ADAPTERHUB_FORMAT = CheckpointFormat(
     write_fusion=write_fusion,
     write_options=WRITE_OPTIONS,
 )
+
+
+#: The checkpoint formats this plugin registers (``adapters_register_checkpoint_formats``).
+FORMATS = (ADAPTERHUB_FORMAT,)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
-import torch
 from torch import nn
 
 from adapters.plugin import (
@@ -24,10 +22,11 @@ from adapters.plugin import (
     Stack,
     SubBlockSite,
     hookimpl,
+    made_like,
 )
 
 from . import interop
-from .config import CONFIG_CLASSES, PRESETS, BnConfig
+from .config import CLASS_ALIASES, CONFIG_CLASSES, PRESETS, BnConfig
 from .layer import BottleneckAdapter, BottleneckFusion, PHMShared, invertible_adapter
 from .placement import (
     HOST_NAMES,
@@ -97,14 +96,16 @@ def adapters_register_methods(register: Callable[[MethodSpec], None]) -> None:
             presets=dict(PRESETS),
             compositions=(Stack, BatchSplit, Average, Split, Fuse),
             can_merge=False,
+            class_aliases=dict(CLASS_ALIASES),
         )
     )
 
 
 @hookimpl
 def adapters_register_checkpoint_formats(register: Callable[[CheckpointFormat], None]) -> None:
-    """Declare the AdapterHub bottleneck reader and writer."""
-    register(interop.ADAPTERHUB_FORMAT)
+    """Declare the AdapterHub bottleneck reader and writer (`interop.FORMATS`)."""
+    for fmt in interop.FORMATS:
+        register(fmt)
 
 
 def plan(sites: ModelSites, config: BnConfig) -> list[Placement]:
@@ -216,7 +217,7 @@ def adapters_add_adapter(
     created: dict[str, nn.Module] = {}
     shared = None
     if config.phm_layer and (config.shared_phm_rule or config.shared_W_phm) and placements:
-        shared = _made_like(
+        shared = made_like(
             sites.base_model.module,
             PHMShared,
             config,
@@ -235,7 +236,7 @@ def adapters_add_adapter(
             placement.layer.layer.path,
             placement.sub_block,
         )
-        adapter = _made_like(
+        adapter = made_like(
             placement.layer.layer.module,
             BottleneckAdapter,
             placement.hidden,
@@ -250,7 +251,7 @@ def adapters_add_adapter(
         embeddings = sites.embeddings
         assert embeddings is not None
         width = _embedding_width(embeddings.module)
-        block = _made_like(embeddings.module, invertible_adapter, width, config)
+        block = made_like(embeddings.module, invertible_adapter, width, config)
         inv = InvertibleHost.attach(embeddings.module, INV_HOST, model)
         inv.add_unit(name, block)
         created[invertible_key(sites)] = block
@@ -316,7 +317,7 @@ def adapters_add_fusion(
     created: dict[str, nn.Module] = {}
     for key, host in hosts:
         like = host.adapters[children[-1]]
-        fusion = _made_like(like, BottleneckFusion, like.hidden, config)
+        fusion = made_like(like, BottleneckFusion, like.hidden, config)
         host.add_fusion(name, fusion)
         created[f"{key}.fusion"] = fusion
     return created
@@ -358,27 +359,3 @@ def _embedding_width(module: nn.Module) -> int:
         f"cannot tell the width of the embeddings module {type(module).__name__}; "
         "model_embeddings must name an nn.Embedding (or a module with embedding_dim)"
     )
-
-
-M = TypeVar("M", bound=nn.Module)
-
-
-def _made_like(like: nn.Module, build: Callable[..., M], *args: Any) -> M:
-    """``build(*args)`` run on the CPU, where seeded generators draw, whatever ``torch.device``
-    context the caller has open (``with torch.device("cuda")`` or ``"meta"``), then placed
-    like ``like`` (`_place_like`): seeded weights are equal on every device."""
-    with torch.device("cpu"):
-        module = build(*args)
-    _place_like(module, like)
-    return module
-
-
-def _place_like(module: nn.Module, like: nn.Module) -> None:
-    """Move ``module`` to ``like``'s device; float32 weights (float64 in a float64 model)."""
-    device, dtype = None, None
-    for tensor in (*like.parameters(), *like.buffers()):
-        if tensor.is_floating_point():
-            device, dtype = tensor.device, tensor.dtype
-            break
-    target = torch.promote_types(dtype or torch.float32, torch.float32)
-    module.to(device=device, dtype=target)

@@ -65,6 +65,35 @@ if TYPE_CHECKING:
     from .sites import AttentionSite, ModelSites, SubBlockSite
 
 H = TypeVar("H", bound="AdapterHost")
+M = TypeVar("M", bound=nn.Module)
+
+
+def placement_of(module: nn.Module) -> tuple[torch.device | None, torch.dtype]:
+    """Where the adapters of ``module`` go: the device of its first floating parameter or
+    buffer (None when it has none), and float32, or float64 in a float64 model (never half
+    precision: core applies ``add_adapter(..., adapter_dtype=...)`` afterwards)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, torch.promote_types(tensor.dtype, torch.float32)
+    return None, torch.float32
+
+
+def made_like(
+    like: nn.Module,
+    build: Callable[..., M],
+    *args: Any,
+    dtype: torch.dtype | None = None,
+    **kwargs: Any,
+) -> M:
+    """``build(*args, **kwargs)`` (a unit's constructor) run on the CPU, where seeded
+    ``torch.Generator``s draw, whatever ``torch.device`` context the caller has open (``with
+    torch.device("cuda")`` or ``"meta"``), then moved to `placement_of(like)` (``dtype``
+    overrides the dtype): seeded weights are equal on every device. The one placement policy
+    of every first-party plugin."""
+    with torch.device("cpu"):
+        module = build(*args, **kwargs)
+    device, default_dtype = placement_of(like)
+    return module.to(device=device, dtype=dtype or default_dtype)
 
 
 @runtime_checkable

@@ -11,13 +11,14 @@ exported here is the plugin contract, versioned by `CONTRACT_VERSION` (minor ver
 The groups, as the plugin guide (``docs/writing-a-plugin.md``) teaches them:
 
 - declaring a plugin: `hookimpl`, `CONTRACT_VERSION`, `MethodSpec`, `CheckpointFormat`;
-- configs: `AdapterConfig`, `AdapterFusionConfig`;
+- configs: `AdapterConfig`, `AdapterFusionConfig`, `ACTIVATIONS` (activation functions by name);
 - sites (what ``adapters.init`` resolved the interface to): `ModelSites`, `LayerSite`,
   `ModuleSite`, `ParameterSite`, `AttentionSite`, `SubBlockSite`, `projection_shape`;
 - the forward pass: `AdapterHost`, the one way in (``add_hook``, ``add_sub_block_hook``,
   ``add_virtual_tokens``, ``add_kv_prefix``, each returning a `Handle`; units; rollback),
-  `SharedParameters` (parameters shared across layers), `VirtualTokens`, `ForwardContext`,
-  `context_for`, `is_compiling`, `record_undo`;
+  `SharedParameters` (parameters shared across layers), `made_like` / `placement_of` (the one
+  placement policy: build on the CPU, place like the adapted module), `VirtualTokens`,
+  `ForwardContext`, `context_for`, `is_compiling`, `record_undo`;
 - composition: the blocks (`Stack`, `Parallel`, `Fuse`, `Split`, `BatchSplit`, `Average`,
   `PerExample`, `AdapterCompositionBlock`), `apply_setup`, `CompositionHandler`, `Compose`,
   `Rows`, `select_rows`;
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 from ._runtime.averaging import configs_equal_for_average
 from ._runtime.rollback import record_undo
+from .activations import ACTIVATIONS
 from .checkpoint.readers import load_tensor_file, read_json_object, recorded_name
 from .composition import (
     AdapterCompositionBlock,
@@ -53,7 +55,7 @@ from .declarations import CheckpointFormat, MethodSpec
 from .errors import AdaptersError, CheckpointError, CompositionError, ConfigError, InterfaceError
 from .fusion_config import AdapterFusionConfig
 from .hookspecs import CONTRACT_VERSION
-from .hosts import AdapterHost, Handle, SharedParameters
+from .hosts import AdapterHost, Handle, SharedParameters, made_like, placement_of
 from .registry.loading import hookimpl
 from .sites import (
     AttentionSite,
@@ -67,6 +69,7 @@ from .sites import (
 from .virtual import VirtualTokens
 
 __all__ = [
+    "ACTIVATIONS",
     "CONTRACT_VERSION",
     "AdapterCompositionBlock",
     "AdapterConfig",
@@ -105,6 +108,8 @@ __all__ = [
     "hookimpl",
     "is_compiling",
     "load_tensor_file",
+    "made_like",
+    "placement_of",
     "projection_shape",
     "read_json_object",
     "record_undo",

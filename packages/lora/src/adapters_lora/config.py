@@ -212,3 +212,7 @@ class DoRAConfig(LoRAConfig):
     """DoRA (Liu et al., 2024): LoRA with a learned magnitude per output row."""
 
     use_dora: bool = True
+
+
+#: The presets this plugin declares (``"lora"``, the method's default, first).
+PRESETS: dict[str, LoRAConfig] = {"lora": LoRAConfig(), "ia3": IA3Config(), "dora": DoRAConfig()}

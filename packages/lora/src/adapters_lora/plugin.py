@@ -19,9 +19,10 @@ from adapters.plugin import (
     ModuleSite,
     Stack,
     hookimpl,
+    made_like,
 )
 
-from .config import DoRAConfig, IA3Config, LoRAConfig
+from .config import PRESETS, DoRAConfig, IA3Config, LoRAConfig
 from .layer import HOST_ATTR, LoRAHost, LoRAUnit, is_conv1d, weight_out_in
 
 #: The plugin contract version this plugin implements (see adapters.hookspecs).
@@ -227,7 +228,7 @@ def adapters_register_methods(register: Callable[[MethodSpec], None]) -> None:
         MethodSpec(
             name="lora",
             config_classes=(LoRAConfig, IA3Config, DoRAConfig),
-            presets={"lora": LoRAConfig(), "ia3": IA3Config(), "dora": DoRAConfig()},
+            presets=dict(PRESETS),
             compositions=(Stack, BatchSplit, Average),
             can_merge=True,
         )
@@ -236,11 +237,11 @@ def adapters_register_methods(register: Callable[[MethodSpec], None]) -> None:
 
 @hookimpl
 def adapters_register_checkpoint_formats(register: Callable[[Any], None]) -> None:
-    """Declare the PEFT (read/write) and AdapterHub (read) LoRA formats."""
-    from .interop import ADAPTERHUB_FORMAT, PEFT_FORMAT
+    """Declare the PEFT (read/write) and AdapterHub (read) LoRA formats (`interop.FORMATS`)."""
+    from .interop import FORMATS
 
-    register(PEFT_FORMAT)
-    register(ADAPTERHUB_FORMAT)
+    for fmt in FORMATS:
+        register(fmt)
 
 
 @hookimpl
@@ -271,7 +272,9 @@ def adapters_add_adapter(
     for target in targets:
         module = target.site.module
         weight = weight_out_in(module)
-        unit = LoRAUnit(
+        unit = made_like(
+            module,
+            LoRAUnit,
             int(target.site.in_features),
             int(target.site.out_features),
             target.slices,
@@ -280,7 +283,6 @@ def adapters_add_adapter(
             generator,
             scale_input=target.role in config.scale_inputs,
         )
-        unit.to(device=module.weight.device)
         host = LoRAHost.attach(module, HOST_ATTR, model)
         host.add_unit(name, unit)
         created[target.site.path] = unit

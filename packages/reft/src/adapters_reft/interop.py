@@ -26,6 +26,7 @@ from torch import nn
 from adapters.plugin import (
     AdapterConfig,
     CheckpointError,
+    CheckpointFormat,
     LayerSite,
     ModelSites,
     load_tensor_file,
@@ -248,3 +249,16 @@ def _orthogonal_weight(path: str, unit: dict[str, torch.Tensor]) -> torch.Tensor
         ) from None
     with torch.no_grad():
         return holder.weight.detach().clone()
+
+
+#: The checkpoint formats this plugin registers (``adapters_register_checkpoint_formats``).
+FORMATS = (
+    CheckpointFormat(
+        name=FORMAT_NAME,
+        methods=("reft",),
+        aliases=FORMAT_ALIASES,
+        detect=detect_adapterhub,
+        read=read_adapterhub,
+        saved_name=saved_name,
+    ),
+)

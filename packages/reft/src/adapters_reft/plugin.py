@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-import torch
 from torch import nn
 
 from adapters.plugin import (
@@ -19,6 +18,8 @@ from adapters.plugin import (
     ModelSites,
     Stack,
     hookimpl,
+    made_like,
+    placement_of,
 )
 
 from . import interop
@@ -99,17 +100,9 @@ def adapters_register_methods(register: Callable[[MethodSpec], None]) -> None:
 
 @hookimpl
 def adapters_register_checkpoint_formats(register: Callable[[CheckpointFormat], None]) -> None:
-    """Declare the AdapterHub ReFT reader."""
-    register(
-        CheckpointFormat(
-            name=interop.FORMAT_NAME,
-            methods=("reft",),
-            aliases=interop.FORMAT_ALIASES,
-            detect=interop.detect_adapterhub,
-            read=interop.read_adapterhub,
-            saved_name=interop.saved_name,
-        )
-    )
+    """Declare the AdapterHub ReFT reader (`interop.FORMATS`)."""
+    for fmt in interop.FORMATS:
+        register(fmt)
 
 
 @hookimpl
@@ -149,10 +142,11 @@ def adapters_add_adapter(
     for layer, hidden_size in plan:
         module = layer.layer.module
         host = ReftHost.attach(module, HOST_ATTR, model, layer.layer.path)
-        device, layer_dtype = _placement_of(module)
         # dtype=None: float32, or float64 in a float64 model (never half precision).
-        dtype = chosen_dtype or torch.promote_types(layer_dtype or torch.float32, torch.float32)
-        intervention = ReftIntervention(hidden_size, config, dtype, device)
+        dtype = chosen_dtype or placement_of(module)[1]
+        intervention = made_like(
+            module, ReftIntervention, hidden_size, config, dtype, None, dtype=dtype
+        )
         host.add_unit(name, intervention)
         for key, unit in zip(unit_keys(layer, config), intervention.units):
             created[key] = unit
@@ -173,11 +167,3 @@ def adapters_delete_adapter(
         if host.is_empty:
             host.detach()
     return True
-
-
-def _placement_of(module: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
-    """The device and floating dtype of a layer's first parameter (or buffer)."""
-    for tensor in (*module.parameters(), *module.buffers()):
-        if tensor.is_floating_point():
-            return tensor.device, tensor.dtype
-    return None, None
