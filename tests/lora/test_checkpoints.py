@@ -168,7 +168,7 @@ def test_peft_config_is_converted():
         ("bias", "all", "bias='all'"),
         ("rank_pattern", {"q_proj": 8}, "rank_pattern"),
         ("modules_to_save", ["lm_head"], "modules_to_save"),
-        ("peft_type", "LOHA", "not LoRA"),
+        ("peft_type", "LOHA", "install the plugin that reads it"),  # not claimed by lora
         ("peft_type", "IA3", "not an IA3 vector"),
     ],
 )

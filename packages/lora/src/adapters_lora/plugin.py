@@ -282,6 +282,7 @@ def adapters_add_adapter(
             weight.detach(),  # only DoRA reads it (a norm per row, on its device)
             generator,
             scale_input=target.role in config.scale_inputs,
+            dtype=config.torch_dtype or weight.dtype,  # the config's dtype, else the weight's
         )
         host = LoRAHost.attach(module, HOST_ATTR, model)
         host.add_unit(name, unit)
