@@ -18,8 +18,9 @@ from tests.compiling import (  # noqa: F401  (fresh_dynamo: an autouse fixture)
     compiled,
     fresh_dynamo,
 )
+from tests.upstream import relies_on
 
-from .conftest import init_toy, randomize
+from .conftest import init_toy, llama, randomize
 
 MASK = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
 
@@ -136,14 +137,14 @@ def test_adapter_setup_in_another_thread_is_not_seen_in_eager_mode(toy_plugins, 
 
 
 def test_compiled_training_step_equals_eager(toy_plugins, ids):
-
     model = init_toy()
     model.add_adapter("a", config="toy_lora")
     model.add_adapter("s", config="toy_shift[prefix=2]")
     randomize(model, "a")
     randomize(model, "s", seed=3)
     model.train_adapter(["a", "s"])
-    eager_grads = check_training_step_compiled_equals_eager(model, ids, MASK)
+    with relies_on("compiled_training", llama):
+        eager_grads = check_training_step_compiled_equals_eager(model, ids, MASK)
     assert len(eager_grads) == 10
 
 
@@ -166,10 +167,12 @@ def test_compiled_training_with_activation_checkpointing_equals_eager(toy_plugin
         loss.backward()
         return {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
 
-    eager, fast_grads = grads(model, model), grads(fast, twin)
-    assert sorted(eager) == sorted(fast_grads) and eager
-    for name, grad in eager.items():
-        torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=0)
+    # transformers 5.25.0 cannot do this for the plain Llama either (docs/compatibility.md)
+    with relies_on("compiled_checkpointed_training", llama):
+        eager, fast_grads = grads(model, model), grads(fast, twin)
+        assert sorted(eager) == sorted(fast_grads) and eager
+        for name, grad in eager.items():
+            torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=0)
 
 
 def test_example_plugin_compiles_fullgraph(ids):

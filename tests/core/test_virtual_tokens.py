@@ -17,6 +17,7 @@ from adapters import AdapterModelInterface, InterfaceError, plugins
 from adapters.context import context_for
 
 from .. import models
+from ..upstream import relies_on
 from .conftest import SEED_INTERFACE, llama
 from .toy_prompt import METHOD, N, ToyPromptConfig, ToyPromptPlugin, set_prompt
 
@@ -186,13 +187,13 @@ def test_generate_with_a_cache_equals_uncached_steps(plugin, padded):
     if not padded:
         mask = torch.ones_like(mask)
     kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
+    with relies_on("cached_generation", llama), torch.no_grad():
         cached = model.generate(ids, attention_mask=mask, **kwargs)
         uncached = model.generate(ids, attention_mask=mask, use_cache=False, **kwargs)
         tokens = models.greedy_uncached(model, ids, mask, 5)
         with adapters.AdapterSetup(None):
             base = model.generate(ids, attention_mask=mask, **kwargs)
-    assert torch.equal(cached, tokens) and torch.equal(uncached, tokens)
+        assert torch.equal(cached, tokens) and torch.equal(uncached, tokens)
     assert cached.shape == (2, 11)
     assert not torch.equal(cached, base)
 

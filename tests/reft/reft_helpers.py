@@ -32,11 +32,13 @@ def init_quietly(model: torch.nn.Module, interface: AdapterModelInterface) -> to
         return adapters.init(model, interface=interface)
 
 
+def plain_tiny_llama(seed: int = 0, layers: int = 2) -> torch.nn.Module:
+    """The Llama ``tiny_llama`` adapts, without adapters (for ``tests.upstream``)."""
+    return models.llama(seed, num_hidden_layers=layers, pad_token_id=0, attn_implementation="eager")
+
+
 def tiny_llama(seed: int = 0, layers: int = 2) -> torch.nn.Module:
-    model = models.llama(
-        seed, num_hidden_layers=layers, pad_token_id=0, attn_implementation="eager"
-    )
-    return init_quietly(model, decoder_interface())
+    return init_quietly(plain_tiny_llama(seed, layers), decoder_interface())
 
 
 def randomise(model: torch.nn.Module, name: str, scale: float = 0.5, seed: int = 1) -> None:
