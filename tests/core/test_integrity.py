@@ -320,6 +320,20 @@ def test_bad_trainable_weights_are_refused(model, tmp_path, trainer_io, content)
     assert torch.equal(resumed.model.norm.weight, norm) and resumed.adapters_config == {}
 
 
+def test_a_trainer_save_removes_the_temporary_files_of_a_killed_one(model, tmp_path, trainer_io):
+    (tmp_path / "ck").mkdir()
+    stale = tmp_path / "ck" / (".adapters_checkpoint.json.tmp-" + "0" * 32)
+    stale.write_text("{")
+    trainer_io.save_training_checkpoint(_trained(model), str(tmp_path / "ck"))
+    assert not stale.exists()
+    assert sorted(os.listdir(tmp_path / "ck")) == [
+        "adapters",
+        "adapters_checkpoint.json",
+        "fusions",
+        "trainable_weights.safetensors",
+    ]
+
+
 def test_a_resume_restores_adapters_fusions_weights_and_setup(fusable, tmp_path):
     pytest.importorskip("transformers")
     from adapters.tools.trainer import load_training_checkpoint, save_training_checkpoint
@@ -596,6 +610,22 @@ def test_meta_device_models_are_refused_with_the_fix(tmp_path):
     with pytest.raises(CheckpointError, match="meta device"):
         empty.save_adapter(str(tmp_path / "m"), "m")
     assert not os.path.exists(tmp_path / "m")
+
+
+@pytest.mark.parametrize("content", ["nan", "garbage", "ints"])
+def test_embedding_files_are_checked_too(model, tmp_path, content):
+    folder = tmp_path / "emb"
+    folder.mkdir()
+    path = str(folder / "embedding.safetensors")
+    if content == "garbage":
+        (folder / "embedding.safetensors").write_bytes(b"\x07" * 40)
+    elif content == "nan":
+        save_file({"weight": torch.full((5, 32), float("nan"))}, path)
+    else:
+        save_file({"weight": torch.zeros(5, 32, dtype=torch.int64)}, path)
+    with pytest.raises(CheckpointError):
+        model.load_embeddings(str(folder), "e")
+    assert model.active_embeddings == "default"
 
 
 # -- 7. plugins cannot take the process down ---------------------------------------------------------

@@ -199,10 +199,15 @@ def load_model(
         before = identity(path)
         try:
             result = _load_model_once(path, model_class, interface, dict(kwargs))
-        except (CheckpointError, OSError):
-            if identity(path) != before and attempt + 1 < READ_ATTEMPTS:
+        except Exception as error:  # from_pretrained raises many types for a vanished file
+            if identity(path) == before:
+                raise
+            if attempt + 1 < READ_ATTEMPTS:
                 continue  # a save replaced the folder meanwhile: load the new one
-            raise
+            raise CheckpointError(
+                f"{path!r} was replaced by a save while being loaded ({type(error).__name__}: "
+                f"{error}); try again once the saves are done"
+            ) from error
         if identity(path) == before:
             return result
     raise CheckpointError(

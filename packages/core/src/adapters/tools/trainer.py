@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +69,10 @@ TRAINABLE_WEIGHTS = "trainable_weights.safetensors"
 ADAPTERS_DIR = "adapters"
 FUSIONS_DIR = "fusions"
 _TRAINING_ARGS = "training_args.bin"  # transformers.trainer.TRAINING_ARGS_NAME
+#: The temporary files `_write_file` makes (removed by the next save if a save was killed).
+_TEMPORARY = re.compile(
+    r"^\.(trainable_weights\.safetensors|adapters_checkpoint\.json)\.tmp-[0-9a-f]{32}$"
+)
 
 
 class AdapterTrainer(Trainer):
@@ -154,6 +159,9 @@ def save_training_checkpoint(model: nn.Module, directory: str) -> None:
     files by writing a temporary file and renaming it; the index is written last and records
     the sha256 of ``trainable_weights.safetensors``."""
     os.makedirs(directory, exist_ok=True)
+    for stale in os.listdir(directory):  # temporary files of a save that was killed
+        if _TEMPORARY.match(stale):
+            os.remove(os.path.join(directory, stale))
     names = list(model.adapters_config)  # type: ignore[attr-defined]
     model.save_all_adapters(os.path.join(directory, ADAPTERS_DIR))  # type: ignore[attr-defined]
     fusions = list(model.adapter_fusions)  # type: ignore[attr-defined]
