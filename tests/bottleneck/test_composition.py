@@ -185,5 +185,7 @@ def test_direct_path_equals_the_packed_composition(post_ln, setup):
         direct = host._direct(setup, h, r)
         assert direct is not None
         packed = host.compose(BatchSplit(setup, setup, batch_sizes=[1, 1]), h, r)
-        torch.testing.assert_close(direct, packed, atol=1e-6, rtol=0)
+        # the two paths add the same terms in another order: a few float32 ULPs of outputs
+        # around 6 (measured 1.4e-6 with torch 2.13's CPU kernels), nothing more
+        torch.testing.assert_close(direct, packed, atol=1e-6, rtol=1e-6)
         assert not torch.allclose(direct, h)

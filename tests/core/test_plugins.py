@@ -10,7 +10,7 @@ import adapters
 from adapters import AdapterConfig, CheckpointFormat, MethodSpec, cli, hookimpl, hookspecs, plugins
 from adapters.errors import PluginConflictError, PluginContractError, PluginError
 
-from .conftest import ToyLoRAPlugin, init_toy, llama
+from .conftest import SEED_INTERFACE, ToyLoRAPlugin, init_toy, llama
 from .toy_plugins import ToyLoRAConfig
 
 
@@ -114,7 +114,7 @@ def _declaring(version):
 
 @pytest.mark.parametrize(
     ("declared", "fix"),
-    [("2.0", "upgrade adapters-core"), ("1.1", "upgrade adapters-core"), ("0.9", "upgrade the")],
+    [("2.0", "upgrade adapters-core"), ("1.2", "upgrade adapters-core"), ("0.9", "upgrade the")],
 )
 def test_an_incompatible_contract_is_refused_naming_both_versions_and_the_fix(
     monkeypatch, declared, fix
@@ -129,7 +129,7 @@ def test_an_incompatible_contract_is_refused_naming_both_versions_and_the_fix(
         assert error.name == "newer" and error.kind == "contract"
         assert error.error.startswith("PluginContractError: plugin 'newer' (adapters-newer 3.0)")
         assert f"implements plugin contract {declared}" in error.error
-        assert "serves contract 1.0" in error.error and fix in error.error
+        assert "serves contract 1.1" in error.error and fix in error.error
         assert list(registry.methods) == ["toy_shift"]  # the others still load
         assert registry.pm.get_plugin("newer") is None
     finally:
@@ -166,8 +166,8 @@ def test_an_undeclared_plugin_is_refused_as_written_for_0_1():
         registry.register(UndeclaredPlugin(), "old")
     message = str(caught.value)
     assert "plugin 'old' (in-process) declares no plugin contract version" in message
-    assert "adapters 0.1" in message and "serves contract 1.0" in message
-    assert 'ADAPTERS_CONTRACT = "1.0"' in message
+    assert "adapters 0.1" in message and "serves contract 1.1" in message
+    assert 'ADAPTERS_CONTRACT = "1.1"' in message
     assert registry.methods == {} and registry.presets == {}
     assert registry.pm.get_plugin("old") is None
 
@@ -590,7 +590,9 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_core_has_no_import_cycle():
     graph = _core_import_graph()
     loading = "adapters.registry.loading"
-    assert {"adapters.configs", loading, "adapters.hookspecs", "adapters.declarations"} <= set(graph)
+    assert {"adapters.configs", loading, "adapters.hookspecs", "adapters.declarations"} <= set(
+        graph
+    )
     assert loading not in graph["adapters.configs"] and loading not in graph["adapters.hookspecs"]
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
 
@@ -614,3 +616,57 @@ def test_the_plugin_guide_documents_every_field_a_plugin_touches():
     for hook in (n for n in dir(hookspecs) if n.startswith("adapters_")):
         assert f"`{hook}`" in text, hook
     assert "ADAPTERS_CONTRACT" in text and "get_adapter" in text
+
+
+# -- a refused plugin is explained wherever its method is named ---------------------------------
+class OldBottleneck:
+    """An installed adapters-bottleneck written for adapters 0.1 (no ADAPTERS_CONTRACT)."""
+
+    @hookimpl
+    def adapters_register_methods(self, register):
+        register(MethodSpec("bottleneck", (OldConfig,)))
+
+
+@pytest.fixture
+def refused_bottleneck(monkeypatch):
+    eps = [FakeEntryPoint("bottleneck", OldBottleneck(), ("adapters-bottleneck", "0.1.0"))]
+    yield _install(monkeypatch, eps)
+    monkeypatch.undo()
+    plugins.reload_plugins()
+
+
+REFUSED = "installed but was refused when plugins were loaded: PluginContractError"
+
+
+def test_init_names_the_refusal_not_a_missing_install(refused_bottleneck):
+    model = llama()
+    interface = adapters.AdapterModelInterface(
+        **{**SEED_INTERFACE, "adapter_methods": ["bottleneck"]}
+    )
+    with pytest.warns(UserWarning) as caught:
+        adapters.init(model, interface=interface)
+    message = str(caught[0].message)
+    assert "enables adapter method 'bottleneck', which comes from plugin 'bottleneck' " in message
+    assert "(adapters-bottleneck), which is installed but was refused" in message
+    assert REFUSED in message and "declares no plugin contract version" in message
+    assert "pip install adapters-bottleneck" not in message
+
+
+def test_add_adapter_and_config_names_give_the_refusal(refused_bottleneck):
+    model = llama()
+    interface = adapters.AdapterModelInterface(**{**SEED_INTERFACE, "adapter_methods": ["lora"]})
+    adapters.init(model, interface=interface)
+    for use in (
+        lambda: model.add_adapter("x", config="seq_bn"),
+        lambda: adapters.SeqBnConfig,
+        lambda: adapters.PfeifferConfig,
+    ):
+        with pytest.raises(adapters.MethodNotInstalledError, match=REFUSED):
+            use()
+
+
+def test_a_method_that_is_simply_missing_still_says_what_to_install(core_alone):
+    with pytest.raises(adapters.MethodNotInstalledError) as caught:
+        adapters.SeqBnConfig  # noqa: B018
+    assert "pip install adapters-bottleneck" in str(caught.value)
+    assert "refused" not in str(caught.value)

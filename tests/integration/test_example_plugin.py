@@ -155,5 +155,5 @@ def test_an_installed_0_1_plugin_is_refused_and_the_example_still_loads(tmp_path
         "FAILED to load plugin 'old_plugin' (adapters-old): PluginContractError: plugin "
         "'old_plugin' (adapters-old 1.0) declares no plugin contract version"
     ) in out.stderr
-    assert "serves contract 1.0" in out.stderr
+    assert "serves contract 1.1" in out.stderr
     assert "hidden_scale" in out.stdout

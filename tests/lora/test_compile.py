@@ -83,11 +83,18 @@ def test_compiled_model_follows_merge_and_reset():
     model.set_active_adapters("a")
     fast = compiled(model)
     unmerged = logits(fast)
+    with AdapterSetup(None):
+        base = logits(fast)
+    assert (unmerged - base).abs().max() > 1e-3
     model.merge_adapter("a")  # the unit must not be applied a second time
     torch.testing.assert_close(logits(fast), logits(model), atol=1e-5, rtol=0)
     torch.testing.assert_close(logits(fast), unmerged, atol=1e-4, rtol=0)
+    with AdapterSetup(None):  # merged: the weights themselves carry the adapter now
+        torch.testing.assert_close(logits(fast), unmerged, atol=1e-4, rtol=0)
     model.reset_adapter("a")
     torch.testing.assert_close(logits(fast), unmerged, atol=1e-5, rtol=0)
+    with AdapterSetup(None):
+        torch.testing.assert_close(logits(fast), base, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("config", CONFIGS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from adapters import AdapterConfig, ConfigError
+from adapters.plugin import AdapterConfig, ConfigError
 
 
 @dataclass(frozen=True)
@@ -29,3 +29,7 @@ class HiddenScaleConfig(AdapterConfig):
         # A list (from JSON or a config string) becomes a tuple: configs compare equal after a
         # save/load round trip and stay hashable.
         object.__setattr__(self, "layers", tuple(self.layers))
+
+
+#: The presets this plugin declares (the method's default first).
+PRESETS = {"hidden_scale": HiddenScaleConfig()}

@@ -6,9 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adapters.composition import Rows, apply_setup
-from adapters.context import context_for
-from adapters.hosts import AdapterHost
+from adapters.plugin import AdapterHost, Rows, apply_setup, context_for
 
 
 class ScaleUnit(nn.Module):

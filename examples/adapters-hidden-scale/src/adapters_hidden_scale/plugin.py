@@ -3,13 +3,13 @@ as plain module functions; the ``adapters.methods`` entry point names this modul
 
 from __future__ import annotations
 
-from adapters import Average, BatchSplit, MethodSpec, Stack, hookimpl
+from adapters.plugin import Average, BatchSplit, MethodSpec, Stack, hookimpl, made_like
 
-from .config import HiddenScaleConfig
+from .config import PRESETS, HiddenScaleConfig
 from .layer import ScaleHost, ScaleUnit
 
 #: The plugin contract version this plugin implements (see adapters.hookspecs).
-ADAPTERS_CONTRACT = "1.0"
+ADAPTERS_CONTRACT = "1.1"
 
 
 def _layers(sites, config: HiddenScaleConfig):
@@ -26,7 +26,7 @@ def adapters_register_methods(register) -> None:
         MethodSpec(
             name="hidden_scale",
             config_classes=(HiddenScaleConfig,),
-            presets={"hidden_scale": HiddenScaleConfig()},
+            presets=dict(PRESETS),
             compositions=(Stack, BatchSplit, Average),
         )
     )
@@ -35,23 +35,18 @@ def adapters_register_methods(register) -> None:
 @hookimpl
 def adapters_add_adapter(model, sites, name, config):
     """Give each adapted layer a `ScaleUnit` for ``name`` (and a `ScaleHost` on first use)."""
-    if not isinstance(config, HiddenScaleConfig):
-        return None
     created = {}
     for layer in _layers(sites, config):
         module = layer.layer.module
         host = ScaleHost.attach(module, "hidden_scale", model)  # child module + hook
-        weight = next(module.parameters(), None)  # sit where the layer's weights are
-        where = {} if weight is None else {"device": weight.device, "dtype": weight.dtype}
-        created[layer.layer.path] = host.add_unit(name, ScaleUnit(layer.hidden_size, **where))
+        unit = made_like(module, ScaleUnit, layer.hidden_size)  # placed like the layer
+        created[layer.layer.path] = host.add_unit(name, unit)
     return created
 
 
 @hookimpl
 def adapters_delete_adapter(model, sites, name, config):
     """Remove ``name``'s units; a layer left with none loses its host and hook."""
-    if not isinstance(config, HiddenScaleConfig):
-        return None
     for layer in _layers(sites, config):
         module = layer.layer.module
         host = module.hidden_scale

@@ -16,27 +16,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from adapters import AdapterConfig
-from adapters.errors import ConfigError
+from adapters.plugin import ACTIVATIONS, AdapterConfig, ConfigError
 
 #: Activation names accepted for ``non_linearity`` (lower-case; transformers' names).
-NON_LINEARITIES = (
-    "linear",
-    "identity",
-    "relu",
-    "gelu",
-    "gelu_new",
-    "gelu_pytorch_tanh",
-    "gelu_fast",
-    "quick_gelu",
-    "silu",
-    "swish",
-    "tanh",
-    "sigmoid",
-    "leakyrelu",
-    "mish",
-    "elu",
-)
+NON_LINEARITIES = tuple(ACTIVATIONS)
 INIT_WEIGHTS = ("bert", "mam_adapter", "houlsby", "lora")
 SCALING_MODES = ("learned", "channel")
 INV_ADAPTERS = ("nice", "glow")
@@ -418,6 +401,14 @@ HoulsbyConfig = DoubleSeqBnConfig
 ParallelConfig = ParBnConfig
 PfeifferInvConfig = SeqBnInvConfig
 HoulsbyInvConfig = DoubleSeqBnInvConfig
+#: AdapterHub's names of the same classes (``adapters.PfeifferConfig`` resolves through them).
+CLASS_ALIASES = {
+    "PfeifferConfig": SeqBnConfig,
+    "HoulsbyConfig": DoubleSeqBnConfig,
+    "ParallelConfig": ParBnConfig,
+    "PfeifferInvConfig": SeqBnInvConfig,
+    "HoulsbyInvConfig": DoubleSeqBnInvConfig,
+}
 
 
 def _is_int(value: object) -> bool:

@@ -46,11 +46,15 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from adapters import CheckpointFormat
-from adapters.checkpoint.readers import load_tensor_file, read_json_object, recorded_name
-from adapters.configs import AdapterConfig
-from adapters.errors import CheckpointError
-from adapters.sites import ModelSites
+from adapters.plugin import (
+    AdapterConfig,
+    CheckpointError,
+    CheckpointFormat,
+    ModelSites,
+    load_tensor_file,
+    read_json_object,
+    recorded_name,
+)
 
 from .config import BnConfig
 
@@ -497,3 +501,7 @@ ADAPTERHUB_FORMAT = CheckpointFormat(
     write_fusion=write_fusion,
     write_options=WRITE_OPTIONS,
 )
+
+
+#: The checkpoint formats this plugin registers (``adapters_register_checkpoint_formats``).
+FORMATS = (ADAPTERHUB_FORMAT,)

@@ -18,39 +18,16 @@ How an adapter sits in a sub-block (what it reads, where its output goes) is dec
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from adapters.plugin import ACTIVATIONS
+
 from .config import BnConfig
-
-
-def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
-
-
-_ACTIVATIONS: dict[str, Any] = {
-    "linear": None,
-    "identity": None,
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_new": functools.partial(F.gelu, approximate="tanh"),
-    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
-    "gelu_fast": functools.partial(F.gelu, approximate="tanh"),
-    "quick_gelu": _quick_gelu,
-    "silu": F.silu,
-    "swish": F.silu,
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-    "leakyrelu": F.leaky_relu,
-    "mish": F.mish,
-    "elu": F.elu,
-}
 
 
 class Activation(nn.Module):
@@ -59,7 +36,7 @@ class Activation(nn.Module):
     def __init__(self, name: str) -> None:
         super().__init__()
         self.name = name.lower()
-        self.function = _ACTIVATIONS[self.name]
+        self.function = ACTIVATIONS[self.name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.function is None else self.function(x)

@@ -27,23 +27,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapters._runtime.rollback import record_undo
-from adapters.composition import (
+from adapters.plugin import (
     AdapterCompositionBlock,
+    AdapterHost,
+    AdaptersError,
     Average,
     BatchSplit,
     Compose,
+    CompositionError,
     Fuse,
     PerExample,
     Rows,
     Split,
     Stack,
+    SubBlockSite,
     apply_setup,
+    context_for,
+    record_undo,
 )
-from adapters.context import context_for
-from adapters.errors import AdaptersError, CompositionError
-from adapters.hosts import AdapterHost
-from adapters.sites import SubBlockSite
 
 #: sub-block location (AdapterHub's ``location_key``) -> the host's attribute name on a layer.
 HOST_NAMES = {

@@ -4,27 +4,29 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
-import torch
 from torch import nn
 
-from adapters import (
+from adapters.plugin import (
+    AdapterConfig,
     Average,
     BatchSplit,
     CheckpointFormat,
+    ConfigError,
     Fuse,
+    LayerSite,
     MethodSpec,
+    ModelSites,
+    ModuleSite,
     Split,
     Stack,
+    SubBlockSite,
     hookimpl,
+    made_like,
 )
-from adapters.configs import AdapterConfig
-from adapters.errors import ConfigError
-from adapters.sites import LayerSite, ModelSites, ModuleSite, SubBlockSite
 
 from . import interop
-from .config import CONFIG_CLASSES, PRESETS, BnConfig
+from .config import CLASS_ALIASES, CONFIG_CLASSES, PRESETS, BnConfig
 from .layer import BottleneckAdapter, BottleneckFusion, PHMShared, invertible_adapter
 from .placement import (
     HOST_NAMES,
@@ -35,7 +37,7 @@ from .placement import (
 )
 
 #: The plugin contract version this plugin implements (see adapters.hookspecs).
-ADAPTERS_CONTRACT = "1.0"
+ADAPTERS_CONTRACT = "1.1"
 
 #: core's sub-block kind per location.
 _SUB_BLOCKS = {"mh_adapter": "self_attn", "cross_adapter": "cross_attn", "output_adapter": "ffn"}
@@ -94,14 +96,16 @@ def adapters_register_methods(register: Callable[[MethodSpec], None]) -> None:
             presets=dict(PRESETS),
             compositions=(Stack, BatchSplit, Average, Split, Fuse),
             can_merge=False,
+            class_aliases=dict(CLASS_ALIASES),
         )
     )
 
 
 @hookimpl
 def adapters_register_checkpoint_formats(register: Callable[[CheckpointFormat], None]) -> None:
-    """Declare the AdapterHub bottleneck reader and writer."""
-    register(interop.ADAPTERHUB_FORMAT)
+    """Declare the AdapterHub bottleneck reader and writer (`interop.FORMATS`)."""
+    for fmt in interop.FORMATS:
+        register(fmt)
 
 
 def plan(sites: ModelSites, config: BnConfig) -> list[Placement]:
@@ -197,8 +201,6 @@ def adapters_add_adapter(
 ) -> dict[str, nn.Module] | None:
     """Create the adapter's modules at every planned sub-block (and its invertible and shared
     parts), hooking each layer's own sites."""
-    if not isinstance(config, BnConfig):
-        return None
     if hasattr(nn.ModuleDict(), name) or "." in name:
         raise ConfigError(
             f"adapter name {name!r} cannot be used for a bottleneck adapter: it is an "
@@ -215,7 +217,7 @@ def adapters_add_adapter(
     created: dict[str, nn.Module] = {}
     shared = None
     if config.phm_layer and (config.shared_phm_rule or config.shared_W_phm) and placements:
-        shared = _made_like(
+        shared = made_like(
             sites.base_model.module,
             PHMShared,
             config,
@@ -234,7 +236,7 @@ def adapters_add_adapter(
             placement.layer.layer.path,
             placement.sub_block,
         )
-        adapter = _made_like(
+        adapter = made_like(
             placement.layer.layer.module,
             BottleneckAdapter,
             placement.hidden,
@@ -249,7 +251,7 @@ def adapters_add_adapter(
         embeddings = sites.embeddings
         assert embeddings is not None
         width = _embedding_width(embeddings.module)
-        block = _made_like(embeddings.module, invertible_adapter, width, config)
+        block = made_like(embeddings.module, invertible_adapter, width, config)
         inv = InvertibleHost.attach(embeddings.module, INV_HOST, model)
         inv.add_unit(name, block)
         created[invertible_key(sites)] = block
@@ -261,8 +263,6 @@ def adapters_delete_adapter(
     model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
 ) -> bool | None:
     """Remove adapter ``name``'s modules; hosts left empty lose their hooks."""
-    if not isinstance(config, BnConfig):
-        return None
     for layer in sites.layers:
         for host_name in HOST_NAMES.values():
             host = getattr(layer.layer.module, host_name, None)
@@ -308,8 +308,6 @@ def adapters_add_fusion(
     method: str,
 ) -> dict[str, nn.Module] | None:
     """Create an AdapterFusion layer at every sub-block where all ``children`` sit."""
-    if method != "bottleneck":
-        return None
     hosts = _fusion_hosts(sites, children)
     if not hosts:
         raise ConfigError(
@@ -319,7 +317,7 @@ def adapters_add_fusion(
     created: dict[str, nn.Module] = {}
     for key, host in hosts:
         like = host.adapters[children[-1]]
-        fusion = _made_like(like, BottleneckFusion, like.hidden, config)
+        fusion = made_like(like, BottleneckFusion, like.hidden, config)
         host.add_fusion(name, fusion)
         created[f"{key}.fusion"] = fusion
     return created
@@ -330,42 +328,12 @@ def adapters_delete_fusion(
     model: nn.Module, sites: ModelSites, name: str, children: list[str], method: str
 ) -> bool | None:
     """Remove fusion layer ``name`` from every sub-block."""
-    if method != "bottleneck":
-        return None
     for layer in sites.layers:
         for host_name in HOST_NAMES.values():
             host = getattr(layer.layer.module, host_name, None)
             if isinstance(host, SubBlockHost) and name in host.fusions:
                 del host.fusions[name]
     return True
-
-
-@hookimpl
-def adapters_fusion_regularization_loss(
-    model: nn.Module,
-    sites: ModelSites,
-    name: str,
-    children: list[str],
-    config: object,
-    method: str,
-) -> object:
-    """``0.01 * ||I - V||^2`` summed over the fusion layer's sub-blocks."""
-    if method != "bottleneck":
-        return None
-    total = None
-    for layer in sites.layers:
-        for host_name in HOST_NAMES.values():
-            host = getattr(layer.layer.module, host_name, None)
-            if isinstance(host, SubBlockHost) and name in host.fusions:
-                term = host.fusions[name].regularization()
-                if term is not None:
-                    total = term if total is None else total + term
-    return total
-
-
-@hookimpl
-def adapters_setup_changed(model: nn.Module, sites: ModelSites, setup: object) -> None:
-    """Nothing to do: the hooks read the setup from the forward context on every call."""
 
 
 def _holder(module: nn.Module, attr: str) -> nn.ModuleDict:
@@ -391,27 +359,3 @@ def _embedding_width(module: nn.Module) -> int:
         f"cannot tell the width of the embeddings module {type(module).__name__}; "
         "model_embeddings must name an nn.Embedding (or a module with embedding_dim)"
     )
-
-
-M = TypeVar("M", bound=nn.Module)
-
-
-def _made_like(like: nn.Module, build: Callable[..., M], *args: Any) -> M:
-    """``build(*args)`` run on the CPU, where seeded generators draw, whatever ``torch.device``
-    context the caller has open (``with torch.device("cuda")`` or ``"meta"``), then placed
-    like ``like`` (`_place_like`): seeded weights are equal on every device."""
-    with torch.device("cpu"):
-        module = build(*args)
-    _place_like(module, like)
-    return module
-
-
-def _place_like(module: nn.Module, like: nn.Module) -> None:
-    """Move ``module`` to ``like``'s device; float32 weights (float64 in a float64 model)."""
-    device, dtype = None, None
-    for tensor in (*like.parameters(), *like.buffers()):
-        if tensor.is_floating_point():
-            device, dtype = tensor.device, tensor.dtype
-            break
-    target = torch.promote_types(dtype or torch.float32, torch.float32)
-    module.to(device=device, dtype=target)

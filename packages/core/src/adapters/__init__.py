@@ -85,12 +85,14 @@ def __getattr__(name: str) -> Any:
         from .errors import MethodNotInstalledError as _Missing
         from .registry.loading import distribution_for, get_registry
 
-        cls = get_registry().config_class_named(name)
+        registry = get_registry()
+        cls = registry.config_class_named(name)
         if cls is not None:
             return cls
         dist = distribution_for(class_name=name)
-        if dist is not None:
-            raise _Missing(f"adapters.{name} needs the {dist} package: pip install {dist}")
+        if dist is not None or registry.refusal_for(class_name=name):
+            missing = f"adapters.{name} needs the {dist} package: pip install {dist}"
+            raise _Missing(registry.unavailable(f"adapters.{name}", missing, class_name=name))
     raise AttributeError(f"module 'adapters' has no attribute {name!r}")
 
 

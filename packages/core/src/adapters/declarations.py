@@ -30,6 +30,9 @@ class MethodSpec:
             ``BatchSplit``, ``Average``, ...). ``Parallel`` is supported whenever ``BatchSplit``
             is, because core implements it by batch replication.
         can_merge: whether ``merge_adapter`` / ``reset_adapter`` work for this method.
+        class_aliases: more names ``adapters.<Name>`` resolves to, for config classes known
+            under another name (AdapterHub's ``PfeifferConfig`` is ``SeqBnConfig``): ``{alias:
+            one of config_classes}``. Owned like class names. (New in contract 1.1.)
         upgrade_key: ``upgrade_key(config, key, format_version) -> key``: for methods whose
             checkpoint keys changed, the current name of a key saved in an older checkpoint
             format (core calls it when loading format 1; keys come without the ``"<method>/"``
@@ -44,6 +47,7 @@ class MethodSpec:
     presets: dict[str, AdapterConfig] = field(default_factory=dict)
     compositions: tuple[type, ...] = ()
     can_merge: bool = False
+    class_aliases: dict[str, type[AdapterConfig]] = field(default_factory=dict)
     upgrade_key: Callable[[AdapterConfig, str, int], str] | None = None
     distribution: str | None = None
     version: str | None = None

@@ -5,9 +5,9 @@ are the specs below, exposed through the entry-point group ``adapters.methods``,
 declares the contract version it implements::
 
     # adapters_mymethod/plugin.py
-    from adapters import hookimpl
+    from adapters.plugin import hookimpl
 
-    ADAPTERS_CONTRACT = "1.0"
+    ADAPTERS_CONTRACT = "1.1"
 
     @hookimpl
     def adapters_register_methods(register): ...
@@ -51,8 +51,13 @@ The life of an adapter, as core drives it:
 6. For a method that declares ``Fuse``: ``add_adapter_fusion`` / ``delete_adapter_fusion`` call
    `adapters_add_fusion` / `adapters_delete_fusion`.
 
-Implementations return ``None`` for configs that are not theirs; for the ``firstresult`` hooks
-core takes the first non-``None`` answer.
+Method-specific hooks (adding, deleting, merging, resetting and averaging adapters; adding and
+deleting fusion layers) are called only on the plugin that owns the method (since contract 1.1;
+`adapters.registry.loading.Registry.call_owner`), so an implementation never sees another
+plugin's config and needs no "not mine" check. Contract-1.0 plugins that still return ``None``
+for configs that are not theirs behave exactly as before.
+
+Everything a plugin may import from core is in one namespace, `adapters.plugin`.
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ if TYPE_CHECKING:
 #: ``ADAPTERS_CONTRACT = "MAJOR.MINOR"`` on its plugin object (module or instance); core serves
 #: it when the majors are equal and the plugin's minor is at most this minor. A minor release
 #: only adds (hooks, keyword arguments, fields); a major release may change or remove.
-CONTRACT_VERSION = "1.0"
+CONTRACT_VERSION = "1.1"
 
 hookspec = pluggy.HookspecMarker("adapters")
 
@@ -125,7 +130,7 @@ def adapters_init_model(model: nn.Module, sites: ModelSites) -> None:
 def adapters_add_adapter(
     model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
 ) -> dict[str, nn.Module] | None:
-    """Create adapter ``name`` for ``config`` if ``config`` belongs to this plugin.
+    """Create adapter ``name`` for ``config`` (a config of a method this plugin owns).
 
     Create the modules, register them as submodules of the model (e.g. a ``ModuleDict`` child of
     the site's module, keyed by adapter name) and attach forward hooks / pre-hooks to the sites'
@@ -137,10 +142,12 @@ def adapters_add_adapter(
     Return a dict mapping *name-independent* keys (use ``site.path``, e.g.
     ``"model.layers.0.self_attn.q_proj"``) to the modules holding this adapter's parameters.
     Core saves ``{key}.{param}`` tensors from them, moves them, freezes/unfreezes them and puts
-    them in the model's train/eval mode. Return ``None`` if ``config`` is not yours.
+    them in the model's train/eval mode.
     Raise `adapters.errors.ConfigError` for options the model cannot support.
 
     .. versionadded:: 1.0
+    .. versionchanged:: 1.1
+       Called only on the plugin that owns the method.
     """
 
 
@@ -149,9 +156,11 @@ def adapters_delete_adapter(
     model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
 ) -> bool | None:
     """Remove adapter ``name``: its modules and hooks. If it is merged, the base weights stay
-    merged (this is how ``merge_and_unload`` is done). Return True, or None if not yours.
+    merged (this is how ``merge_and_unload`` is done). Return True.
 
     .. versionadded:: 1.0
+    .. versionchanged:: 1.1
+       Called only on the plugin that owns the method.
     """
 
 
@@ -160,10 +169,12 @@ def adapters_merge_adapter(
     model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
 ) -> bool | None:
     """Fold adapter ``name`` into the base weights so that the model computes the same outputs
-    with the adapter inactive. Return True when merged; None if not yours. Methods that cannot
+    with the adapter inactive. Return True when merged. Methods that cannot
     merge declare ``MethodSpec(can_merge=False)`` and core raises before calling this.
 
     .. versionadded:: 1.0
+    .. versionchanged:: 1.1
+       Called only on the plugin that owns the method.
     """
 
 
@@ -172,9 +183,11 @@ def adapters_reset_adapter(
     model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
 ) -> bool | None:
     """Undo ``adapters_merge_adapter`` for ``name``: restore the original base weights.
-    Return True, or None if not yours.
+    Return True.
 
     .. versionadded:: 1.0
+    .. versionchanged:: 1.1
+       Called only on the plugin that owns the method.
     """
 
 
@@ -193,10 +206,12 @@ def adapters_average_adapter(
     ``options`` are the strategy's extra keyword arguments (e.g. ``svd_rank``). Return the new
     adapter's config and its tensors under the name-independent keys your
     `adapters_add_adapter` produces for that config; core adds the adapter and loads them
-    (atomically). Return None if the sources are not yours or you do not implement the
+    (atomically). Return None if you do not implement the
     strategy (core then raises). Raise `adapters.errors.ConfigError` for bad options.
 
     .. versionadded:: 1.0
+    .. versionchanged:: 1.1
+       Called only on the plugin that owns the method.
     """
 
 
@@ -209,6 +224,9 @@ def adapters_setup_changed(model: nn.Module, sites: ModelSites, setup: Any) -> N
     `adapters.AdapterSetup` can activate adapters for one block of code without calling this.
 
     .. versionadded:: 1.0
+    .. deprecated:: 1.1
+       Retired: hooks read the setup from the forward context. Core still calls it on
+       contract-1.0 plugins that implement it; new plugins should not.
     """
 
 
@@ -232,9 +250,11 @@ def adapters_add_fusion(
     At forward time evaluate the `adapters.Fuse` block (its ``name`` is the fusion's name) with
     a handler passed to `adapters.composition.apply_setup`. ``config`` is an
     `adapters.fusion_config.AdapterFusionConfig`; raise `adapters.errors.ConfigError` for
-    options you do not support. Return None if ``method`` is not yours.
+    options you do not support.
 
     .. versionadded:: 1.0
+    .. versionchanged:: 1.1
+       Called only on the plugin that owns the method.
     """
 
 
@@ -243,9 +263,11 @@ def adapters_delete_fusion(
     model: nn.Module, sites: ModelSites, name: str, children: list[str], method: str
 ) -> bool | None:
     """Remove fusion layer ``name`` (its modules and any hooks only it needed) if ``method`` is
-    yours (``model.delete_adapter_fusion``). Return True, or None if not yours.
+    yours (``model.delete_adapter_fusion``). Return True.
 
     .. versionadded:: 1.0
+    .. versionchanged:: 1.1
+       Called only on the plugin that owns the method.
     """
 
 
@@ -267,4 +289,8 @@ def adapters_fusion_regularization_loss(
     None if ``method`` is not yours or the layer has nothing to regularise.
 
     .. versionadded:: 1.0
+    .. deprecated:: 1.1
+       Retired: core sums ``regularization()`` of the fusion modules `adapters_add_fusion`
+       returned (a module may define ``regularization() -> Tensor | None``). Core calls this
+       hook, on the owner, only when none of the layer's modules defines it (1.0 plugins).
     """

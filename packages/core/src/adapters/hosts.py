@@ -4,10 +4,14 @@ A host is a child module of the site it adapts (``q_proj.adapters_lora``, a laye
 ``adapters_reft``); it holds one unit per adapter in a ``ModuleDict`` and owns everything a
 method would otherwise re-implement:
 
-- **hooks**: `add_hook` registers a forward hook or pre-hook on any module and keeps its handle
-  (`add_sub_block_hook` does the same for core's sub-block hooks, `adapters.subblocks`);
-  `detach` removes them all (through the handles: copies and pickles of the model keep working,
-  because torch re-binds a handle to the copied model's hook dictionaries);
+- **the one way into the forward pass**: `add_hook` (a forward hook or pre-hook on any module),
+  `add_sub_block_hook` (a sub-block's output with its residual input, `adapters.subblocks`),
+  `add_virtual_tokens` (embeddings prepended to the model input, `adapters.virtual`) and
+  `add_kv_prefix` (keys and values prepended to an attention, `adapters.prefix`). Each returns
+  a `Handle` (an object with ``remove()``) that the host keeps; `remove_hooks` and `detach`
+  remove them all, and a failed core operation removes those it registered (copies and pickles
+  of the model keep working: torch re-binds a hook handle to the copied model's hook
+  dictionaries, and the other handles refer to the copied model);
 - **activity**: `owns` (this host holds the adapter and it is not merged) and `is_active` (the
   setup names one of them), cached per setup object in eager mode so an added but inactive
   adapter costs one hook call that returns at once; under ``torch.compile`` the answer is folded
@@ -33,12 +37,16 @@ Minimal use (the example plugin, ``examples/adapters-hidden-scale``)::
     host.remove_unit(name)
     if host.is_empty:
         host.detach()
+
+Parameters shared across layers (VeRA's random matrices, a prefix-tuning MLP, a model-wide
+prompt) live in a `SharedParameters` host on the base model: one unit per adapter, saved,
+loaded, moved and counted once (see its docstring).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import nn
@@ -49,12 +57,52 @@ from ._runtime.rollback import record_undo
 from .composition import AdapterCompositionBlock
 from .context import is_compiling
 from .errors import ConfigError
+from .prefix import KVPrefixHandle, PrefixProvider, register_kv_prefix
 from .subblocks import SubBlockFn, SubBlockHookHandle, register_hook
+from .virtual import VirtualProvider, VirtualTokensHandle, register_virtual_tokens
 
 if TYPE_CHECKING:
-    from .sites import SubBlockSite
+    from .sites import AttentionSite, ModelSites, SubBlockSite
 
 H = TypeVar("H", bound="AdapterHost")
+M = TypeVar("M", bound=nn.Module)
+
+
+def placement_of(module: nn.Module) -> tuple[torch.device | None, torch.dtype]:
+    """Where the adapters of ``module`` go: the device of its first floating parameter or
+    buffer (None when it has none), and float32, or float64 in a float64 model (never half
+    precision: core applies ``add_adapter(..., adapter_dtype=...)`` afterwards)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, torch.promote_types(tensor.dtype, torch.float32)
+    return None, torch.float32
+
+
+def made_like(
+    like: nn.Module,
+    build: Callable[..., M],
+    *args: Any,
+    dtype: torch.dtype | None = None,
+    **kwargs: Any,
+) -> M:
+    """``build(*args, **kwargs)`` (a unit's constructor) run on the CPU, where seeded
+    ``torch.Generator``s draw, whatever ``torch.device`` context the caller has open (``with
+    torch.device("cuda")`` or ``"meta"``), then moved to `placement_of(like)` (``dtype``
+    overrides the dtype): seeded weights are equal on every device. The one placement policy
+    of every first-party plugin."""
+    with torch.device("cpu"):
+        module = build(*args, **kwargs)
+    device, default_dtype = placement_of(like)
+    return module.to(device=device, dtype=dtype or default_dtype)
+
+
+@runtime_checkable
+class Handle(Protocol):
+    """What every registration into the forward pass returns (`AdapterHost.add_hook`,
+    `~AdapterHost.add_sub_block_hook`, `~AdapterHost.add_virtual_tokens`,
+    `~AdapterHost.add_kv_prefix`): ``remove()`` takes it off the model again (idempotent)."""
+
+    def remove(self) -> None: ...
 
 
 class AdapterHost(nn.Module):
@@ -176,8 +224,27 @@ class AdapterHost(nn.Module):
         record_undo(self.model, handle.remove)
         return handle
 
+    def add_virtual_tokens(self, provider: VirtualProvider) -> VirtualTokensHandle:
+        """`adapters.virtual.register_virtual_tokens` on this host's model: ``provider(ctx)``
+        returns the `adapters.virtual.VirtualTokens` to prepend to the model input at every
+        call (or None). The handle is kept by this host (`remove_hooks`, `detach` and a
+        rollback remove it). ``provider`` should be a bound method of this host."""
+        handle = register_virtual_tokens(self.model, provider)
+        self._handles.append(handle)
+        return handle
+
+    def add_kv_prefix(self, site: AttentionSite, provider: PrefixProvider) -> KVPrefixHandle:
+        """`adapters.prefix.register_kv_prefix` on attention ``site``: ``provider(module)``
+        returns the keys and values to prepend to that attention at every call (or None). The
+        handle is kept by this host (`remove_hooks`, `detach` and a rollback remove it, and
+        with the model's last prefix the model's own attention implementation comes back).
+        ``provider`` should be a bound method of this host."""
+        handle = register_kv_prefix(self.model, site, provider)
+        self._handles.append(handle)
+        return handle
+
     def remove_hooks(self) -> None:
-        """Remove every hook this host registered."""
+        """Remove every hook and registration this host made."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -305,6 +372,44 @@ class AdapterHost(nn.Module):
         original tensor object (unchanged)."""
         parametrize.register_parametrization(module, tensor_name, parametrization)
         record_undo(self.model, lambda: unparametrize(module, tensor_name, parametrization))
+
+
+class SharedParameters(AdapterHost):
+    """The home of an adapter's parameters that several layers share (VeRA's random
+    matrices, a prefix-tuning reparametrisation MLP, a model-wide soft prompt): one host per
+    method, attached to the base model as ``adapters_<method>_shared``, with one unit per
+    adapter and no hook of its own::
+
+        shared = SharedParameters.of(model, sites, "vera")
+        unit = shared.add_unit(name, VeraMatrices(...))  # recorded for rollback
+        created[shared.key] = unit                       # saved, loaded, counted once
+        ...  # per-layer units keep a plain reference: layer_unit.__dict__["shared"] = unit
+
+    Return the unit under `key` from ``adapters_add_adapter`` next to the per-layer units: core
+    then saves its tensors once (under a name-independent key relative to the base model, so
+    the adapter loads on another head class), loads, moves, freezes and counts them once.
+    Per-layer units must not register it as a submodule (that would count and save it once
+    per layer): keep a plain reference, which ``copy.deepcopy`` and ``pickle`` carry along.
+    On delete, `remove_unit` it and `detach` the host when it `is_empty`.
+    """
+
+    def on_attach(self, module: nn.Module) -> None:
+        """No hook: the per-layer hosts read the shared unit."""
+
+    @classmethod
+    def of(cls, model: nn.Module, sites: ModelSites, method: str) -> SharedParameters:
+        """``method``'s shared host on the base model, created (and recorded) on first use."""
+        return cls.attach(sites.base_model.module, f"adapters_{method}_shared", model)
+
+    @property
+    def key(self) -> str:
+        """The name-independent key to return this host's unit of an adapter under: the
+        host's path in the model."""
+        base = self.site_module
+        for path, module in self.model.named_modules():
+            if module is base:
+                return f"{path}.{self.attr_name}" if path else str(self.attr_name)
+        raise RuntimeError(f"{type(self).__name__} is not attached to the model")
 
 
 def unparametrize(module: nn.Module, tensor_name: str, parametrization: nn.Module) -> None:

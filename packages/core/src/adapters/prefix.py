@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ._runtime.rollback import record_undo
 from .errors import InterfaceError
 
 if TYPE_CHECKING:
@@ -185,7 +186,8 @@ def register_kv_prefix(
 ) -> KVPrefixHandle:
     """Prepend ``provider(module)``'s keys and values to the attention of ``site`` at every
     call (return ``None`` from the provider to add nothing, e.g. when no adapter of yours is
-    active). Shapes: ``[batch or 1, num_kv_heads, n, head_dim]`` with ``num_kv_heads`` and
+    active). Plugins call it through `adapters.hosts.AdapterHost.add_kv_prefix`; registered
+    during a core operation that fails, it is removed again. Shapes: ``[batch or 1, num_kv_heads, n, head_dim]`` with ``num_kv_heads`` and
     ``head_dim`` from ``site.require("num_kv_heads", "head_dim")``.
 
     Raises:
@@ -212,4 +214,8 @@ def register_kv_prefix(
     if not current.startswith(_PREFIX):
         _set_implementation(model, _PREFIX + inner)
     module.__dict__.setdefault(_PROVIDERS_ATTR, []).append(provider)
-    return KVPrefixHandle(model, module, provider)
+    handle = KVPrefixHandle(model, module, provider)
+    # a registration made during a failed add_adapter is taken off again, and the model's own
+    # attention implementation comes back with its last provider
+    record_undo(model, handle.remove)
+    return handle

@@ -8,8 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from adapters import AdapterConfig
-from adapters.errors import ConfigError
+from adapters.plugin import AdapterConfig, ConfigError
 
 ATTN_MATRICES = ("q", "k", "v", "o")
 COMPOSITION_MODES = ("add", "scale")
@@ -214,3 +213,7 @@ class DoRAConfig(LoRAConfig):
     """DoRA (Liu et al., 2024): LoRA with a learned magnitude per output row."""
 
     use_dora: bool = True
+
+
+#: The presets this plugin declares (``"lora"``, the method's default, first).
+PRESETS: dict[str, LoRAConfig] = {"lora": LoRAConfig(), "ia3": IA3Config(), "dora": DoRAConfig()}

@@ -26,11 +26,15 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from adapters import CheckpointFormat
-from adapters.checkpoint.readers import load_tensor_file, read_json_object, recorded_name
-from adapters.configs import AdapterConfig
-from adapters.errors import CheckpointError
-from adapters.sites import ModelSites
+from adapters.plugin import (
+    AdapterConfig,
+    CheckpointError,
+    CheckpointFormat,
+    ModelSites,
+    load_tensor_file,
+    read_json_object,
+    recorded_name,
+)
 
 from .config import ATTN_MATRICES, IA3Config, LoRAConfig
 from .layer import is_conv1d
@@ -140,10 +144,16 @@ _PEFT_UNSUPPORTED = {
 }
 
 
+#: The PEFT adapter types this reader understands. A PEFT folder of another type (VeRA,
+#: prefix tuning, ...) is left to the plugin that registers ``"peft"`` for its own method.
+PEFT_TYPES = ("LORA", "IA3")
+
+
 def peft_detect(path: str) -> bool:
-    """Whether ``path`` is a PEFT adapter directory."""
+    """Whether ``path`` is a PEFT LoRA or IA³ adapter directory (PEFT's other adapter types are
+    not claimed: another plugin may read them under the same format name)."""
     meta = _read_json(path)
-    return meta is not None and "peft_type" in meta
+    return meta is not None and meta.get("peft_type") in PEFT_TYPES
 
 
 def _peft_options(meta: dict[str, Any]) -> dict[str, Any]:
@@ -769,7 +779,11 @@ def _rescale_for_given_config(
         tensors[key] = tensors[key] * (saved.scaling / config.scaling)
 
 
-PEFT_FORMAT = CheckpointFormat(name="peft", detect=peft_detect, read=peft_read, write=peft_write)
+#: PEFT's format for LoRA, IA³ and DoRA adapters; owned for ``lora`` only, so a third party can
+#: serve ``"peft"`` for its own method (a PEFT VeRA reader for a VeRA plugin).
+PEFT_FORMAT = CheckpointFormat(
+    name="peft", detect=peft_detect, read=peft_read, write=peft_write, methods=("lora",)
+)
 #: AdapterHub's format for LoRA, IA³ and DoRA adapters; the name is shared with other plugins'
 #: readers of AdapterHub's other methods (bottleneck, ...), each for its own method.
 ADAPTERHUB_FORMAT = CheckpointFormat(
@@ -779,3 +793,6 @@ ADAPTERHUB_FORMAT = CheckpointFormat(
     methods=("lora",),
     saved_name=lambda path: recorded_name(os.path.join(path, "adapter_config.json")),
 )
+
+#: The checkpoint formats this plugin registers (``adapters_register_checkpoint_formats``).
+FORMATS = (PEFT_FORMAT, ADAPTERHUB_FORMAT)

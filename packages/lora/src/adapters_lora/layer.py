@@ -15,9 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.composition import Rows, Stack, apply_setup, select_rows
-from adapters.context import context_for
-from adapters.hosts import AdapterHost
+from adapters.plugin import AdapterHost, Rows, Stack, apply_setup, context_for, select_rows
 
 from .config import LoRAConfig
 

@@ -9,16 +9,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapters import Average, BatchSplit, MethodSpec, Stack, hookimpl
-from adapters.configs import AdapterConfig
-from adapters.errors import ConfigError
-from adapters.sites import ModelSites, ModuleSite
+from adapters.plugin import (
+    AdapterConfig,
+    Average,
+    BatchSplit,
+    ConfigError,
+    MethodSpec,
+    ModelSites,
+    ModuleSite,
+    Stack,
+    hookimpl,
+    made_like,
+)
 
-from .config import DoRAConfig, IA3Config, LoRAConfig
+from .config import PRESETS, DoRAConfig, IA3Config, LoRAConfig
 from .layer import HOST_ATTR, LoRAHost, LoRAUnit, is_conv1d, weight_out_in
 
 #: The plugin contract version this plugin implements (see adapters.hookspecs).
-ADAPTERS_CONTRACT = "1.0"
+ADAPTERS_CONTRACT = "1.1"
 
 
 @dataclass
@@ -213,10 +221,6 @@ def _check_rank(config: LoRAConfig, targets: list[Target]) -> None:
             )
 
 
-def _ours(config: AdapterConfig) -> bool:
-    return isinstance(config, LoRAConfig)
-
-
 @hookimpl
 def adapters_register_methods(register: Callable[[MethodSpec], None]) -> None:
     """Declare the ``lora`` method (LoRA, IA3, DoRA configs and presets)."""
@@ -224,7 +228,7 @@ def adapters_register_methods(register: Callable[[MethodSpec], None]) -> None:
         MethodSpec(
             name="lora",
             config_classes=(LoRAConfig, IA3Config, DoRAConfig),
-            presets={"lora": LoRAConfig(), "ia3": IA3Config(), "dora": DoRAConfig()},
+            presets=dict(PRESETS),
             compositions=(Stack, BatchSplit, Average),
             can_merge=True,
         )
@@ -233,11 +237,11 @@ def adapters_register_methods(register: Callable[[MethodSpec], None]) -> None:
 
 @hookimpl
 def adapters_register_checkpoint_formats(register: Callable[[Any], None]) -> None:
-    """Declare the PEFT (read/write) and AdapterHub (read) LoRA formats."""
-    from .interop import ADAPTERHUB_FORMAT, PEFT_FORMAT
+    """Declare the PEFT (read/write) and AdapterHub (read) LoRA formats (`interop.FORMATS`)."""
+    from .interop import FORMATS
 
-    register(PEFT_FORMAT)
-    register(ADAPTERHUB_FORMAT)
+    for fmt in FORMATS:
+        register(fmt)
 
 
 @hookimpl
@@ -245,8 +249,6 @@ def adapters_add_adapter(
     model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
 ) -> dict[str, nn.Module] | None:
     """Create a `LoRAUnit` per adapted projection, on the projection's `LoRAHost`."""
-    if not _ours(config):
-        return None
     targets = targets_of(sites, config)  # validates everything before touching the model
     _check_rank(config, targets)
     if config.use_dora and any(t.role == "qkv" for t in targets):
@@ -270,7 +272,9 @@ def adapters_add_adapter(
     for target in targets:
         module = target.site.module
         weight = weight_out_in(module)
-        unit = LoRAUnit(
+        unit = made_like(
+            module,
+            LoRAUnit,
             int(target.site.in_features),
             int(target.site.out_features),
             target.slices,
@@ -279,7 +283,6 @@ def adapters_add_adapter(
             generator,
             scale_input=target.role in config.scale_inputs,
         )
-        unit.to(device=module.weight.device)
         host = LoRAHost.attach(module, HOST_ATTR, model)
         host.add_unit(name, unit)
         created[target.site.path] = unit
@@ -291,8 +294,6 @@ def adapters_delete_adapter(
     model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
 ) -> bool | None:
     """Remove adapter ``name``'s units; a projection left with none loses its host."""
-    if not _ours(config):
-        return None
     for target in targets_of(sites, config):
         module = target.site.module
         host = host_of(module)
@@ -309,8 +310,6 @@ def adapters_merge_adapter(
     model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
 ) -> bool | None:
     """Fold adapter ``name`` into the adapted projections' weights."""
-    if not _ours(config):
-        return None
     if config.use_gating:
         raise ConfigError(
             f"adapter {name!r} uses use_gating=True: its gate depends on the input, so it "
@@ -326,8 +325,6 @@ def adapters_reset_adapter(
     model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
 ) -> bool | None:
     """Restore the base weights of the projections adapter ``name`` was merged into."""
-    if not _ours(config):
-        return None
     for target in _units(sites, config, name):
         host_of(target.site.module).reset(name, target.site.module)
     return True
@@ -343,8 +340,6 @@ def adapters_average_adapter(
 ) -> tuple[AdapterConfig, dict[str, torch.Tensor]] | None:
     """The ``lora_delta_w_svd`` and ``lora_linear_only_negate_b`` strategies (see
     `average_delta_w_svd` and `average_negate_b`)."""
-    if not _ours(sources[0][1]):
-        return None
     if combine_strategy == "lora_delta_w_svd":
         return average_delta_w_svd(sites, sources, options)
     if combine_strategy == "lora_linear_only_negate_b":
@@ -449,7 +444,7 @@ def average_negate_b(
         ConfigError: options given, sources with other configs, DoRA or gated sources (they
             have parameters besides A and B, which AdapterHub refuses too).
     """
-    from adapters._runtime.averaging import configs_equal_for_average
+    from adapters.plugin import configs_equal_for_average
 
     if options:
         raise ConfigError(

@@ -12,25 +12,10 @@ from typing import ClassVar, Literal
 
 import torch
 
-from adapters import AdapterConfig, ConfigError
+from adapters.plugin import ACTIVATIONS, AdapterConfig, ConfigError
 
 #: ``non_linearity`` names accepted (lower-case), as in AdapterHub (transformers' names).
-NON_LINEARITIES = (
-    "linear",
-    "identity",
-    "relu",
-    "gelu",
-    "gelu_new",
-    "gelu_pytorch_tanh",
-    "quick_gelu",
-    "silu",
-    "swish",
-    "tanh",
-    "sigmoid",
-    "leakyrelu",
-    "mish",
-    "elu",
-)
+NON_LINEARITIES = tuple(ACTIVATIONS)
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapters.checkpoint.readers import load_tensor_file, read_json_object, recorded_name
-from adapters.configs import AdapterConfig
-from adapters.errors import CheckpointError
-from adapters.sites import LayerSite, ModelSites
+from adapters.plugin import (
+    AdapterConfig,
+    CheckpointError,
+    CheckpointFormat,
+    LayerSite,
+    ModelSites,
+    load_tensor_file,
+    read_json_object,
+    recorded_name,
+)
 
 from .config import ReftConfig
 
@@ -250,3 +256,16 @@ def _orthogonal_weight(path: str, unit: dict[str, torch.Tensor]) -> torch.Tensor
         ) from None
     with torch.no_grad():
         return holder.weight.detach().clone()
+
+
+#: The checkpoint formats this plugin registers (``adapters_register_checkpoint_formats``).
+FORMATS = (
+    CheckpointFormat(
+        name=FORMAT_NAME,
+        methods=("reft",),
+        aliases=FORMAT_ALIASES,
+        detect=detect_adapterhub,
+        read=read_adapterhub,
+        saved_name=saved_name,
+    ),
+)

@@ -26,10 +26,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.composition import Rows, apply_setup, select_rows
-from adapters.context import ForwardContext, context_for, is_compiling
-from adapters.errors import AdaptersError, CompositionError
-from adapters.hosts import AdapterHost
+from adapters.plugin import (
+    ACTIVATIONS,
+    AdapterHost,
+    AdaptersError,
+    CompositionError,
+    ForwardContext,
+    Rows,
+    apply_setup,
+    context_for,
+    is_compiling,
+    select_rows,
+)
 
 from .config import ReftConfig
 
@@ -39,28 +47,6 @@ _CACHE_KEY = "reft"
 
 class ReftPositionError(AdaptersError, RuntimeError):
     """A layer's hidden state does not line up with the tokens given to the model."""
-
-
-def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
-
-
-_ACTIVATIONS: dict[str, Any] = {
-    "linear": None,
-    "identity": None,
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_new": functools.partial(F.gelu, approximate="tanh"),
-    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
-    "quick_gelu": _quick_gelu,
-    "silu": F.silu,
-    "swish": F.silu,
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-    "leakyrelu": F.leaky_relu,
-    "mish": F.mish,
-    "elu": F.elu,
-}
 
 
 def orthonormal_rows(raw: torch.Tensor) -> torch.Tensor:
@@ -101,7 +87,7 @@ class ReftUnit(nn.Module):
         self.orthogonal = orthogonal
         self.subtract_projection = subtract_projection
         self.non_linearity = None if non_linearity is None else non_linearity.lower()
-        self.activation = _ACTIVATIONS[self.non_linearity] if self.non_linearity else None
+        self.activation = ACTIVATIONS[self.non_linearity] if self.non_linearity else None
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         bound = 1.0 / math.sqrt(hidden_size)  # nn.Linear's default initialisation range
         # Drawn on the CPU (where the generator lives) whatever torch.device context is active,

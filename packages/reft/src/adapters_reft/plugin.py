@@ -5,20 +5,29 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-import torch
 from torch import nn
 
-from adapters import Average, BatchSplit, CheckpointFormat, MethodSpec, Stack, hookimpl
-from adapters.configs import AdapterConfig
-from adapters.errors import ConfigError
-from adapters.sites import LayerSite, ModelSites
+from adapters.plugin import (
+    AdapterConfig,
+    Average,
+    BatchSplit,
+    CheckpointFormat,
+    ConfigError,
+    LayerSite,
+    MethodSpec,
+    ModelSites,
+    Stack,
+    hookimpl,
+    made_like,
+    placement_of,
+)
 
 from . import interop
 from .config import PRESETS, DiReftConfig, LoReftConfig, NoReftConfig, ReftConfig, torch_dtype
 from .layer import HOST_ATTR, ReftHost, ReftIntervention
 
 #: The plugin contract version this plugin implements (see adapters.hookspecs).
-ADAPTERS_CONTRACT = "1.0"
+ADAPTERS_CONTRACT = "1.1"
 
 #: The name-independent key of an adapter's intervention at a layer: ``{layer path}.reft``.
 KEY_SUFFIX = "reft"
@@ -91,17 +100,9 @@ def adapters_register_methods(register: Callable[[MethodSpec], None]) -> None:
 
 @hookimpl
 def adapters_register_checkpoint_formats(register: Callable[[CheckpointFormat], None]) -> None:
-    """Declare the AdapterHub ReFT reader."""
-    register(
-        CheckpointFormat(
-            name=interop.FORMAT_NAME,
-            methods=("reft",),
-            aliases=interop.FORMAT_ALIASES,
-            detect=interop.detect_adapterhub,
-            read=interop.read_adapterhub,
-            saved_name=interop.saved_name,
-        )
-    )
+    """Declare the AdapterHub ReFT reader (`interop.FORMATS`)."""
+    for fmt in interop.FORMATS:
+        register(fmt)
 
 
 @hookimpl
@@ -109,8 +110,6 @@ def adapters_add_adapter(
     model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
 ) -> dict[str, nn.Module] | None:
     """Create one `ReftIntervention` per used layer and hook it onto the layer's output."""
-    if not isinstance(config, ReftConfig):
-        return None
     if hasattr(nn.ModuleDict(), name):
         raise ConfigError(
             f"adapter name {name!r} cannot be used for a ReFT adapter: it is an attribute of "
@@ -143,10 +142,11 @@ def adapters_add_adapter(
     for layer, hidden_size in plan:
         module = layer.layer.module
         host = ReftHost.attach(module, HOST_ATTR, model, layer.layer.path)
-        device, layer_dtype = _placement_of(module)
         # dtype=None: float32, or float64 in a float64 model (never half precision).
-        dtype = chosen_dtype or torch.promote_types(layer_dtype or torch.float32, torch.float32)
-        intervention = ReftIntervention(hidden_size, config, dtype, device)
+        dtype = chosen_dtype or placement_of(module)[1]
+        intervention = made_like(
+            module, ReftIntervention, hidden_size, config, dtype, None, dtype=dtype
+        )
         host.add_unit(name, intervention)
         for key, unit in zip(unit_keys(layer, config), intervention.units):
             created[key] = unit
@@ -158,8 +158,6 @@ def adapters_delete_adapter(
     model: nn.Module, sites: ModelSites, name: str, config: AdapterConfig
 ) -> bool | None:
     """Remove adapter ``name``'s interventions; a layer left with none loses its hook."""
-    if not isinstance(config, ReftConfig):
-        return None
     for layer in sites.layers:
         module = layer.layer.module
         host = getattr(module, HOST_ATTR, None)
@@ -169,16 +167,3 @@ def adapters_delete_adapter(
         if host.is_empty:
             host.detach()
     return True
-
-
-@hookimpl
-def adapters_setup_changed(model: nn.Module, sites: ModelSites, setup: object) -> None:
-    """Nothing to do: the hooks read the setup from the forward context on every call."""
-
-
-def _placement_of(module: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
-    """The device and floating dtype of a layer's first parameter (or buffer)."""
-    for tensor in (*module.parameters(), *module.buffers()):
-        if tensor.is_floating_point():
-            return tensor.device, tensor.dtype
-    return None, None

@@ -141,13 +141,18 @@ class ModelAdaptersMixin:
                 if old_entry is not None:
                     self.delete_adapter(adapter_name)  # a merged one is reset first
                 for part in config_parts(config):
-                    registry.method_of(part)
-                    modules = registry.hook.adapters_add_adapter(
-                        model=self, sites=state.sites, name=adapter_name, config=part
+                    modules = registry.call_owner(
+                        "adapters_add_adapter",
+                        registry.method_of(part).name,
+                        model=self,
+                        sites=state.sites,
+                        name=adapter_name,
+                        config=part,
                     )
                     if modules is None:
                         raise ConfigError(
-                            f"no installed plugin created an adapter for {type(part).__name__}"
+                            f"the {part.method!r} plugin created no adapter for "
+                            f"{type(part).__name__} (its adapters_add_adapter hook returned None)"
                         )
                     earlier = self._adapter_param_ids() | {id(p) for p in entry.parameters()}
                     apply_adapter_dtype(self, modules, adapter_dtype, part, earlier)  # type: ignore
@@ -227,8 +232,13 @@ class ModelAdaptersMixin:
         entry = self._entry(adapter_name)
         registry = get_registry()
         for part in config_parts(entry.config):
-            registry.hook.adapters_delete_adapter(
-                model=self, sites=state.sites, name=adapter_name, config=part
+            registry.call_owner(
+                "adapters_delete_adapter",
+                part.method,
+                model=self,
+                sites=state.sites,
+                name=adapter_name,
+                config=part,
             )
         del state.adapters[adapter_name]
         if state.active_setup is not None and adapter_name in state.active_setup.flatten():
@@ -357,8 +367,13 @@ class ModelAdaptersMixin:
                     "base weights"
                 )
         for part in config_parts(entry.config):
-            done = registry.hook.adapters_merge_adapter(
-                model=self, sites=state.sites, name=name, config=part
+            done = registry.call_owner(
+                "adapters_merge_adapter",
+                part.method,
+                model=self,
+                sites=state.sites,
+                name=name,
+                config=part,
             )
             if not done:
                 raise ConfigError(f"no plugin merged adapter {name!r} ({part.method})")
@@ -375,8 +390,13 @@ class ModelAdaptersMixin:
             if not entry.merged:
                 raise ConfigError(f"adapter {n!r} is not merged; nothing to reset")
             for part in reversed(config_parts(entry.config)):
-                registry.hook.adapters_reset_adapter(
-                    model=self, sites=state.sites, name=n, config=part
+                registry.call_owner(
+                    "adapters_reset_adapter",
+                    part.method,
+                    model=self,
+                    sites=state.sites,
+                    name=n,
+                    config=part,
                 )
             entry.merged = False
 

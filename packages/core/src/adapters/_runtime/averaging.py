@@ -55,7 +55,9 @@ def average_adapter(
         }
         config = configs[0]  # the first source's, dropout and init_weights included
     else:
-        answer = get_registry().hook.adapters_average_adapter(
+        answer = get_registry().call_owner(
+            "adapters_average_adapter",
+            configs[0].method,
             model=model,
             sites=model.adapter_sites,  # type: ignore[attr-defined]
             sources=list(zip(adapter_list, configs, values)),

@@ -188,7 +188,9 @@ def add_adapter_fusion(
         with rollback.operation(model) as log:
             if old is not None:
                 delete_adapter_fusion(model, name)
-            modules = registry.hook.adapters_add_fusion(
+            modules = registry.call_owner(
+                "adapters_add_fusion",
+                method,
                 model=model,
                 sites=state.sites,
                 name=name,
@@ -230,7 +232,9 @@ def delete_adapter_fusion(model: nn.Module, adapter_names: FuseLike) -> None:
     """See `ModelAdaptersMixin.delete_adapter_fusion`."""
     state = get_state(model)
     entry = fusion_entry(model, adapter_names)
-    get_registry().hook.adapters_delete_fusion(
+    get_registry().call_owner(
+        "adapters_delete_fusion",
+        entry.method,
         model=model,
         sites=state.sites,
         name=entry.name,
@@ -250,14 +254,18 @@ def fusion_regularization_loss(model: nn.Module) -> Any:
     for entry in state.fusions.values():
         if not entry.config.regularization or not any(p.requires_grad for p in entry.parameters()):
             continue
-        loss = registry.hook.adapters_fusion_regularization_loss(
-            model=model,
-            sites=state.sites,
-            name=entry.name,
-            children=list(entry.children),
-            config=entry.config,
-            method=entry.method,
-        )
+        loss = _regularization(entry)
+        if loss is None:  # a contract-1.0 plugin computes it in the (retired) hook
+            loss = registry.call_owner(
+                "adapters_fusion_regularization_loss",
+                entry.method,
+                model=model,
+                sites=state.sites,
+                name=entry.name,
+                children=list(entry.children),
+                config=entry.config,
+                method=entry.method,
+            )
         if loss is not None:
             total = loss if total is None else total + loss
     return total
@@ -552,3 +560,17 @@ def load_all_adapter_fusions(model: nn.Module, directory: str) -> list[str]:
     ]
     with all_or_nothing(model):
         return [add_read_fusion(model, read) for read in reads]
+
+
+def _regularization(entry: FusionEntry) -> Any:
+    """The sum of ``regularization()`` over the fusion layer's modules that define it (contract
+    1.1: a fusion module may define ``regularization() -> Tensor | None``); None when none
+    does."""
+    total = None
+    for module in entry.modules.values():
+        term = (
+            module.regularization() if callable(getattr(module, "regularization", None)) else None
+        )
+        if term is not None:
+            total = term if total is None else total + term
+    return total

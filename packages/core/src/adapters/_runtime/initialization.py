@@ -158,9 +158,15 @@ def init(
         model.__class__ = original_class
         raise
     for method in missing:
+        dist = distribution_for(method=method)
         warnings.warn(
-            f"the interface enables adapter method {method!r} but its plugin is not installed; "
-            f"install it with: pip install {distribution_for(method=method)}",
+            "the interface enables "
+            + get_registry().unavailable(
+                f"adapter method {method!r}, which",
+                f"adapter method {method!r} but its plugin is not installed; install it with: "
+                f"pip install {dist}",
+                method=method,
+            ),
             stacklevel=2,
         )
     return model

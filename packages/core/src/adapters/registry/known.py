@@ -49,6 +49,8 @@ FIRST_PARTY: dict[str, dict[str, tuple[str, ...]]] = {
             "PfeifferConfig",
             "HoulsbyConfig",
             "ParallelConfig",
+            "PfeifferInvConfig",
+            "HoulsbyInvConfig",
             "CompacterConfig",
             "CompacterPlusPlusConfig",
         ),

@@ -102,6 +102,18 @@ class Registry:
                     )
                 )
 
+    def call_owner(self, hook_name: str, method: str, /, **kwargs: Any) -> Any:
+        """Call ``hook_name`` on the plugin that owns ``method`` only, and return its answer
+        (None when it does not implement the hook).
+
+        Method-specific hooks (adding, deleting, merging, resetting, averaging an adapter;
+        adding, deleting and regularising a fusion) go to the owner since contract 1.1, so no
+        plugin is asked about a config that is not its own. A contract-1.0 plugin that still
+        answers None for other plugins' configs behaves exactly as before.
+        """
+        owner = self.pm.get_plugin(self.methods[method].plugin)
+        return _call_own(self.pm, owner, hook_name, **kwargs)
+
     def register(self, plugin: object, name: str | None = None) -> str:
         """Register an in-process plugin object (tests, applications). Returns its name.
 
@@ -158,7 +170,7 @@ class Registry:
         owners = {
             "method": {m: s.plugin for m, s in self.methods.items()},
             "config class": {
-                c.__name__: s.plugin for s in self.methods.values() for c in s.config_classes
+                name: s.plugin for s in self.methods.values() for name in _class_names(s)
             },
             "preset": {p: s.plugin for s in self.methods.values() for p in s.presets},
         }
@@ -194,9 +206,15 @@ class Registry:
                         f"{cls.__name__}.method is {getattr(cls, 'method', None)!r} but {label} "
                         f"registers it for method {spec.name!r}; set method = {spec.name!r}"
                     )
+            for alias, cls in spec.class_aliases.items():
+                if not isinstance(alias, str) or cls not in spec.config_classes:
+                    raise PluginError(
+                        f"class alias {alias!r} of method {spec.name!r} ({label}) names "
+                        f"{cls!r}, which is not one of its config_classes"
+                    )
             claim("method", spec.name)
-            for cls in spec.config_classes:
-                claim("config class", cls.__name__)
+            for class_name in _class_names(spec):
+                claim("config class", class_name)
             for preset in spec.presets:
                 claim("preset", preset)
         claimed: list[CheckpointFormat] = []
@@ -280,21 +298,66 @@ class Registry:
         return spec.config_classes[0]
 
     def config_class_named(self, class_name: str) -> type[AdapterConfig] | None:
-        """The installed config class called ``class_name`` (``"LoRAConfig"``), if any."""
+        """The installed config class called ``class_name`` (``"LoRAConfig"``, or an alias a
+        method declares such as ``"PfeifferConfig"``), if any."""
         for spec in self.methods.values():
             for cls in spec.config_classes:
                 if cls.__name__ == class_name:
                     return cls
+            if class_name in spec.class_aliases:
+                return spec.class_aliases[class_name]
         return None
+
+    def refusal_for(
+        self, method: str | None = None, preset: str | None = None, class_name: str | None = None
+    ) -> LoadError | None:
+        """The load error of an installed plugin that would have provided ``method`` /
+        ``preset`` / ``class_name`` but was refused (matched by its distribution, or by an
+        entry point named like the method), if any."""
+        dist = distribution_for(method=method, preset=preset, class_name=class_name)
+        for error in self.load_errors:
+            if (dist is not None and error.distribution == dist) or (
+                method is not None and error.name == method
+            ):
+                return error
+        return None
+
+    def unavailable(
+        self,
+        what: str,
+        missing: str,
+        method: str | None = None,
+        preset: str | None = None,
+        class_name: str | None = None,
+    ) -> str:
+        """Why ``what`` (``"adapter method 'x'"``, ...) cannot be used: the refusal of its
+        installed plugin, with the fix, when there is one; else ``missing`` (which package to
+        install)."""
+        refused = self.refusal_for(method=method, preset=preset, class_name=class_name)
+        if refused is None:
+            return missing
+        where = _label(refused.name, refused.distribution, None)
+        return (
+            f"{what} comes from {where}, which is installed but was refused when plugins "
+            f"were loaded: {refused.error} (`adapters plugins` lists every refusal)"
+        )
 
     def missing_method_error(self, method: str) -> Exception:
         dist = distribution_for(method=method)
-        return MethodNotInstalledError(
+        missing = (
             f"adapter method {method!r} is not installed; install its plugin: pip install {dist}"
+        )
+        return MethodNotInstalledError(
+            self.unavailable(f"adapter method {method!r}", missing, method=method)
         )
 
     def missing_config_error(self, name: str) -> Exception:
-        return make_missing_error(name, distribution_for(preset=name), list(self.presets))
+        error = make_missing_error(name, distribution_for(preset=name), list(self.presets))
+        if self.refusal_for(preset=name) is None:
+            return error
+        return MethodNotInstalledError(
+            self.unavailable(f"config {name!r}", str(error), preset=name)
+        )
 
 
 def _load_order(ep: metadata.EntryPoint) -> tuple[bool, str]:
@@ -305,12 +368,19 @@ def _load_order(ep: metadata.EntryPoint) -> tuple[bool, str]:
     return (name not in FIRST_PARTY, ep.name)
 
 
-def _call_own(pm: pluggy.PluginManager, plugin: object, hook_name: str, **kwargs: Any) -> None:
-    """Call ``plugin``'s own implementation of ``hook_name`` (registration hooks are per
-    plugin: each registration must see only what this plugin declares)."""
+def _call_own(pm: pluggy.PluginManager, plugin: object, hook_name: str, **kwargs: Any) -> Any:
+    """Call ``plugin``'s own implementation of ``hook_name`` and return its answer (None when
+    it has none). Registration hooks are per plugin (each registration must see only what this
+    plugin declares), and so are method-specific hooks (`Registry.call_owner`)."""
     for impl in getattr(pm.hook, hook_name).get_hookimpls():
         if impl.plugin is plugin:
-            impl.function(*(kwargs[arg] for arg in impl.argnames))
+            return impl.function(*(kwargs[arg] for arg in impl.argnames))
+    return None
+
+
+def _class_names(spec: MethodSpec) -> list[str]:
+    """The config-class names ``spec`` owns: its classes' names and its aliases."""
+    return [cls.__name__ for cls in spec.config_classes] + list(spec.class_aliases)
 
 
 def _label(name: str | None, dist: str | None, version: str | None) -> str:
