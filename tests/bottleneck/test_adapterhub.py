@@ -201,3 +201,19 @@ def test_an_adapterhub_fusion_with_nan_weights_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="NaN"):
         model.load_adapter_fusion(str(tmp_path / "f"), load_as="again")
     assert list(model.adapter_fusions) == ["a,b"]
+
+
+def test_an_adapterhub_config_with_a_tiny_reduction_factor_is_refused_before_allocating(tmp_path):
+    import json
+
+    from adapters.errors import ConfigError
+
+    target = tmp_path / "seq_bn"
+    shutil.copytree(os.path.join(HERE, "llama", "seq_bn"), target)
+    meta = json.loads((target / "adapter_config.json").read_text())
+    meta["config"]["reduction_factor"] = 1e-9  # a 16 TB bottleneck
+    (target / "adapter_config.json").write_text(json.dumps(meta))
+    model = llama()
+    with pytest.raises(ConfigError, match="reduction_factor=1e-09 must be a number >= 1"):
+        model.load_adapter(str(target))
+    assert model.adapters_config == {}

@@ -112,8 +112,8 @@ EXACT_DTYPES = frozenset(
 
 def checked_tensors(tensors: Mapping[Any, Any], source: str) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file, after refusing with `CheckpointError` (naming
-    ``source`` and the key): keys that are not strings, values that are not plain CPU tensors
-    (sparse, meta, other layouts), dtypes outside `FLOAT_DTYPES` and `EXACT_DTYPES` (float8,
+    ``source`` and the key): keys that are not strings, values that are not plain tensors with
+    values (sparse, meta, other layouts), dtypes outside `FLOAT_DTYPES` and `EXACT_DTYPES` (float8,
     complex, quantized) and NaN or infinite values (they give NaN outputs)."""
     if not isinstance(tensors, Mapping):
         raise CheckpointError(f"{source} does not hold a mapping of tensors")
@@ -124,9 +124,9 @@ def checked_tensors(tensors: Mapping[Any, Any], source: str) -> dict[str, torch.
             raise CheckpointError(
                 f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor"
             )
-        if value.layout != torch.strided or value.is_meta or value.device.type != "cpu":
+        if value.layout != torch.strided or value.is_meta:
             raise CheckpointError(
-                f"{source}: tensor {key!r} is not a plain CPU tensor ({value.layout}, "
+                f"{source}: tensor {key!r} is not a plain tensor with values ({value.layout}, "
                 f"device {value.device})"
             )
         if value.dtype not in FLOAT_DTYPES and value.dtype not in EXACT_DTYPES:
