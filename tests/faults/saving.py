@@ -91,6 +91,22 @@ def load_marker(kind: str, target: str) -> float:
     return marker_of(model)
 
 
+def read_marker(kind: str, target: str, model) -> float:
+    """Like `load_marker` for ``save_adapter`` / ``save_all_adapters`` folders, but only
+    reading them (with ``model``, built once): many reads per save."""
+    from adapters.checkpoint.adapter import read_adapter, read_all_adapters
+
+    if kind == "save_adapter":
+        reads = [read_adapter(model, target)]
+    else:
+        reads = [read for _, read in read_all_adapters(model, target)]
+    values = {
+        float(v) for read in reads for tensor in read.tensors.values() for v in tensor.flatten()
+    }
+    assert len(values) == 1, f"one save's tensors hold one marker, got {sorted(values)[:5]}"
+    return values.pop()
+
+
 def marker_of(model) -> float:
     values = {
         float(v)

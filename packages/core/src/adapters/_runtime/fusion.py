@@ -378,10 +378,10 @@ def read_fusion_checkpoint(
 
 def read_fusion(model: nn.Module, path: str) -> ReadFusion:
     """`read_fusion_checkpoint` as a `ReadFusion`."""
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path!r} is not a directory; load_adapter_fusion reads one")
 
     def read() -> ReadFusion:
+        if not os.path.isdir(path):
+            raise CheckpointError(f"{path!r} is not a directory; load_adapter_fusion reads one")
         check_links(path)
         return read_fusion_once(model, path)
 

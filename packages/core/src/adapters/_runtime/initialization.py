@@ -199,8 +199,6 @@ def load_model(
     ``loading_info`` is transformers' (``missing_keys``, ``unexpected_keys``, ...) for the
     base model; adapters load strictly (a mismatch raises), so they add no keys to it."""
     path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path!r} is not a directory written by save_pretrained")
     for attempt in range(READ_ATTEMPTS):
         before = identity(path)
         try:
@@ -240,6 +238,8 @@ def _saved_interface(path: str) -> AdapterModelInterface:
 def _load_model_once(
     path: str, model_class: Any, interface: AdapterModelInterface | None, kwargs: dict
 ) -> Any:
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path!r} is not a directory written by save_pretrained")
     interface_given = interface is not None
     if interface is None:
         interface = _saved_interface(path)

@@ -188,14 +188,14 @@ def read_checkpoint(
 
 def read_adapter(model: nn.Module, path: str, config: Any = None) -> ReadAdapter:
     """`read_checkpoint` as a `ReadAdapter`."""
-    if not os.path.isdir(path):
-        raise CheckpointError(
-            f"{path!r} is not a directory; load_adapter reads a local adapter directory "
-            "(this library's, PEFT's or AdapterHub's format)"
-        )
     override = resolve_config(config) if config is not None else None
 
     def read() -> ReadAdapter:
+        if not os.path.isdir(path):  # inside: a save's two-rename fallback may be under way
+            raise CheckpointError(
+                f"{path!r} is not a directory; load_adapter reads a local adapter directory "
+                "(this library's, PEFT's or AdapterHub's format)"
+            )
         check_links(path)
         return _read_any(model, path, override)
 
@@ -453,13 +453,13 @@ def read_all_adapters(model: nn.Module, directory: str) -> list[tuple[str, ReadA
     list is refused (added after the save). Without one, every sub-folder not starting with
     ``.`` is read (folders of format 1)."""
     directory = os.fspath(directory)
-    if not os.path.isdir(directory):
-        raise CheckpointError(
-            f"{directory!r} is not a directory; load_all_adapters reads a folder written by "
-            "save_all_adapters"
-        )
 
     def read() -> list[tuple[str, ReadAdapter]]:
+        if not os.path.isdir(directory):
+            raise CheckpointError(
+                f"{directory!r} is not a directory; load_all_adapters reads a folder written by "
+                "save_all_adapters"
+            )
         check_links(directory)
         manifest = read_manifest(directory)
         if manifest is None:
