@@ -548,20 +548,6 @@ def save_pretrained_fusions(model: nn.Module, save_directory: str) -> None:
         save_all_adapter_fusions(model, os.path.join(save_directory, FUSIONS_SUBDIR))
 
 
-def load_all_adapter_fusions(model: nn.Module, directory: str) -> list[str]:
-    """Load every fusion directory saved by `save_all_adapter_fusions` (none if ``directory``
-    does not exist); returns their names. All or nothing."""
-    if not os.path.isdir(directory):
-        return []
-    reads = [
-        read_fusion(model, os.path.join(directory, entry))
-        for entry in sorted(os.listdir(directory))
-        if not entry.startswith(".") and os.path.isdir(os.path.join(directory, entry))
-    ]
-    with all_or_nothing(model):
-        return [add_read_fusion(model, read) for read in reads]
-
-
 def _regularization(entry: FusionEntry) -> Any:
     """The sum of ``regularization()`` over the fusion layer's modules that define it (contract
     1.1: a fusion module may define ``regularization() -> Tensor | None``); None when none

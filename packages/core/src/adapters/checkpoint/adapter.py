@@ -345,11 +345,6 @@ def _upgrade_v1(
     return result
 
 
-def _checked_tensors(tensors: Mapping[str, Any], source: str) -> dict[str, torch.Tensor]:
-    """Kept for callers of the 1.0 layout: `adapters.checkpoint.readers.checked_tensors`."""
-    return checked_tensors(tensors, source)
-
-
 def adapter_name_for(path: str, saved_name: str | None, load_as: str | None) -> str:
     """The name an adapter read from ``path`` is loaded under: ``load_as``, else the name the
     checkpoint records, else the folder's name; each must be an allowed adapter name."""
