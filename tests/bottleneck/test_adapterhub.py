@@ -153,3 +153,67 @@ def test_adapterhub_format_dispatches_on_the_adapters_method(tmp_path):
 def test_an_adapterhub_directory_loads_under_the_name_it_records(tmp_path):
     shutil.copytree(os.path.join(HERE, "llama", "seq_bn"), tmp_path / "renamed")
     assert llama().load_adapter(str(tmp_path / "renamed")) == "seq_bn"
+
+
+# -- issue 16: nothing silently wrong -------------------------------------------------------------
+
+
+def test_an_adapterhub_file_holding_two_adapters_is_refused(tmp_path):
+    target = tmp_path / "seq_bn"
+    shutil.copytree(os.path.join(HERE, "llama", "seq_bn"), target)
+    tensors = torch.load(target / "pytorch_adapter.bin", weights_only=True)
+    key = next(iter(tensors))
+    torch.save(
+        {**tensors, key.replace(".adapters.seq_bn.", ".adapters.zzz."): tensors[key] * 3},
+        target / "pytorch_adapter.bin",
+    )
+    model = llama()
+    with pytest.raises(CheckpointError, match="mixes two adapters"):  # the same weight twice
+        model.load_adapter(str(target))
+    # layer 1 under another adapter's name: no weight twice, still two adapters
+    renamed = {
+        k.replace(".adapters.seq_bn.", ".adapters.zzz.") if ".layers.1." in k else k: v
+        for k, v in tensors.items()
+    }
+    assert renamed != tensors
+    torch.save(renamed, target / "pytorch_adapter.bin")
+    with pytest.raises(CheckpointError, match=r"several AdapterHub adapters \['seq_bn', 'zzz'\]"):
+        model.load_adapter(str(target))
+    assert model.adapters_config == {}
+
+
+def test_an_adapterhub_fusion_with_nan_weights_is_refused(tmp_path):
+    model = llama()
+    for name in ("a", "b"):
+        model.add_adapter(name, config="seq_bn")
+    model.add_adapter_fusion(["a", "b"])
+    model.save_adapter_fusion(str(tmp_path / "f"), "a,b", format="adapterhub")
+    [weights] = [n for n in os.listdir(tmp_path / "f") if "fusion" in n and "json" not in n]
+    path = str(tmp_path / "f" / weights)
+    if path.endswith(".bin"):
+        tensors = torch.load(path, weights_only=True)
+        tensors[next(iter(tensors))].fill_(float("nan"))
+        torch.save(tensors, path)
+    else:
+        tensors = load_file(path)
+        tensors[next(iter(tensors))].fill_(float("nan"))
+        save_file(tensors, path)
+    with pytest.raises(CheckpointError, match="NaN"):
+        model.load_adapter_fusion(str(tmp_path / "f"), load_as="again")
+    assert list(model.adapter_fusions) == ["a,b"]
+
+
+def test_an_adapterhub_config_with_a_tiny_reduction_factor_is_refused_before_allocating(tmp_path):
+    import json
+
+    from adapters.errors import ConfigError
+
+    target = tmp_path / "seq_bn"
+    shutil.copytree(os.path.join(HERE, "llama", "seq_bn"), target)
+    meta = json.loads((target / "adapter_config.json").read_text())
+    meta["config"]["reduction_factor"] = 1e-9  # a 16 TB bottleneck
+    (target / "adapter_config.json").write_text(json.dumps(meta))
+    model = llama()
+    with pytest.raises(ConfigError, match="reduction_factor=1e-09 must be a number >= 1"):
+        model.load_adapter(str(target))
+    assert model.adapters_config == {}

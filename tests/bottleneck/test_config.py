@@ -228,3 +228,19 @@ def test_parallel_refuses_sequential_only_options(changes):
 def test_unknown_option_names_the_options():
     with pytest.raises(ConfigError, match="reduction_factr"):
         resolve_config("seq_bn[reduction_factr=2]")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        "seq_bn[reduction_factor=1e-9]",
+        "seq_bn[reduction_factor=0.5]",
+        "seq_bn[reduction_factor={'default': 1e-9}]",
+        "seq_bn_inv[inv_adapter_reduction_factor=1e-9]",
+    ],
+)
+def test_bottleneck_widths_are_bounded_by_the_hidden_size_before_allocating(config):
+    """A reduction factor below 1 would make the bottleneck wider than the layer (1e-9: a
+    16 TB allocation); refused when the config is made, as LoRA's r and ReFT's rank are."""
+    with pytest.raises(ConfigError, match=">= 1"):
+        resolve_config(config)

@@ -337,9 +337,14 @@ def test_load_adapter_fusion_needs_its_adapters_and_its_tensors(model, tmp_path)
     weights = tmp_path / "f" / "fusion_model.safetensors"
     from safetensors.torch import load_file, save_file
 
+    from adapters.checkpoint.manifest import write_manifest
+
     tensors = load_file(str(weights))
     tensors.pop(next(iter(tensors)))
     save_file(tensors, str(weights))
+    with pytest.raises(CheckpointError, match="not the file saved with the rest"):
+        fresh.load_adapter_fusion(str(tmp_path / "f"))  # the manifest sees the change
+    write_manifest(str(tmp_path / "f"))  # a consistent folder with a tensor missing
     with pytest.raises(CheckpointError, match="missing 1 tensors"):
         fresh.load_adapter_fusion(str(tmp_path / "f"))
     assert [n for n, _ in fresh.named_modules()] == before and fresh.adapter_fusions == {}

@@ -163,3 +163,39 @@ def test_lora_adapter_moves_between_head_classes(tmp_path):
     bare.load_adapter(str(tmp_path / "a"), set_active=True)
     out = bare(IDS, output_hidden_states=True).hidden_states[-1]
     torch.testing.assert_close(out, hidden, atol=1e-5, rtol=1e-5)
+
+
+# -- issue 16: nothing silently wrong -------------------------------------------------------------
+
+
+def test_leave_out_takes_layer_indices_not_booleans():
+    with pytest.raises(ConfigError, match="True/False are not indices"):
+        adapters.configs.resolve_config("lora[leave_out=[True]]")
+    assert adapters.configs.resolve_config("lora[leave_out=[1]]").leave_out == (1,)
+
+
+def test_an_adapterhub_file_holding_two_adapters_is_refused(tmp_path):
+    target = tmp_path / "ah"
+    shutil.copytree(os.path.join(FIXTURES, "llama", "ah_lora"), target)
+    tensors = torch.load(target / "pytorch_adapter.bin", weights_only=True)
+    renamed = {k.replace(".loras.ah_lora.", ".loras.zzz."): v * 3 for k, v in tensors.items()}
+    torch.save({**tensors, **dict(list(renamed.items())[:2])}, target / "pytorch_adapter.bin")
+    model = _fixture_llama()
+    with pytest.raises(CheckpointError, match="mixes two adapters|several AdapterHub adapters"):
+        model.load_adapter(str(target))
+    assert model.adapters_config == {}
+
+
+def test_loading_into_a_model_on_the_meta_device_is_refused(tmp_path):
+    real = _lora_llama()
+    real.add_adapter("a", config="lora[r=2]")
+    real.save_adapter(str(tmp_path / "a"), "a")
+    with torch.device("meta"):
+        empty = llama()
+    adapters.init(empty, interface={**SEED_INTERFACE, "adapter_methods": ["lora"]})
+    with pytest.raises(CheckpointError, match="meta device"):
+        empty.load_adapter(str(tmp_path / "a"))
+    assert empty.adapters_config == {}
+    empty.add_adapter("m", config="lora[r=2]")
+    with pytest.raises(CheckpointError, match="meta device"):
+        empty.save_adapter(str(tmp_path / "m"), "m")

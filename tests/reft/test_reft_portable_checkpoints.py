@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -54,3 +55,43 @@ def test_reft_adapter_saved_on_causal_lm_loads_on_the_bare_model(tmp_path):
     bare.load_adapter(str(tmp_path / "a"), set_active=True)
     out = bare(IDS, output_hidden_states=True).hidden_states[-1]
     torch.testing.assert_close(out, hidden, atol=1e-5, rtol=1e-5)
+
+
+def _v1_copy(tmp_path, edit):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    target = tmp_path / "loreft"
+    shutil.copytree(os.path.join(V0_1, "loreft"), target)
+    weights = str(target / "adapter_model.safetensors")
+    save_file(edit(load_file(weights)), weights)
+    return str(target)
+
+
+def test_a_format_1_file_holding_old_and_new_unit_keys_is_refused(tmp_path):
+    """units.0 (format 1) and prefix (format 2) name the same tensor: neither may win."""
+    from adapters import CheckpointError
+
+    def both(tensors):
+        old = "model.layers.0.reft.units.0.projection.weight"
+        return {**tensors, old.replace("units.0", "prefix"): tensors[old] * 2}
+
+    model = llama()
+    adapters.init(model, interface=INTERFACE)
+    with pytest.raises(CheckpointError, match="same tensor"):
+        model.load_adapter(_v1_copy(tmp_path, both))
+    assert model.adapters_config == {}
+
+
+def test_a_unit_index_of_thousands_of_digits_is_our_error(tmp_path):
+    from adapters import CheckpointError
+
+    def huge(tensors):
+        key = "model.layers.0.reft.units.0.projection.weight"
+        return {**tensors, key.replace("units.0", "units." + "9" * 5000): tensors[key].clone()}
+
+    model = llama()
+    adapters.init(model, interface=INTERFACE)
+    with pytest.raises(CheckpointError, match="unexpected 1"):
+        model.load_adapter(_v1_copy(tmp_path, huge))

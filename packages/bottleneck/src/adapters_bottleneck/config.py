@@ -235,10 +235,11 @@ class BnConfig(AdapterConfig):
             if self.inv_adapter not in INV_ADAPTERS:
                 raise self._fail("inv_adapter", f"expected None or one of {list(INV_ADAPTERS)}")
             factor = self.inv_adapter_reduction_factor
-            if not _is_number(factor) or factor <= 0:
+            if not _is_number(factor) or not factor >= 1:
                 raise self._fail(
                     "inv_adapter_reduction_factor",
-                    "an invertible adapter needs a reduction factor > 0 (e.g. 2)",
+                    "an invertible adapter needs a reduction factor >= 1 (e.g. 2): its subnets "
+                    "are at most half the hidden size wide",
                 )
         elif self.inv_adapter_reduction_factor is not None:
             raise self._fail(
@@ -442,18 +443,20 @@ def _reduction(config: BnConfig, value: Any) -> float | LayerFactors:
                     f"{name}.reduction_factor has key {key!r}; keys are layer indices ('0', "
                     "'1', ...) or 'default'"
                 )
-            if not _is_number(factor) or factor <= 0:
+            if not _is_number(factor) or not factor >= 1:
                 raise ConfigError(
-                    f"{name}.reduction_factor[{key!r}]={factor!r} must be a number > 0"
+                    f"{name}.reduction_factor[{key!r}]={factor!r} must be a number >= 1 (the "
+                    "bottleneck is hidden size / reduction_factor wide: at most the hidden size)"
                 )
             factors[text] = factor
         if not factors:
             raise ConfigError(f"{name}.reduction_factor={{}} is empty; give at least 'default'")
         return factors
-    if not _is_number(value) or value <= 0:
+    if not _is_number(value) or not value >= 1:
         raise ConfigError(
-            f"{name}.reduction_factor={value!r} must be a number > 0 or a mapping "
-            "{'<layer>': factor, 'default': factor}"
+            f"{name}.reduction_factor={value!r} must be a number >= 1 (the bottleneck is hidden "
+            "size / reduction_factor wide: at most the hidden size, as LoRA's r is at most the "
+            "projection's width) or a mapping {'<layer>': factor, 'default': factor}"
         )
     return value
 

@@ -198,26 +198,39 @@ def read(
     raw = _load(path)
     layers = {layer.layer.path: layer for layer in sites.layers}
     tensors: dict[str, torch.Tensor] = {}
+    names: set[str] = set()
+    origin: dict[str, str] = {}
+
+    def put(ours: str, key: str, value: torch.Tensor) -> None:
+        if ours in tensors:
+            raise CheckpointError(
+                f"AdapterHub tensors {origin[ours]!r} and {key!r} in {path!r} are the same "
+                f"weight {ours!r} of this model; the file mixes two adapters or layouts"
+            )
+        tensors[ours], origin[ours] = value, key
+
     for key, value in raw.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"AdapterHub entry {key!r} in {path!r} is not a tensor")
         match = _MODEL_KEY.match(key)
         if match is not None:
+            names.add(match["name"])
             if match["kind"] == "invertible_adapters":
                 if sites.embeddings is None:
                     raise CheckpointError(
                         f"{path!r} has an invertible adapter but the interface names no "
                         "model_embeddings"
                     )
-                tensors[f"{invertible_key(sites)}.{match['param']}"] = value
+                put(f"{invertible_key(sites)}.{match['param']}", key, value)
             else:
-                tensors[f"{shared_key(sites)}.{match['param']}"] = value
+                put(f"{shared_key(sites)}.{match['param']}", key, value)
             continue
         match = _LAYER_KEY.match(key)
         if match is None:
             raise CheckpointError(
                 f"AdapterHub tensor {key!r} in {path!r} is not a bottleneck adapter weight"
             )
+        names.add(match["name"])
         layer = _layer_for(match["layer"], layers)
         if layer is None:
             raise CheckpointError(
@@ -225,7 +238,12 @@ def read(
                 "is not a layer of this model's AdapterModelInterface; check model_layers"
             )
         location = _CONTAINERS[match["container"]]
-        tensors[f"{adapter_key(layer, location)}.{match['param']}"] = value
+        put(f"{adapter_key(layer, location)}.{match['param']}", key, value)
+    if len(names) > 1:
+        raise CheckpointError(
+            f"{path!r} holds the weights of several AdapterHub adapters {sorted(names)}; an "
+            "adapter directory holds one (save each adapter into its own directory)"
+        )
     _check_complete(path, chosen, sites, tensors, plan)
     return chosen, tensors
 

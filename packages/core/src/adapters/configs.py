@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -67,7 +68,14 @@ class AdapterConfig:
             if named is not None and named.method == method:
                 target = named
         if target is ConfigUnion:
-            return ConfigUnion(*[AdapterConfig.from_dict(c) for c in data.get("configs", [])])
+            parts = data.get("configs", [])
+            if not isinstance(parts, list | tuple) or not all(
+                isinstance(p, Mapping) for p in parts
+            ):
+                raise ConfigError(
+                    f"a union config's 'configs' must be a list of config dicts; got {parts!r}"
+                )
+            return ConfigUnion(*[AdapterConfig.from_dict(c) for c in parts])
         return target._from_fields(data)
 
     @classmethod
@@ -79,7 +87,10 @@ class AdapterConfig:
                 f"{cls.__name__} has no option(s) {unknown}; options: {sorted(fields)}"
             )
         values = {k: _from_json(fields[k], v) for k, v in data.items()}
-        return cls(**values)
+        try:
+            return cls(**values)
+        except (TypeError, ValueError, OverflowError) as error:  # a plugin's check that raised
+            raise ConfigError(f"invalid options for {cls.__name__}: {error}") from None
 
     def to_json(self) -> str:
         """``to_dict`` as a JSON string."""
@@ -168,12 +179,21 @@ def _resolve(config: Any) -> AdapterConfig:
         raise registry.missing_config_error(name)
     try:
         return preset.replace(**overrides) if overrides else preset
-    except TypeError as error:
+    except (TypeError, ValueError, OverflowError) as error:
         raise ConfigError(f"invalid options for {name!r}: {error}") from None
+
+
+#: The longest config string accepted (a real one is a few dozen characters).
+MAX_CONFIG_STRING = 10_000
 
 
 def parse_config_string(text: str) -> tuple[str, dict[str, Any]]:
     """``"lora[r=16, alpha=32]"`` → ``("lora", {"r": 16, "alpha": 32})``; literals only."""
+    if len(text) > MAX_CONFIG_STRING:
+        raise ConfigError(
+            f"config string of {len(text)} characters ({text[:40]!r}...); at most "
+            f"{MAX_CONFIG_STRING} are accepted"
+        )
     text = text.strip()
     if "[" not in text:
         if not text.replace("_", "").replace("-", "").replace("+", "").isalnum():
@@ -184,12 +204,17 @@ def parse_config_string(text: str) -> tuple[str, dict[str, Any]]:
     name, inner = text[: text.index("[")].strip(), text[text.index("[") + 1 : -1]
     try:
         call = ast.parse(f"f({inner})", mode="eval").body
-    except SyntaxError:
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
         raise ConfigError(
             f"cannot parse options {inner!r} of {name!r}; write key=value pairs with Python "
             "literal values, e.g. lora[r=16, attn_matrices=['q','v']]"
         ) from None
-    assert isinstance(call, ast.Call)
+    if not isinstance(call, ast.Call) or not (
+        isinstance(call.func, ast.Name) and call.func.id == "f"
+    ):
+        raise ConfigError(
+            f"cannot parse options {inner!r} of {name!r}; write key=value pairs, e.g. lora[r=16]"
+        )
     if call.args or any(k.arg is None for k in call.keywords):
         raise ConfigError(f"options of {name!r} must all be key=value pairs: {inner!r}")
     values: dict[str, Any] = {}
@@ -200,7 +225,7 @@ def parse_config_string(text: str) -> tuple[str, dict[str, Any]]:
             )
         try:
             values[keyword.arg] = ast.literal_eval(keyword.value)  # type: ignore[index]
-        except ValueError:
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             raise ConfigError(
                 f"option {keyword.arg}= of {name!r} is not a literal (numbers, strings, lists, "
                 "True/False/None only)"
@@ -346,14 +371,30 @@ def parse_json_strict(text: str, source: str, error: type[Exception] = ConfigErr
         ) from None
     except json.JSONDecodeError as bad:
         raise error(f"{source} is not valid JSON: {bad}") from None
+    except RecursionError:
+        raise error(f"{source} nests JSON arrays or objects too deeply to be a config") from None
+
+
+#: The largest JSON file read (configs, manifests, indexes are a few kilobytes).
+MAX_JSON_BYTES = 64 << 20
 
 
 def load_json_strict(path: str, error: type[Exception] = ConfigError) -> Any:
-    """The JSON value in file ``path`` (see `parse_json_strict`); unreadable files and
-    malformed JSON raise ``error`` naming the file."""
+    """The JSON value in file ``path`` (see `parse_json_strict`); unreadable files (not a
+    regular file, larger than `MAX_JSON_BYTES`) and malformed JSON raise ``error`` naming the
+    file."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO cannot block
+        with os.fdopen(fd, "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise error(f"cannot read {path!r}: not a regular file")
+            if info.st_size > MAX_JSON_BYTES:
+                raise error(
+                    f"cannot read {path!r}: {info.st_size} bytes, more than a JSON file of ours "
+                    f"holds ({MAX_JSON_BYTES})"
+                )
+            text = f.read(MAX_JSON_BYTES + 1).decode("utf-8")
     except (OSError, UnicodeDecodeError) as bad:
         raise error(f"cannot read {path!r}: {bad}") from None
     return parse_json_strict(text, repr(path), error)

@@ -8,13 +8,12 @@ Names, fields and defaults are AdapterHub's (``"static"`` and ``"dynamic"``, Pfe
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .configs import parse_config_string
+from .configs import load_json_strict, parse_config_string
 from .errors import ConfigError
 
 
@@ -98,6 +97,11 @@ class AdapterFusionConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> AdapterFusionConfig:
         """Build a config from ``to_dict`` output (or AdapterHub's saved fusion config, whose
         extra ``"architecture"`` key is ignored when it says ``"fusion"``)."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"a fusion config dict is needed (e.g. {{'temperature': True}}); got "
+                f"{type(data).__name__} {data!r}"
+            )
         data = dict(data)
         if data.pop("architecture", "fusion") not in ("fusion", None):
             raise ConfigError(f"not a fusion config: {dict(data)!r}")
@@ -145,8 +149,7 @@ def resolve_fusion_config(config: Any = None) -> AdapterFusionConfig:
         path = os.fspath(config)
         if not os.path.isfile(path):
             raise ConfigError(f"fusion config file {path!r} does not exist")
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = load_json_strict(path, error=ConfigError)
         if isinstance(data, dict) and isinstance(data.get("config"), Mapping):
             data = data["config"]
         return AdapterFusionConfig.from_dict(data)

@@ -26,8 +26,9 @@ the edit is replayed at every step. Without a cache (``use_cache=False``) every 
 them again. A cache that was filled without the virtual tokens cannot be continued with them.
 
 Limits: encoder-decoder models are refused at registration (``generate`` runs their encoder
-outside the model call); a 4-D attention mask (a static, compilable cache in ``generate``) is
-refused at the call.
+outside the model call); a 4-D attention mask and a fixed-size (static, compilable) cache,
+such as ``generate(..., cache_implementation="static")`` uses, are refused at the call with
+`CompositionError`.
 """
 
 from __future__ import annotations
@@ -210,7 +211,13 @@ def apply(
                 f"{tuple(mask.shape)} (a static or compilable cache in generate() builds 4-D "
                 "masks: use the default dynamic cache)"
             )
+        if mask.shape[0] not in (1, batch):
+            raise CompositionError(
+                f"the attention mask has {mask.shape[0]} rows for a batch of {batch}; give one "
+                "row per example (or one for all)"
+            )
         head = vmask if vmask is not None else torch.ones(batch, n, device=mask.device)
+        mask = mask.expand(batch, -1)  # a mask of one row serves every example, as without
         kwargs["attention_mask"] = torch.cat([head.to(mask.dtype), mask], dim=1)
     elif vmask is not None:
         rest = cache_length - n + length if not prepend else length

@@ -108,9 +108,10 @@ class LoRAConfig(AdapterConfig):
             raise ConfigError(
                 f"{name}: init_weights={self.init_weights!r}; expected one of {list(INIT_WEIGHTS)}"
             )
-        if any(not isinstance(i, int) or i < 0 for i in self.leave_out):
+        if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.leave_out):
             raise ConfigError(
-                f"{name}: leave_out={list(self.leave_out)!r} must be layer indices >= 0"
+                f"{name}: leave_out={list(self.leave_out)!r} must be layer indices (integers "
+                ">= 0; True/False are not indices)"
             )
         if self.composition_mode == "scale":
             if self.r != 1:

@@ -717,6 +717,8 @@ def adapterhub_read(
     candidates = _all_projections(sites)
     matched: dict[str, Target] = {}
     tensors: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    names: set[str] = set()
     for key, value in raw.items():
         parsed = _AH_KEY.match(key)
         if parsed is None or parsed["param"] not in _AH_PARAMS:
@@ -733,9 +735,21 @@ def adapterhub_read(
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"AdapterHub entry {key!r} is not a tensor")
         matched[target.site.path] = target
-        tensors[f"{target.site.path}.{parsed['param']}"] = value
+        names.add(parsed["name"])
+        ours = f"{target.site.path}.{parsed['param']}"
+        if ours in tensors:
+            raise CheckpointError(
+                f"AdapterHub tensors {origin[ours]!r} and {key!r} in {path!r} are the same "
+                f"weight {ours!r} of this model; the file mixes two adapters or layouts"
+            )
+        tensors[ours], origin[ours] = value, key
     if not matched:
         raise CheckpointError(f"{path!r} holds no LoRA tensors")
+    if len(names) > 1:
+        raise CheckpointError(
+            f"{path!r} holds the weights of several AdapterHub adapters {sorted(names)}; an "
+            "adapter directory holds one (save each adapter into its own directory)"
+        )
     if config is not None:
         _rescale_for_given_config(path, config, LoRAConfig(**options), tensors)
     else:

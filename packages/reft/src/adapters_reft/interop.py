@@ -42,7 +42,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter.safetensors", "pytorch_adapter.bin")
 
 _KEY = re.compile(
-    r"^(?P<layer>.+)\.reft_layer\.refts\.(?P<name>[^.]+)\.units\.(?P<unit>\d+)\."
+    r"^(?P<layer>.+)\.reft_layer\.refts\.(?P<name>[^.]+)\.units\.(?P<unit>[0-9]{1,9})\."
     r"(?P<param>.+)$"
 )
 _ORTHOGONAL_ORIGINAL = "projection.parametrizations.weight.original"
@@ -182,9 +182,16 @@ def _group_by_layer(
     for key, tensor in raw.items():
         found = _KEY.match(key)
         if found is None:
-            continue
+            raise CheckpointError(
+                f"AdapterHub tensor {key!r} in {path!r} is not a ReFT weight "
+                "(<layer>.reft_layer.refts.<name>.units.<i>.<param>)"
+            )
         names.add(found["name"])
         unit = grouped.setdefault(found["layer"], {}).setdefault(int(found["unit"]), {})
+        if found["param"] in unit:
+            raise CheckpointError(
+                f"{path!r} holds unit {found['unit']} of layer {found['layer']!r} twice"
+            )
         unit[found["param"]] = tensor
     if not grouped:
         raise CheckpointError(f"{path!r} holds no AdapterHub ReFT tensors (*.reft_layer.refts.*)")

@@ -54,7 +54,7 @@ def unit_keys(layer: LayerSite, config: ReftConfig) -> list[str]:
     return [f"{intervention_key(layer)}.{name}" for name in unit_names(config)]
 
 
-_V1_KEY = re.compile(r"^(?P<head>.*\.reft)\.units\.(?P<unit>\d+)\.(?P<param>.+)$")
+_V1_KEY = re.compile(r"^(?P<head>.*\.reft)\.units\.(?P<unit>[0-9]{1,9})\.(?P<param>.+)$")
 
 
 def upgrade_key(config: AdapterConfig, key: str, format_version: int) -> str:

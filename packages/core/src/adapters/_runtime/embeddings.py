@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint.manifest import write_directory_atomically
+from ..checkpoint.manifest import check_links, write_directory_atomically
+from ..checkpoint.readers import checked_tensors, load_safetensors
 from ..errors import AdapterNotFoundError, CheckpointError, ConfigError, InterfaceError
 from .state import get_state
 
@@ -238,22 +239,30 @@ def load_embeddings(model: nn.Module, path: str, name: str) -> Any:
     _check_new_name(model, name)
     ours = os.path.join(path, EMBEDDING_FILE)
     theirs = os.path.join(path, ADAPTERHUB_EMBEDDING_FILE)
+    if os.path.isdir(path):
+        check_links(path)
     if os.path.isfile(ours):
-        from safetensors.torch import load_file
-
-        tensors = load_file(ours)
+        tensors = checked_tensors(load_safetensors(ours), ours)
         if set(tensors) != {"weight"}:
             raise CheckpointError(f"{ours} must hold one tensor 'weight', has {sorted(tensors)}")
         weight = tensors["weight"]
     elif os.path.isfile(theirs):
-        weight = torch.load(theirs, map_location="cpu", weights_only=True)
+        try:
+            weight = torch.load(theirs, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises several types for unsafe or corrupt files
+            raise CheckpointError(
+                f"{theirs!r} cannot be read as a tensor (weights_only=True): "
+                f"{type(error).__name__}: {error}"
+            ) from None
+        if isinstance(weight, torch.Tensor):
+            weight = checked_tensors({"weight": weight}, theirs)["weight"]
     else:
         raise CheckpointError(
             f"no embedding in {path!r}: expected {EMBEDDING_FILE} (save_embeddings) or "
             f"{ADAPTERHUB_EMBEDDING_FILE} (AdapterHub)"
         )
-    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
-        raise CheckpointError(f"the embedding in {path!r} is not a 2-D tensor")
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or not weight.is_floating_point():
+        raise CheckpointError(f"the embedding in {path!r} is not a 2-D floating-point tensor")
     _check_width(model, int(weight.shape[1]), f"the embedding in {path!r}")
     tokenizer = None
     tokenizer_path = os.path.join(path, TOKENIZER_DIR)

@@ -76,6 +76,12 @@ def _with_virtual_tokens(
     result = virtual.apply(model, ctx, named, cache_length)
     if result is None:
         return None
+    if getattr(cache, "is_compileable", False) is True:
+        raise CompositionError(
+            f"virtual tokens cannot use the fixed-size cache {type(cache).__name__} (a static "
+            "or compilable cache, e.g. generate(cache_implementation='static')): it has no room "
+            "for the virtual positions; use the default dynamic cache"
+        )
     kwargs, n, vmask = result
     new = _build_context(model, ctx.setup, (), kwargs, branches)
     new.virtual_length = n

@@ -11,37 +11,56 @@ Saved format, a directory per fusion layer:
 - ``fusion_config.json``: ``{"format": "adapters-fusion", "format_version": 1, "name",
   "adapter_names", "method", "config", "interface", "versions"}``
 - ``fusion_model.safetensors``: the layer's tensors under name-independent keys.
+- ``adapters_manifest.json``: size and sha256 of both (format version 2; version 1 folders
+  have none and still load).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..checkpoint.foreign import check_write_options, writer_for
+from ..checkpoint.adapter import _cpu_tensors
+from ..checkpoint.atomic import read_consistently
+from ..checkpoint.foreign import call_format, check_write_options, claims_of, writer_for
+from ..checkpoint.format import FUSIONS_SUBDIR, MANIFEST_NAME
 from ..checkpoint.format import _versions as versions_of
-from ..checkpoint.manifest import write_directory_atomically
-from ..checkpoint.readers import load_safetensors, read_json
+from ..checkpoint.manifest import (
+    check_links,
+    read_listed,
+    read_manifest,
+    write_directory_atomically,
+)
+from ..checkpoint.readers import (
+    checked_tensors,
+    copy_tensors,
+    load_safetensors,
+    match_tensors,
+    read_json_object,
+    safetensors_from_bytes,
+)
 from ..composition import AdapterCompositionBlock, Fuse, find_blocks, parse_composition
-from ..configs import config_parts
+from ..configs import config_parts, parse_json_strict
 from ..errors import AdapterNotFoundError, CheckpointError, CompositionError, ConfigError
 from ..fusion_config import AdapterFusionConfig, resolve_fusion_config
 from ..registry.loading import get_registry
 from . import rollback
 from .naming import validate_adapter_name
 from .state import AdaptersState, FusionEntry, get_state
+from .transaction import all_or_nothing
 
 FUSION_CONFIG_NAME = "fusion_config.json"
 FUSION_WEIGHTS_NAME = "fusion_model.safetensors"
 FUSION_FORMAT = "adapters-fusion"
-FUSION_FORMAT_VERSION = 1
-FUSIONS_SUBDIR = "adapter_fusions"  # in a directory written by save_pretrained
+#: 2: the folder has a manifest (``adapters_manifest.json``); 1 (no manifest) still loads.
+FUSION_FORMAT_VERSION = 2
 
 FuseLike = Fuse | Sequence[str] | str
 
@@ -293,7 +312,7 @@ def save_adapter_fusion(
     if options and format in (None, FUSION_FORMAT):
         raise TypeError(f"save_adapter_fusion got unexpected options {sorted(options)}")
     entry = fusion_entry(model, adapter_names)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in entry.state_dict().items()}
+    tensors = _cpu_tensors(entry.state_dict(), f"fusion {entry.name!r}")
     if format not in (None, FUSION_FORMAT):
         fmt = writer_for(
             format, entry.method, "write_fusion", f"fusion {entry.name!r}", own=FUSION_FORMAT
@@ -301,8 +320,10 @@ def save_adapter_fusion(
         check_write_options(fmt, format, options)
 
         def write_foreign(tmp: str) -> None:
-            fmt.write_fusion(
-                path=tmp,
+            call_format(
+                fmt,
+                "write_fusion",
+                tmp,
                 model=model,
                 sites=model.adapter_sites,  # type: ignore[attr-defined]
                 name=entry.name,
@@ -330,7 +351,18 @@ def save_adapter_fusion(
             json.dump(meta, f, indent=2)
         save_file(tensors, os.path.join(tmp, FUSION_WEIGHTS_NAME), metadata={"format": "pt"})
 
-    write_directory_atomically(save_directory, write)
+    write_directory_atomically(save_directory, write, manifest=True)
+
+
+@dataclass
+class ReadFusion:
+    """A fusion checkpoint read and checked, not yet loaded."""
+
+    path: str
+    saved_name: str | None
+    children: list[str]
+    config: AdapterFusionConfig
+    tensors: dict[str, torch.Tensor]
 
 
 def read_fusion_checkpoint(
@@ -338,46 +370,120 @@ def read_fusion_checkpoint(
 ) -> tuple[str | None, list[str], AdapterFusionConfig, dict[str, Any]]:
     """(saved name or None, fused adapter names, config, tensors under name-independent keys)
     of a fusion directory in this library's format, or in a foreign one whose
-    `CheckpointFormat` reads fusion layers (``detect_fusion`` / ``read_fusion``)."""
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path!r} is not a directory; load_adapter_fusion reads one")
-    meta = read_json(os.path.join(path, FUSION_CONFIG_NAME))
+    `CheckpointFormat` reads fusion layers (``detect_fusion`` / ``read_fusion``). Nothing in
+    ``model`` changes; a save replacing the folder meanwhile makes it read again."""
+    read = read_fusion(model, os.fspath(path))
+    return read.saved_name, read.children, read.config, read.tensors
+
+
+def read_fusion(model: nn.Module, path: str) -> ReadFusion:
+    """`read_fusion_checkpoint` as a `ReadFusion`."""
+
+    def read() -> ReadFusion:
+        if not os.path.isdir(path):
+            raise CheckpointError(f"{path!r} is not a directory; load_adapter_fusion reads one")
+        check_links(path)
+        return read_fusion_once(model, path)
+
+    return read_consistently([path], read)
+
+
+def read_fusion_once(model: nn.Module, path: str) -> ReadFusion:
+    """One read of fusion folder ``path`` (see `read_fusion`; the caller handles links and
+    concurrent saves)."""
+    meta = read_json_object(os.path.join(path, FUSION_CONFIG_NAME))
     if meta is None or meta.get("format") != FUSION_FORMAT:
-        registry = get_registry()
-        claims = [
-            f
-            for f in registry.formats
-            if f.detect_fusion is not None and f.read_fusion is not None and f.detect_fusion(path)
-        ]
-        if len(claims) > 1:
-            names = ", ".join(f"{f.name!r} ({f.plugin})" for f in claims)
-            raise CheckpointError(f"{path!r} is claimed by several fusion formats: {names}")
-        if not claims:
-            raise CheckpointError(
-                f"{path!r} is not an adapter fusion saved by save_adapter_fusion (expected "
-                f"{FUSION_CONFIG_NAME} with format {FUSION_FORMAT!r} and {FUSION_WEIGHTS_NAME}) "
-                "nor one an installed plugin's checkpoint format reads"
-            )
-        name, children, config, tensors = claims[0].read_fusion(
-            path=path,
-            model=model,
-            sites=model.adapter_sites,  # type: ignore[attr-defined]
-        )
-        return name, list(children), resolve_fusion_config(config), dict(tensors)
+        return _read_foreign_fusion(model, path)
+    config_file = os.path.join(path, FUSION_CONFIG_NAME)
+    weights = os.path.join(path, FUSION_WEIGHTS_NAME)
+    manifest = read_manifest(path)
+    raw = None
+    if manifest is not None:
+        text = read_listed(path, manifest, FUSION_CONFIG_NAME).decode("utf-8", errors="replace")
+        meta = parse_json_strict(text, repr(config_file), CheckpointError)
+        if not isinstance(meta, dict) or meta.get("format") != FUSION_FORMAT:
+            raise CheckpointError(f"{config_file!r} is not a fusion config of this library")
+        raw = read_listed(path, manifest, FUSION_WEIGHTS_NAME)
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FUSION_FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(
+            f"{config_file!r}: field 'format_version' is {version!r}; expected a positive integer"
+        )
+    if version > FUSION_FORMAT_VERSION:
         raise CheckpointError(
             f"{path!r} has fusion format version {version!r}; this adapters-core reads up to "
-            f"{FUSION_FORMAT_VERSION}: upgrade adapters-core"
+            f"{FUSION_FORMAT_VERSION}: upgrade adapters-core (pip install -U adapters-core)"
+        )
+    if manifest is None and version >= 2:
+        raise CheckpointError(
+            f"{path!r} has no {MANIFEST_NAME}: an incomplete save (interrupted, or copied in "
+            "part); save the fusion again"
         )
     children = meta.get("adapter_names")
     if not isinstance(children, list) or not all(isinstance(c, str) for c in children):
         raise CheckpointError(f"{path!r}: 'adapter_names' must be a list of adapter names")
-    config = AdapterFusionConfig.from_dict(meta.get("config") or {})
-    weights = os.path.join(path, FUSION_WEIGHTS_NAME)
-    if not os.path.isfile(weights):
+    name = meta.get("name")
+    if name is not None and not isinstance(name, str):
+        raise CheckpointError(f"{config_file!r}: field 'name' is {name!r}, not a string")
+    config = _fusion_config(meta.get("config") or {}, config_file)
+    if raw is None and not os.path.isfile(weights):
         raise CheckpointError(f"{path!r} has {FUSION_CONFIG_NAME} but no {FUSION_WEIGHTS_NAME}")
-    return meta.get("name"), children, config, load_safetensors(weights)
+    loaded = safetensors_from_bytes(raw, repr(weights)) if raw is not None else None
+    tensors = checked_tensors(loaded if loaded is not None else load_safetensors(weights), weights)
+    return ReadFusion(path, name, children, config, tensors)
+
+
+def _fusion_config(data: Any, source: str, names: bool = False) -> AdapterFusionConfig:
+    """The fusion config a checkpoint holds (a dict; from a plugin's reader also a config
+    object or a preset name when ``names``); anything else is `CheckpointError`."""
+    if isinstance(data, AdapterFusionConfig):
+        return data
+    if not isinstance(data, Mapping) and not (names and isinstance(data, str)):
+        raise CheckpointError(f"{source}: field 'config' is {data!r}, not an object")
+    try:
+        return resolve_fusion_config(data if isinstance(data, str) else dict(data))
+    except (ConfigError, TypeError, ValueError, KeyError, AttributeError) as error:
+        raise CheckpointError(f"{source}: field 'config' is invalid: {error}") from None
+
+
+def _read_foreign_fusion(model: nn.Module, path: str) -> ReadFusion:
+    registry = get_registry()
+    readers = [f for f in registry.formats if f.read_fusion is not None]
+    claims, _ = claims_of(readers, "detect_fusion", path, stacklevel=6)
+    if len(claims) > 1:
+        names = ", ".join(f"{f.name!r} ({f.plugin})" for f in claims)
+        raise CheckpointError(f"{path!r} is claimed by several fusion formats: {names}")
+    if not claims:
+        raise CheckpointError(
+            f"{path!r} is not an adapter fusion saved by save_adapter_fusion (expected "
+            f"{FUSION_CONFIG_NAME} with format {FUSION_FORMAT!r} and {FUSION_WEIGHTS_NAME}) "
+            "nor one an installed plugin's checkpoint format reads"
+        )
+    fmt = claims[0]
+    result = call_format(
+        fmt,
+        "read_fusion",
+        path,
+        model=model,
+        sites=model.adapter_sites,  # type: ignore[attr-defined]
+    )
+    if not isinstance(result, tuple) or len(result) != 4:
+        raise CheckpointError(
+            f"{path!r}: read_fusion() of format {fmt.name!r} (plugin {fmt.plugin!r}) returned "
+            f"{type(result).__name__}, not (name, adapter names, config, state_dict)"
+        )
+    name, children, config, tensors = result
+    if name is not None and not isinstance(name, str):
+        raise CheckpointError(f"{path!r}: the fusion name {name!r} is not a string")
+    if isinstance(children, str) or not all(isinstance(c, str) for c in children):
+        raise CheckpointError(f"{path!r}: the fused adapters {children!r} are not a list of names")
+    return ReadFusion(
+        path,
+        name,
+        list(children),
+        _fusion_config(config, path, names=True),
+        checked_tensors(tensors, path),
+    )
 
 
 def load_adapter_fusion(
@@ -388,58 +494,44 @@ def load_adapter_fusion(
     overwrite_ok: bool = False,
 ) -> str:
     """See `ModelAdaptersMixin.load_adapter_fusion`. Atomic: on error the model is unchanged."""
-    path = os.fspath(path)
-    saved_name, children, config, tensors = read_fusion_checkpoint(model, path)
+    read = read_fusion(model, os.fspath(path))
+    with all_or_nothing(model):
+        name = add_read_fusion(model, read, load_as, overwrite_ok)
+        if set_active:
+            default = ",".join(read.children) == name
+            model.set_active_adapters(  # type: ignore[operator]
+                Fuse(*read.children, name=None if default else name)
+            )
+    return name
+
+
+def add_read_fusion(
+    model: nn.Module, read: ReadFusion, load_as: str | None = None, overwrite_ok: bool = False
+) -> str:
+    """Add the fusion layer ``read`` describes (its adapters must be added) and copy its
+    tensors in; returns its name. Call it inside `all_or_nothing`."""
     state = get_state(model)
-    missing = [c for c in children if c not in state.adapters]
+    missing = [c for c in read.children if c not in state.adapters]
     if missing:
         raise CheckpointError(
-            f"fusion {saved_name!r} in {path!r} fuses {children}, but {missing} are not "
-            "added; load those adapters first (model.load_adapter(...))"
+            f"fusion {read.saved_name!r} in {read.path!r} fuses {read.children}, but "
+            f"{missing} are not added; load those adapters first (model.load_adapter(...))"
         )
-    name = load_as or saved_name or ",".join(children)
+    name = load_as or read.saved_name or ",".join(read.children)
     validate_adapter_name(name, kind="fusion")  # a saved name that is a path is refused
-    old = state.fusions.get(name)
-    old_active = state.active_setup
-    try:
-        with rollback.operation(model):
-            add_adapter_fusion(model, children, config, name=name, overwrite_ok=overwrite_ok)
-            copy_fusion_tensors(state.fusions[name], tensors, source=path)
-    except BaseException:
-        state.fusions.pop(name, None)
-        if old is not None:
-            state.fusions[name] = old
-        state.active_setup = old_active
-        raise
-    if set_active:
-        default = ",".join(children) == name
-        model.set_active_adapters(Fuse(*children, name=None if default else name))  # type: ignore
+    add_adapter_fusion(model, read.children, read.config, name=name, overwrite_ok=overwrite_ok)
+    copy_fusion_tensors(state.fusions[name], read.tensors, source=read.path)
     return name
 
 
 def copy_fusion_tensors(entry: FusionEntry, tensors: dict, source: str) -> None:
     """Copy checkpoint ``tensors`` into fusion ``entry``'s parameters in place (the same
-    tensors stay in use); raises `CheckpointError` naming ``source`` on any mismatch."""
-    import torch
-
+    tensors stay in use); raises `CheckpointError` naming ``source`` on any mismatch (keys,
+    shapes, kinds, non-finite values), before anything is copied."""
     expected = entry.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source} does not match fusion {entry.name!r} ({entry.method}) on this model: "
-            f"missing {len(missing)} tensors {missing[:3]}, unexpected {len(unexpected)} "
-            f"{unexpected[:3]}. Was it saved for another model or interface?"
-        )
-    for key, target in expected.items():
-        if tuple(tensors[key].shape) != tuple(target.shape):
-            raise CheckpointError(
-                f"{source}: tensor {key!r} has shape {tuple(tensors[key].shape)}, fusion "
-                f"{entry.name!r} expects {tuple(target.shape)}"
-            )
-    with torch.no_grad():
-        for key, target in expected.items():
-            target.copy_(tensors[key].to(dtype=target.dtype, device=target.device))
+    tensors = checked_tensors(tensors, source)
+    match_tensors(expected, tensors, source, f"fusion {entry.name!r} ({entry.method})")
+    copy_tensors(expected, tensors)
 
 
 def save_all_adapter_fusions(model: nn.Module, save_directory: str) -> None:
@@ -449,30 +541,11 @@ def save_all_adapter_fusions(model: nn.Module, save_directory: str) -> None:
 
 
 def save_pretrained_fusions(model: nn.Module, save_directory: str) -> None:
-    """``save_pretrained``'s part: every fusion layer into ``adapter_fusions/<name>``, and
-    fusion directories a previous save left there that the model no longer has removed (so
-    that ``load_model`` restores exactly this model's fusions)."""
-    directory = os.path.join(save_directory, FUSIONS_SUBDIR)
+    """``save_pretrained``'s part: every fusion layer into ``adapter_fusions/<name>`` of the
+    (new) folder ``save_directory``."""
     fusions = get_state(model).fusions
-    if os.path.isdir(directory):
-        for entry in os.listdir(directory):
-            stale = os.path.join(directory, entry)
-            if entry not in fusions and os.path.isfile(os.path.join(stale, FUSION_CONFIG_NAME)):
-                shutil.rmtree(stale)
     if fusions:
-        save_all_adapter_fusions(model, directory)
-
-
-def load_all_adapter_fusions(model: nn.Module, directory: str) -> list[str]:
-    """Load every fusion directory saved by `save_all_adapter_fusions` (none if ``directory``
-    does not exist); returns their names."""
-    if not os.path.isdir(directory):
-        return []
-    return [
-        load_adapter_fusion(model, os.path.join(directory, entry))
-        for entry in sorted(os.listdir(directory))
-        if not entry.startswith(".") and os.path.isdir(os.path.join(directory, entry))
-    ]
+        save_all_adapter_fusions(model, os.path.join(save_directory, FUSIONS_SUBDIR))
 
 
 def _regularization(entry: FusionEntry) -> Any:

@@ -16,16 +16,17 @@ from typing import Any
 
 from torch import nn
 
-from ..checkpoint.adapter import load_adapter
-from ..checkpoint.model import active_setup_of, read_saved_model_folder
-from ..checkpoint.readers import load_safetensors
+from ..checkpoint.adapter import _read_any, add_read_adapter
+from ..checkpoint.atomic import READ_ATTEMPTS, identity
+from ..checkpoint.model import MODEL_WEIGHTS_NAME, active_setup_of, check_saved_model_folder
+from ..checkpoint.readers import load_safetensors, read_json_strict
 from ..errors import CheckpointError, InterfaceError
 from ..interface import INTERFACE_FILENAME, AdapterModelInterface
 from ..registry.loading import distribution_for, get_registry
 from . import rollback
 from .api import GenerateMixin, ModelAdaptersMixin
 from .forward import ForwardHooks
-from .fusion import FUSIONS_SUBDIR, load_all_adapter_fusions
+from .fusion import add_read_fusion, read_fusion_once
 from .lifecycle import ORIGINAL_CLASS_ATTR, original_class_of
 from .recompute import sync_layer_hooks
 from .resolution import resolve_sites
@@ -91,6 +92,10 @@ def init(
     A method listed in the interface whose plugin is not installed gives a warning naming the
     package to install.
     """
+    if not isinstance(model, nn.Module):
+        raise InterfaceError(
+            f"adapters.init needs a torch.nn.Module (a model); got {type(model).__name__}"
+        )
     if is_initialized(model):
         state = get_state(model)
         if interface is not None:
@@ -177,31 +182,69 @@ def load_model(
 ) -> Any:
     """Load a model saved with ``save_pretrained`` of an initialised model: the base model
     (``model_class.from_pretrained(path, **kwargs)``; for a plain ``nn.Module`` class,
-    ``model_class(**kwargs)`` and ``model.safetensors``), its interface, its adapters and its
-    active setup. ``interface`` (as in AdapterHub) replaces the saved
+    ``model_class(**kwargs)`` and ``model.safetensors``), its interface, its adapters, its
+    fusion layers and its active setup. ``interface`` (as in AdapterHub) replaces the saved
     ``adapter_interface.json``, which is then not needed.
 
     The folder is checked first: a half-written folder (no ``adapter_setup.json`` or manifest),
-    a folder mixing files of different saves, a newer format version and adapter names that
-    are not plain names (paths) raise `CheckpointError` before anything is loaded. Adapters are
-    read from ``path/adapters`` only.
+    a folder mixing files of different saves or holding adapter or fusion folders its manifest
+    does not list, links leading out of it, a newer format version and adapter names that are
+    not plain names (paths) raise `CheckpointError` before anything is loaded. Adapters and
+    fusion layers are read from ``path/adapters`` and ``path/adapter_fusions`` only, as the
+    manifest lists them. When a save replaces the folder during the load, it is loaded again:
+    the model is the old or the new save, never a mix.
 
     With ``output_loading_info=True`` (a ``from_pretrained`` option) it returns
     ``(model, loading_info)`` as ``from_pretrained`` and AdapterHub's ``load_model`` do;
     ``loading_info`` is transformers' (``missing_keys``, ``unexpected_keys``, ...) for the
     base model; adapters load strictly (a mismatch raises), so they add no keys to it."""
     path = os.fspath(path)
+    for attempt in range(READ_ATTEMPTS):
+        before = identity(path)
+        try:
+            result = _load_model_once(path, model_class, interface, dict(kwargs))
+        except Exception as error:  # from_pretrained raises many types for a vanished file
+            if identity(path) == before:
+                raise
+            if attempt + 1 < READ_ATTEMPTS:
+                continue  # a save replaced the folder meanwhile: load the new one
+            raise CheckpointError(
+                f"{path!r} was replaced by a save while being loaded ({type(error).__name__}: "
+                f"{error}); try again once the saves are done"
+            ) from error
+        if identity(path) == before:
+            return result
+    raise CheckpointError(
+        f"{path!r} was replaced by saves {READ_ATTEMPTS} times while being loaded; try again "
+        "once the saves are done"
+    )
+
+
+def _saved_interface(path: str) -> AdapterModelInterface:
     interface_path = os.path.join(path, INTERFACE_FILENAME)
+    if not os.path.isfile(interface_path):
+        raise CheckpointError(
+            f"{path!r} has no {INTERFACE_FILENAME}; was it saved from a model prepared "
+            "with adapters.init? Pass interface=..., or for a plain transformers "
+            "checkpoint use from_pretrained + init"
+        )
+    data = read_json_strict(interface_path)
+    try:
+        return AdapterModelInterface.from_dict(data)
+    except (InterfaceError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{interface_path!r} is not a valid interface: {error}") from None
+
+
+def _load_model_once(
+    path: str, model_class: Any, interface: AdapterModelInterface | None, kwargs: dict
+) -> Any:
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path!r} is not a directory written by save_pretrained")
     interface_given = interface is not None
     if interface is None:
-        if not os.path.isfile(interface_path):
-            raise CheckpointError(
-                f"{path!r} has no {INTERFACE_FILENAME}; was it saved from a model prepared "
-                "with adapters.init? Pass interface=..., or for a plain transformers "
-                "checkpoint use from_pretrained + init"
-            )
-        interface = AdapterModelInterface.load(interface_path)
-    setup_meta, folders = read_saved_model_folder(path, interface_given)
+        interface = _saved_interface(path)
+    folder = check_saved_model_folder(path, interface_given)
+    active = active_setup_of(folder.setup, repr(path))
     info: dict[str, Any] | None = None
     if hasattr(model_class, "from_pretrained"):
         model = model_class.from_pretrained(path, **kwargs)
@@ -210,15 +253,28 @@ def load_model(
     else:
         want_info = bool(kwargs.pop("output_loading_info", False))
         model = model_class(**kwargs)
-        weights = load_safetensors(os.path.join(path, "model.safetensors"))
-        model.load_state_dict(weights)  # strict: on success nothing is missing or unexpected
+        weights = load_safetensors(os.path.join(path, MODEL_WEIGHTS_NAME))
+        try:
+            model.load_state_dict(weights)  # strict: on success nothing is missing or unexpected
+        except RuntimeError as error:
+            raise CheckpointError(
+                f"{os.path.join(path, MODEL_WEIGHTS_NAME)!r} does not fit {model_class.__name__}"
+                f"({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}): {error}"
+            ) from None
         if want_info:
             info = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(
+            f"{getattr(model_class, '__name__', model_class)!r} built a "
+            f"{type(model).__name__}, not a torch.nn.Module: pass a model class"
+        )
     init(model, interface=interface)
-    for name, folder in folders:
-        load_adapter(model, folder, load_as=name)
-    load_all_adapter_fusions(model, os.path.join(path, FUSIONS_SUBDIR))
-    active = active_setup_of(setup_meta, repr(path))
+    adapters = [(name, _read_any(model, sub, None)) for name, sub in folder.adapters]
+    fusions = [(name, read_fusion_once(model, sub)) for name, sub in folder.fusions]
+    for name, read in adapters:
+        add_read_adapter(model, name, read)
+    for name, read in fusions:
+        add_read_fusion(model, read, load_as=name)
     if active is not None:
         model.set_active_adapters(active)  # type: ignore[attr-defined]
     return model if info is None else (model, info)

@@ -113,3 +113,18 @@ class _Structure:
             for name, param in params.items():
                 if getattr(module, name, None) is not param:
                     module.register_parameter(name, param)
+            # put back in their old order what was removed and added again (state_dict keys and
+            # the order of parameters() stay as they were)
+            _reorder(module._modules, list(children))
+            _reorder(module._parameters, list(params))
+
+
+def _reorder(entries: dict, order: list[str]) -> None:
+    """Reorder the dict ``entries`` in place: the keys of ``order`` first, in that order, then
+    the others as they are."""
+    if [k for k in entries if k in order] == [k for k in order if k in entries]:
+        return
+    items = {k: entries[k] for k in order if k in entries}
+    items.update((k, v) for k, v in entries.items() if k not in items)
+    entries.clear()
+    entries.update(items)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,19 +15,30 @@ from torch import nn
 
 from .._runtime.naming import name_problem, safe_join, validate_adapter_name
 from .._runtime.precision import check_adapter_dtype
+from .._runtime.transaction import all_or_nothing
 from ..configs import (
     AdapterConfig,
     check_config_values,
     config_parts,
+    parse_json_strict,
     resolve_config,
 )
 from ..errors import AdaptersError, CheckpointError, MethodNotInstalledError
 from ..registry.loading import get_registry
-from .foreign import _saved_name, check_write_options, writer_for
+from .atomic import read_consistently
+from .foreign import (
+    PLUGIN_FAILURES,
+    _saved_name,
+    call_format,
+    check_write_options,
+    claims_of,
+    writer_for,
+)
 from .format import (
     CONFIG_NAME,
     FORMAT,
     FORMAT_VERSION,
+    MANIFEST_NAME,
     WEIGHTS_NAME,
     _split_part,
     _versions,
@@ -35,15 +46,41 @@ from .format import (
     from_portable_keys,
     to_portable_keys,
 )
-from .manifest import read_manifest, verify_manifest, write_directory_atomically, write_manifest
-from .readers import load_safetensors, read_json, read_json_strict
+from .manifest import (
+    check_links,
+    read_listed,
+    read_manifest,
+    verify_manifest,
+    write_directory_atomically,
+    write_manifest,
+)
+from .readers import (
+    checked_tensors,
+    copy_tensors,
+    load_safetensors,
+    match_tensors,
+    read_json_object,
+    read_json_strict,
+    safetensors_from_bytes,
+)
 
 # ---------------------------------------------------------------------------------------------
 # save
 # ---------------------------------------------------------------------------------------------
 
 
-def _cpu_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _cpu_tensors(
+    tensors: Mapping[str, torch.Tensor], what: str = "the model"
+) -> dict[str, torch.Tensor]:
+    """``tensors`` on the CPU, contiguous; `CheckpointError` for a tensor on the meta device
+    (it has no values to save)."""
+    meta = [k for k, v in tensors.items() if v.is_meta]
+    if meta:
+        raise CheckpointError(
+            f"{what} has tensor {meta[0]!r} on the meta device (no values; {len(meta)} such "
+            "tensors), so there is nothing to save: materialise the model's weights first "
+            "(model.to_empty(device=...) and load them, or load the model with from_pretrained)"
+        )
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
@@ -64,7 +101,7 @@ def write_adapter_files(model: nn.Module, folder: str, adapter_name: str) -> Non
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
-    tensors = to_portable_keys(model, _cpu_tensors(entry.state_dict()))
+    tensors = to_portable_keys(model, _cpu_tensors(entry.state_dict(), f"adapter {adapter_name!r}"))
     save_file(tensors, os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
     write_manifest(folder)
 
@@ -84,11 +121,13 @@ def save_adapter(
     if format not in (None, FORMAT):
         fmt = writer_for(format, entry.config.method, "write", f"adapter {adapter_name!r}")
         check_write_options(fmt, format, kwargs)
-        state_dict = _cpu_tensors(entry.state_dict())
+        state_dict = _cpu_tensors(entry.state_dict(), f"adapter {adapter_name!r}")
 
         def write_foreign(tmp: str) -> None:
-            fmt.write(
-                path=tmp,
+            call_format(
+                fmt,
+                "write",
+                tmp,
                 model=model,
                 sites=model.adapter_sites,  # type: ignore[attr-defined]
                 name=adapter_name,
@@ -110,6 +149,8 @@ def save_all_adapters(model: nn.Module, save_directory: str, **kwargs: Any) -> N
     if kwargs:
         raise TypeError(f"save_all_adapters got unexpected options {sorted(kwargs)}")
     names = list(model.adapters_config)  # type: ignore[attr-defined]
+    for name in names:
+        _cpu_tensors(model._entry(name).state_dict(), f"adapter {name!r}")  # type: ignore[operator]
 
     def write(tmp: str) -> None:
         for name in names:
@@ -119,38 +160,55 @@ def save_all_adapters(model: nn.Module, save_directory: str, **kwargs: Any) -> N
 
 
 # ---------------------------------------------------------------------------------------------
-# load
+# read (nothing in the model changes)
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReadAdapter:
+    """An adapter checkpoint read and checked, not yet loaded: the name it records (None if
+    none), its config and its tensors under the plugins' keys for the model it was read for."""
+
+    path: str
+    saved_name: str | None
+    config: AdapterConfig
+    tensors: dict[str, torch.Tensor]
 
 
 def read_checkpoint(
     model: nn.Module, path: str, config: Any = None
 ) -> tuple[str | None, AdapterConfig, dict[str, torch.Tensor]]:
     """Read a checkpoint directory in any known format: (saved name or None, config, tensors
-    under the plugins' keys for ``model``)."""
-    if not os.path.isdir(path):
-        raise CheckpointError(
-            f"{path!r} is not a directory; load_adapter reads a local adapter directory "
-            "(this library's, PEFT's or AdapterHub's format)"
-        )
+    under the plugins' keys for ``model``). Nothing in ``model`` changes. A save that replaces
+    the folder while it is read makes it read again (`read_consistently`): the result is the
+    old or the new save, never a mix."""
+    read = read_adapter(model, os.fspath(path), config)
+    return read.saved_name, read.config, read.tensors
+
+
+def read_adapter(model: nn.Module, path: str, config: Any = None) -> ReadAdapter:
+    """`read_checkpoint` as a `ReadAdapter`."""
     override = resolve_config(config) if config is not None else None
-    config_file = os.path.join(path, CONFIG_NAME)
-    meta = read_json(config_file)
-    if meta is not None and meta.get("format") == FORMAT:
-        return _read_own(model, path, meta, override)
-    registry = get_registry()
-    claims, failures = [], []
-    for fmt in registry.formats:
-        try:
-            if fmt.detect(path):
-                claims.append(fmt)
-        except Exception as error:  # one broken plugin must not break the other formats
-            failures.append(
-                f"format {fmt.name!r} of plugin {fmt.plugin!r}: detect() raised "
-                f"{type(error).__name__}: {error}"
+
+    def read() -> ReadAdapter:
+        if not os.path.isdir(path):  # inside: a save's two-rename fallback may be under way
+            raise CheckpointError(
+                f"{path!r} is not a directory; load_adapter reads a local adapter directory "
+                "(this library's, PEFT's or AdapterHub's format)"
             )
-    for failure in failures:
-        warnings.warn(f"{failure}; that format was skipped for {path!r}", stacklevel=3)
+        check_links(path)
+        return _read_any(model, path, override)
+
+    return read_consistently([path], read)
+
+
+def _read_any(model: nn.Module, path: str, override: AdapterConfig | None) -> ReadAdapter:
+    config_file = os.path.join(path, CONFIG_NAME)
+    meta = read_json_object(config_file)
+    if meta is not None and meta.get("format") == FORMAT:
+        return _read_own(model, path, override)
+    registry = get_registry()
+    claims, failures = claims_of(registry.formats, "detect", path, stacklevel=6)
     if len(claims) > 1:
         names = ", ".join(f"{f.name!r} ({f.plugin})" for f in claims)
         raise CheckpointError(
@@ -159,20 +217,25 @@ def read_checkpoint(
         )
     if claims:
         fmt = claims[0]
-        try:
-            cfg, tensors = fmt.read(
-                path=path,
-                model=model,
-                sites=model.adapter_sites,  # type: ignore[attr-defined]
-                config=override,
-            )
-        except (AdaptersError, OSError):
-            raise
-        except Exception as error:  # a reader's unexpected error still names file and plugin
+        result = call_format(
+            fmt,
+            "read",
+            path,
+            model=model,
+            sites=model.adapter_sites,  # type: ignore[attr-defined]
+            config=override,
+        )
+        if not isinstance(result, tuple) or len(result) != 2:
             raise CheckpointError(
-                f"{path!r} could not be read as format {fmt.name!r} (plugin {fmt.plugin!r}): "
-                f"{type(error).__name__}: {error}"
-            ) from error
+                f"{path!r}: read() of format {fmt.name!r} (plugin {fmt.plugin!r}) returned "
+                f"{type(result).__name__}, not (config, state_dict)"
+            )
+        cfg, tensors = result
+        if not isinstance(cfg, AdapterConfig):
+            raise CheckpointError(
+                f"{path!r}: read() of format {fmt.name!r} (plugin {fmt.plugin!r}) returned the "
+                f"config {cfg!r}, not an AdapterConfig"
+            )
         check_config_values(cfg)
         foreign = [p.method for p in config_parts(cfg) if not fmt.serves(p.method)]
         if foreign:
@@ -180,7 +243,7 @@ def read_checkpoint(
                 f"format {fmt.name!r} (plugin {fmt.plugin!r}) read {path!r} as a {foreign[0]!r} "
                 f"adapter, but it declares the methods {list(fmt.methods)} only"
             )
-        return _saved_name(fmt, path), cfg, _checked_tensors(tensors, path)
+        return ReadAdapter(path, _saved_name(fmt, path), cfg, checked_tensors(tensors, path))
     if os.path.isfile(config_file):
         read_json_strict(config_file)  # a malformed config explains itself (file and key)
     known = [*registry.format_names(), FORMAT]
@@ -191,16 +254,30 @@ def read_checkpoint(
     )
 
 
-def _read_own(
-    model: nn.Module, path: str, meta: dict[str, Any], override: AdapterConfig | None
-) -> tuple[str | None, AdapterConfig, dict[str, torch.Tensor]]:
+def _read_own(model: nn.Module, path: str, override: AdapterConfig | None) -> ReadAdapter:
+    """Our format. With a manifest (every save since format 2), only the bytes it vouches for
+    are parsed; without one only format 1 (written before manifests existed) is accepted."""
     config_file = os.path.join(path, CONFIG_NAME)
-    version = check_format_version(meta, repr(config_file))
-    if version >= 2:
-        verify_manifest(path)
     weights = os.path.join(path, WEIGHTS_NAME)
-    if not os.path.isfile(weights):
-        raise CheckpointError(f"{path!r} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+    manifest = read_manifest(path)
+    if manifest is not None:
+        text = read_listed(path, manifest, CONFIG_NAME).decode("utf-8", errors="replace")
+        meta = parse_json_strict(text, repr(config_file), CheckpointError)
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise CheckpointError(f"{config_file!r} is not an adapter config of this library")
+        version = check_format_version(meta, repr(config_file))
+        raw = read_listed(path, manifest, WEIGHTS_NAME)
+    else:
+        meta = read_json_strict(config_file)
+        version = check_format_version(meta, repr(config_file))
+        if version >= 2:
+            raise CheckpointError(
+                f"{path!r} has no {MANIFEST_NAME}: an incomplete save (interrupted, or copied "
+                "in part); save it again"
+            )
+        if not os.path.isfile(weights):
+            raise CheckpointError(f"{path!r} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+        raw = None
     name = meta.get("name")
     if name is not None and not isinstance(name, str):
         raise CheckpointError(f"{config_file!r}: field 'name' is {name!r}, not a string")
@@ -211,19 +288,23 @@ def _read_own(
         cfg = override or check_config_values(AdapterConfig.from_dict(saved))
     except MethodNotInstalledError:
         raise
-    except (AdaptersError, TypeError, ValueError, KeyError) as error:
+    except (AdaptersError, TypeError, ValueError, KeyError, AttributeError) as error:
         raise CheckpointError(f"{config_file!r}: field 'config' is invalid: {error}") from None
-    tensors = _checked_tensors(load_safetensors(weights), weights)
+    loaded = safetensors_from_bytes(raw, repr(weights)) if raw is not None else None
+    tensors = checked_tensors(loaded if loaded is not None else load_safetensors(weights), weights)
     if version >= 2:
         tensors = from_portable_keys(model, tensors)
     else:
-        tensors = _upgrade_v1(cfg, tensors)
-    return name, cfg, tensors
+        tensors = _upgrade_v1(cfg, tensors, weights)
+    return ReadAdapter(path, name, cfg, tensors)
 
 
-def _upgrade_v1(config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _upgrade_v1(
+    config: AdapterConfig, tensors: dict[str, torch.Tensor], source: str = "checkpoint"
+) -> dict[str, Any]:
     """Format 1 keys were the plugin's keys on the saving model (its head class); methods whose
-    keys changed since map them with ``MethodSpec.upgrade_key``."""
+    keys changed since map them with ``MethodSpec.upgrade_key``. Two keys that map to one
+    (an old and a new spelling of the same tensor) are refused: neither may silently win."""
     registry = get_registry()
     upgrades = {}
     for part in config_parts(config):
@@ -234,30 +315,61 @@ def _upgrade_v1(config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> dict
     if not upgrades:
         return tensors
     union = len(config_parts(config)) > 1
-    result = {}
+    result: dict[str, Any] = {}
+    origin: dict[str, str] = {}
     for key, value in tensors.items():
         method, rest = _split_part(key)
         found = upgrades.get(method[:-1] if union else config_parts(config)[0].method)
         if found is not None:
-            rest = found[1](found[0], rest, 1)
-        result[method + rest] = value
+            try:
+                rest = found[1](found[0], rest, 1)
+            except AdaptersError:
+                raise
+            except (ValueError, TypeError, KeyError, IndexError) as error:
+                raise CheckpointError(
+                    f"{source}: key {key!r} cannot be read as a format-1 key of the "
+                    f"{found[0].method!r} method: {type(error).__name__}: {error}"
+                ) from None
+            if not isinstance(rest, str):
+                raise CheckpointError(
+                    f"{source}: the {found[0].method!r} plugin's upgrade_key turned {key!r} "
+                    f"into {rest!r}, not a key"
+                )
+        new = method + rest
+        if new in result:
+            raise CheckpointError(
+                f"{source}: keys {origin[new]!r} and {key!r} are the same tensor {new!r} (an "
+                "old and a new spelling): the file mixes two saves; keep one set of keys"
+            )
+        result[new], origin[new] = value, key
     return result
 
 
-def _checked_tensors(tensors: Mapping[str, Any], source: str) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint, refusing non-tensors and non-finite values (they would give
-    NaN outputs) with `CheckpointError` naming the file and key."""
-    for key, value in tensors.items():
-        if not isinstance(value, torch.Tensor):
+def adapter_name_for(path: str, saved_name: str | None, load_as: str | None) -> str:
+    """The name an adapter read from ``path`` is loaded under: ``load_as``, else the name the
+    checkpoint records, else the folder's name; each must be an allowed adapter name."""
+    if load_as is not None:
+        return validate_adapter_name(load_as)
+    if saved_name is not None:
+        problem = name_problem(saved_name)
+        if problem is not None:
             raise CheckpointError(
-                f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor"
+                f"{path!r} records the adapter name {saved_name!r}, which is not an allowed "
+                f"adapter name ({problem}); pass load_as='a_name'"
             )
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise CheckpointError(
-                f"{source}: tensor {key!r} holds NaN or infinite values; the checkpoint is "
-                "corrupt or was saved after training diverged"
-            )
-    return dict(tensors)
+        return saved_name
+    name = os.path.basename(os.path.normpath(path))
+    if name_problem(name) is not None:
+        raise CheckpointError(
+            f"the folder name {name!r} of {path!r} is not an allowed adapter name "
+            f"({name_problem(name)}); pass load_as='a_name'"
+        )
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# load (all or nothing)
+# ---------------------------------------------------------------------------------------------
 
 
 def load_adapter(
@@ -270,7 +382,8 @@ def load_adapter(
     adapter_dtype: Any = None,
     **kwargs: Any,
 ) -> str:
-    """See `ModelAdaptersMixin.load_adapter`. Atomic: on any error the model is unchanged.
+    """See `ModelAdaptersMixin.load_adapter`. Atomic: on any error the model is unchanged
+    (an overwritten adapter, its values and the active setup included).
     ``adapter_dtype``: as in ``add_adapter`` (the saved tensors are cast to it)."""
     if kwargs:
         raise TypeError(f"load_adapter got unexpected options {sorted(kwargs)}")
@@ -278,110 +391,127 @@ def load_adapter(
     path = os.fspath(path)
     if load_as is not None:
         validate_adapter_name(load_as)
-    saved_name, cfg, tensors = read_checkpoint(model, path, config)
-    if load_as is not None:
-        name = load_as
-    elif saved_name is not None:
-        problem = name_problem(saved_name)
-        if problem is not None:
-            raise CheckpointError(
-                f"{path!r} records the adapter name {saved_name!r}, which is not an allowed "
-                f"adapter name ({problem}); pass load_as='a_name'"
-            )
-        name = saved_name
-    else:
-        name = os.path.basename(os.path.normpath(path))
-        if name_problem(name) is not None:
-            raise CheckpointError(
-                f"the folder name {name!r} of {path!r} is not an allowed adapter name "
-                f"({name_problem(name)}); pass load_as='a_name'"
-            )
+    read = read_adapter(model, path, config)
+    name = adapter_name_for(path, read.saved_name, load_as)
     if name in model.adapters_config and not overwrite_ok:  # type: ignore[attr-defined]
         raise CheckpointError(
             f"an adapter named {name!r} already exists; pass load_as='other_name' or "
             "overwrite_ok=True"
         )
-    old = None
-    if name in model.adapters_config:  # type: ignore[attr-defined]
-        old = model._entry(name)  # type: ignore[operator]
-        old_merged = old.merged
-        old_tensors = old.state_dict()
-        old_tensors = {k: v.clone() for k, v in old_tensors.items()}
-    model.add_adapter(  # type: ignore[operator]
-        name, cfg, overwrite_ok=overwrite_ok, adapter_dtype=adapter_dtype
-    )
-    try:
-        load_tensors(model, name, tensors, source=path)
-    except BaseException:
-        model.delete_adapter(name)  # type: ignore[operator]
-        if old is not None:
-            model.add_adapter(name, old.config)  # type: ignore[operator]
-            load_tensors(model, name, old_tensors, source="previous adapter")
-            if old_merged:
-                model.merge_adapter(name)  # type: ignore[operator]
-        raise
-    if set_active:
-        model.set_active_adapters(name)  # type: ignore[operator]
+    with all_or_nothing(model):
+        add_read_adapter(model, name, read, overwrite_ok, adapter_dtype)
+        if set_active:
+            model.set_active_adapters(name)  # type: ignore[operator]
     return name
+
+
+def add_read_adapter(
+    model: nn.Module,
+    name: str,
+    read: ReadAdapter,
+    overwrite_ok: bool = False,
+    adapter_dtype: Any = None,
+) -> None:
+    """Add adapter ``name`` with ``read``'s config and copy its tensors in. Call it inside
+    `all_or_nothing` (a failure may leave the adapter half-loaded otherwise)."""
+    try:
+        model.add_adapter(  # type: ignore[operator]
+            name, read.config, overwrite_ok=overwrite_ok, adapter_dtype=adapter_dtype
+        )
+    except AdaptersError:
+        raise
+    except PLUGIN_FAILURES as error:  # a config from a file the method's plugin did not expect
+        raise CheckpointError(
+            f"{read.path!r}: its config {read.config!r} could not be added as adapter {name!r}: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    load_tensors(model, name, read.tensors, source=read.path)
 
 
 def load_tensors(
     model: nn.Module, name: str, tensors: Mapping[str, torch.Tensor], source: str = "checkpoint"
 ) -> None:
     """Copy ``tensors`` (the plugins' name-independent keys) into adapter ``name``; every key
-    must match in name and shape, else `CheckpointError` and nothing is copied."""
+    must match in name, shape and kind and hold finite values, else `CheckpointError` and
+    nothing is copied."""
     entry = model._entry(name)  # type: ignore[operator]
     expected = entry.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source} does not match adapter {name!r} ({entry.config.method}) on this model: "
-            f"missing {len(missing)} tensors {missing[:3]}, unexpected {len(unexpected)} "
-            f"{unexpected[:3]}. Was it saved for another model or interface?"
-        )
-    bad = [
-        (k, tuple(tensors[k].shape), tuple(v.shape))
-        for k, v in expected.items()
-        if tuple(tensors[k].shape) != tuple(v.shape)
-    ]
-    if bad:
-        key, got, want = bad[0]
-        raise CheckpointError(
-            f"{source}: tensor {key!r} has shape {got}, adapter {name!r} expects {want} "
-            f"({len(bad)} mismatched); was it saved with another config (e.g. r) or model size?"
-        )
-    kinds = [
-        k
-        for k, v in expected.items()
-        if v.is_floating_point() and not tensors[k].is_floating_point()
-    ]
-    if kinds:
-        raise CheckpointError(
-            f"{source}: tensor {kinds[0]!r} has dtype {tensors[kinds[0]].dtype}, adapter "
-            f"{name!r} expects floating-point values"
-        )
-    with torch.no_grad():
-        for key, target in expected.items():
-            target.copy_(tensors[key].to(dtype=target.dtype, device=target.device))
+    tensors = checked_tensors(tensors, source)
+    match_tensors(expected, tensors, source, f"adapter {name!r} ({entry.config.method})")
+    copy_tensors(expected, tensors)
+
+
+def read_all_adapters(model: nn.Module, directory: str) -> list[tuple[str, ReadAdapter]]:
+    """Read (not load) every adapter of a folder written by ``save_all_adapters``:
+    ``[(name, read adapter)]``. With a manifest (every such save) exactly the adapters it
+    lists are read, each checked against it; a sub-folder holding an adapter that it does not
+    list is refused (added after the save). Without one, every sub-folder not starting with
+    ``.`` is read (folders of format 1)."""
+    directory = os.fspath(directory)
+
+    def read() -> list[tuple[str, ReadAdapter]]:
+        if not os.path.isdir(directory):
+            raise CheckpointError(
+                f"{directory!r} is not a directory; load_all_adapters reads a folder written by "
+                "save_all_adapters"
+            )
+        check_links(directory)
+        manifest = read_manifest(directory)
+        if manifest is None:
+            subdirs = sorted(
+                e
+                for e in os.listdir(directory)
+                if not e.startswith(".") and os.path.isdir(os.path.join(directory, e))
+            )
+        else:
+            subdirs = sorted({rel.split("/", 1)[0] for rel in manifest["files"] if "/" in rel})
+            required = [f"{sub}/{file}" for sub in subdirs for file in (CONFIG_NAME, WEIGHTS_NAME)]
+            # sizes of all, sha256 of each adapter's own manifest (which covers its files)
+            verify_manifest(
+                directory,
+                hash_files=lambda rel: rel.endswith("/" + MANIFEST_NAME),
+                required=required,
+            )
+            _refuse_unlisted_adapters(directory, subdirs)
+        found = []
+        for sub in subdirs:
+            path = safe_join(directory, sub)
+            found.append((sub, _read_any(model, path, None)))
+        return found
+
+    return read_consistently([directory], read)
+
+
+def _refuse_unlisted_adapters(directory: str, listed: list[str]) -> None:
+    for entry in sorted(os.listdir(directory)):
+        path = os.path.join(directory, entry)
+        if (
+            entry not in listed
+            and not entry.startswith(".")
+            and os.path.isfile(os.path.join(path, CONFIG_NAME))
+        ):
+            raise CheckpointError(
+                f"{path!r} holds an adapter that the manifest of {directory!r} does not list: "
+                "it was added after the save; remove it, or save all adapters again"
+            )
 
 
 def load_all_adapters(model: nn.Module, directory: str, set_active: bool = False) -> list[str]:
-    """See `ModelAdaptersMixin.load_all_adapters`. A folder written by ``save_all_adapters``
-    is checked against its manifest first; only the adapters it lists are loaded."""
-    manifest = read_manifest(directory)
-    if manifest is not None:
-        verify_manifest(directory, hash_files=lambda rel: False)  # each adapter checks its own
-        subdirs = sorted({rel.split("/", 1)[0] for rel in manifest["files"] if "/" in rel})
-    else:
-        subdirs = sorted(
-            e
-            for e in os.listdir(directory)
-            if not e.startswith(".") and os.path.isdir(os.path.join(directory, e))
-        )
+    """See `ModelAdaptersMixin.load_all_adapters`. Every adapter is read and checked first,
+    then all are added in one step: on any error the model is unchanged."""
+    found = read_all_adapters(model, directory)
     names = []
-    for entry in subdirs:
-        names.append(load_adapter(model, safe_join(directory, entry)))
-    if set_active and names:
-        model.set_active_adapters(names)  # type: ignore[operator]
+    for _, read in found:
+        name = adapter_name_for(read.path, read.saved_name, None)
+        if name in model.adapters_config or name in names:  # type: ignore[attr-defined]
+            raise CheckpointError(
+                f"an adapter named {name!r} (from {read.path!r}) already exists; delete it "
+                "first or load the folders one by one with load_adapter(..., load_as=...)"
+            )
+        names.append(name)
+    with all_or_nothing(model):
+        for name, (_, read) in zip(names, found):
+            add_read_adapter(model, name, read)
+        if set_active and names:
+            model.set_active_adapters(names)  # type: ignore[operator]
     return names

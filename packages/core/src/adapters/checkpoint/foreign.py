@@ -4,10 +4,11 @@ the adapter name a foreign folder records."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..errors import CheckpointError
+from ..errors import AdaptersError, CheckpointError
 from ..registry.loading import get_registry
 from .format import FORMAT
 
@@ -47,12 +48,58 @@ def check_write_options(fmt: Any, format: str, options: Mapping[str, Any]) -> No
         )
 
 
+#: What a plugin's callback may raise that core turns into its own error (or a warning):
+#: everything but ``KeyboardInterrupt`` (and ``GeneratorExit``), ``SystemExit`` included.
+PLUGIN_FAILURES = (Exception, SystemExit)
+
+
+def call_format(fmt: Any, callback: str, path: str, **kwargs: Any) -> Any:
+    """``fmt.<callback>(path=path, **kwargs)`` (``read``, ``write``, ``read_fusion``,
+    ``write_fusion``) of a plugin's `CheckpointFormat`. This library's own errors pass through;
+    anything else the plugin raises (``SystemExit`` included) becomes `CheckpointError` naming
+    the directory, the format, the plugin and the error."""
+    try:
+        return getattr(fmt, callback)(path=path, **kwargs)
+    except AdaptersError:
+        raise
+    except PLUGIN_FAILURES as error:
+        raise CheckpointError(
+            f"{path!r}: {callback}() of format {fmt.name!r} (plugin {fmt.plugin!r}) failed: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+
+
+def claims_of(
+    formats: list[Any], attr: str, path: str, stacklevel: int = 3
+) -> tuple[list[Any], list[str]]:
+    """(the formats whose ``attr``, ``"detect"`` or ``"detect_fusion"``, claims directory
+    ``path``; the failures). A plugin whose check raises (anything but ``KeyboardInterrupt``,
+    ``SystemExit`` included) is reported with a warning naming it and skipped: one broken
+    plugin must not break the other formats."""
+    claims, failures = [], []
+    for fmt in formats:
+        check: Callable[[str], Any] | None = getattr(fmt, attr, None)
+        if check is None:
+            continue
+        try:
+            if check(path):
+                claims.append(fmt)
+        except PLUGIN_FAILURES as error:
+            failures.append(
+                f"format {fmt.name!r} of plugin {fmt.plugin!r}: {attr}() raised "
+                f"{type(error).__name__}: {error}"
+            )
+    for failure in failures:
+        warnings.warn(f"{failure}; that format was skipped for {path!r}", stacklevel=stacklevel)
+    return claims, failures
+
+
 def _saved_name(fmt: Any, path: str) -> str | None:
     """The name ``fmt`` says the directory records, or None (a failing plugin is ignored)."""
     if fmt.saved_name is None:
         return None
     try:
         name = fmt.saved_name(path)
-    except Exception:  # optional information: a broken plugin must not break loading
+    except PLUGIN_FAILURES:  # optional information: a broken plugin must not break loading
         return None
     return name if isinstance(name, str) else None

@@ -22,6 +22,8 @@ FORMAT = "adapters"
 FORMAT_VERSION = 2
 SETUP_NAME = "adapter_setup.json"
 ADAPTERS_SUBDIR = "adapters"
+#: Where ``save_pretrained`` puts fusion layers (``adapter_fusions/<name>``).
+FUSIONS_SUBDIR = "adapter_fusions"
 #: Marks a portable key of a module outside the base model (kept relative to the top level).
 TOP_PREFIX = "top:"
 # Names our saves write; an old folder's files of these names are never carried over.
@@ -32,7 +34,7 @@ _OURS = {
     SETUP_NAME,
     INTERFACE_FILENAME,
     ADAPTERS_SUBDIR,
-    "adapter_fusions",  # adapters._runtime.fusion.FUSIONS_SUBDIR
+    FUSIONS_SUBDIR,
 }
 
 

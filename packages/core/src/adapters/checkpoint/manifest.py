@@ -1,23 +1,32 @@
-"""The manifest that ties the files of one save together, and the atomic replacement of a
-saved folder (written beside it, swapped in, the user's own files carried over)."""
+"""The manifest that ties the files of one save together, reading files through it, the rule
+for symbolic links in a saved folder, and the atomic replacement of a saved folder (see
+`adapters.checkpoint.atomic`).
+
+A manifest lists every file its save wrote (relative path, size, sha256). A load reads only
+files the manifest lists and checks the sha256 of the very bytes it then parses
+(`read_listed`), so a folder mixing two saves, a file changed by hand or a file swapped while
+it is read is refused, never half-used.
+"""
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
-import shutil
-import tempfile
+import re
+import stat
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..configs import (
     load_json_strict,
 )
 from ..errors import CheckpointError
+from .atomic import replace_directory
 from .format import _OURS, FORMAT, FORMAT_VERSION, MANIFEST_NAME, check_format_version
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 # ---------------------------------------------------------------------------------------------
 # manifests
@@ -65,35 +74,57 @@ def write_manifest(folder: str) -> dict[str, Any]:
 def read_manifest(folder: str) -> dict[str, Any] | None:
     """The manifest of ``folder`` (None if it has none); malformed ones raise."""
     path = os.path.join(folder, MANIFEST_NAME)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         return None
     data = load_json_strict(path, error=CheckpointError)
     files = data.get("files") if isinstance(data, dict) else None
-    if not isinstance(files, dict) or not all(
-        isinstance(v, dict) and isinstance(v.get("size"), int) for v in files.values()
-    ):
-        raise CheckpointError(f"{path!r}: field 'files' is missing or malformed")
+    if not isinstance(files, dict) or not all(_valid_entry(v) for v in files.values()):
+        raise CheckpointError(
+            f"{path!r}: field 'files' is missing or malformed (expected {{path: {{'size': "
+            "bytes, 'sha256': hex digest}}}); save the folder again"
+        )
+    unsafe = [rel for rel in files if name_problem_of_path(rel)]
+    if unsafe:
+        raise CheckpointError(f"{path!r} lists the unsafe path {unsafe[0]!r}")
     check_format_version(data, repr(path))
     return data
+
+
+def _valid_entry(info: Any) -> bool:
+    size = info.get("size") if isinstance(info, dict) else None
+    digest = info.get("sha256") if isinstance(info, dict) else None
+    return (
+        isinstance(size, int)
+        and not isinstance(size, bool)
+        and size >= 0
+        and isinstance(digest, str)
+        and _SHA256.match(digest) is not None
+    )
 
 
 def verify_manifest(
     folder: str,
     hash_files: Callable[[str], bool] = lambda rel: True,
     optional: frozenset[str] = frozenset(),
+    required: Iterable[str] = (),
 ) -> dict[str, Any]:
     """Check that every file the manifest of ``folder`` lists is there with its size (and
-    sha256, for files ``hash_files`` selects); `CheckpointError` otherwise, naming the file.
-    Files in ``optional`` may be missing (not replaced)."""
+    sha256, for files ``hash_files`` selects), and that it lists every path of ``required``;
+    `CheckpointError` otherwise, naming the file. Files in ``optional`` may be missing (not
+    replaced)."""
     manifest = read_manifest(folder)
     if manifest is None:
         raise CheckpointError(
             f"{folder!r} has no {MANIFEST_NAME}: an incomplete save (interrupted, or copied "
             "in part); save it again"
         )
+    missing = [rel for rel in required if rel not in manifest["files"]]
+    if missing:
+        raise CheckpointError(
+            f"the manifest of {folder!r} does not list {missing[0]!r}, which every such save "
+            "writes: the manifest was cut or edited; save the folder again"
+        )
     for rel, info in manifest["files"].items():
-        if name_problem_of_path(rel):
-            raise CheckpointError(f"{folder!r}: the manifest lists the unsafe path {rel!r}")
         full = os.path.join(folder, *rel.split("/"))
         if rel in optional and not os.path.lexists(full):
             continue
@@ -102,24 +133,125 @@ def verify_manifest(
                 f"{folder!r} lacks {rel!r}, which its manifest lists: an incomplete save"
             )
         if os.path.getsize(full) != info["size"] or (
-            hash_files(rel) and _sha256(full) != info.get("sha256")
+            hash_files(rel) and _sha256(full) != info["sha256"]
         ):
-            raise CheckpointError(
-                f"{full!r} is not the file saved with the rest of {folder!r} (size or sha256 "
-                "differ from the manifest): the folder mixes files of different saves; save "
-                "it again"
-            )
+            raise _mixed(full, folder)
     return manifest
+
+
+def _mixed(full: str, folder: str) -> CheckpointError:
+    return CheckpointError(
+        f"{full!r} is not the file saved with the rest of {folder!r} (size or sha256 differ "
+        "from the manifest): the folder mixes files of different saves, or a save replaced it "
+        "while it was read; save it again"
+    )
+
+
+def read_listed(folder: str, manifest: dict[str, Any], rel: str) -> bytes:
+    """The bytes of file ``rel`` of ``folder``, which ``manifest`` must list, checked against
+    the listed size (before reading: nothing larger is read) and sha256: the caller parses
+    exactly the bytes the manifest vouches for."""
+    info = manifest["files"].get(rel)
+    full = os.path.join(folder, *rel.split("/"))
+    if info is None:
+        raise CheckpointError(
+            f"the manifest of {folder!r} does not list {rel!r}: the file is not part of the "
+            "save (added or renamed after it); save the folder again"
+        )
+    try:
+        fd = os.open(full, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO cannot block
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_size != info["size"]:
+                raise _mixed(full, folder)
+            data = f.read(info["size"] + 1)
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{folder!r} lacks {rel!r}, which its manifest lists: an incomplete save"
+        ) from None
+    except IsADirectoryError:
+        raise _mixed(full, folder) from None
+    if len(data) != info["size"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
+        raise _mixed(full, folder)
+    return data
 
 
 def name_problem_of_path(rel: str) -> bool:
     """Whether a manifest path could point outside its folder."""
-    return rel.startswith("/") or "\\" in rel or ".." in rel.split("/") or ":" in rel
+    return (
+        not rel
+        or rel.startswith("/")
+        or "\\" in rel
+        or ".." in rel.split("/")
+        or ":" in rel
+        or "" in rel.split("/")
+        or "." in rel.split("/")
+        or "\x00" in rel
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# symbolic links
+# ---------------------------------------------------------------------------------------------
+
+
+def check_links(folder: str) -> None:
+    """Refuse a symbolic link anywhere inside ``folder`` that leads outside it, with one
+    exception: the layout of a Hugging Face cache snapshot (``<repo>/snapshots/<revision>/``),
+    whose files link to ``<repo>/blobs/`` of the same repository cache."""
+    root = os.path.realpath(folder)
+    blobs = _hub_blobs(root)
+    for current, dirs, files in os.walk(folder):
+        for name in [*dirs, *files]:
+            path = os.path.join(current, name)
+            if not os.path.islink(path):
+                continue
+            resolved = os.path.realpath(path)
+            if _inside(resolved, root):
+                continue
+            if blobs is not None and os.path.dirname(resolved) == blobs:
+                continue
+            raise CheckpointError(
+                f"{path!r} is a symbolic link leading outside {folder!r} (to {resolved!r}); "
+                "nothing is read from outside the folder given: replace the link by the file"
+            )
+
+
+def _inside(path: str, root: str) -> bool:
+    try:
+        return os.path.commonpath([root, path]) == root
+    except ValueError:  # different drives
+        return False
+
+
+def _hub_blobs(root: str) -> str | None:
+    """``<repo>/blobs`` when ``root`` lies in ``<repo>/snapshots/<revision>``, else None."""
+    parts = root.split(os.sep)
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "snapshots":
+            repo = os.sep.join(parts[:i]) or os.sep
+            blobs = os.path.join(repo, "blobs")
+            return os.path.realpath(blobs) if os.path.isdir(blobs) else None
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
 # atomic writes
 # ---------------------------------------------------------------------------------------------
+
+
+def owned_entries(folder: str) -> set[str]:
+    """The top-level entries of an existing saved ``folder`` that a save of ours owns (and
+    replaces): the names this library writes and the top-level entries its manifest lists.
+    Dot-entries are never ours; everything else is the user's and is carried over."""
+    ours = set(_OURS)
+    try:
+        old = read_manifest(folder)
+    except CheckpointError:
+        old = None
+    if old is not None:
+        ours |= {rel.split("/", 1)[0] for rel in old["files"]}
+    return {name for name in ours if not name.startswith(".")}
 
 
 def write_directory_atomically(
@@ -129,87 +261,20 @@ def write_directory_atomically(
     formats; `verify_manifest` checks it on load), and make ``tmp_dir`` the folder ``target``.
 
     The new set of files appears whole or not at all: ``tmp_dir`` is a sibling of ``target``
-    and replaces it by ``rename`` (an existing ``target`` is renamed away first and removed
-    afterwards). Files of an existing ``target`` that no save of ours wrote (a README, a
-    trainer's state) are carried over. Concurrent calls for one ``target`` end with one
-    complete save (the last). If ``write`` fails, ``target`` is left as it was.
+    that is swapped with it in one step where the platform can (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``: readers always find a complete folder), else renamed in after the old
+    one is renamed away (briefly absent). The entries of an existing ``target`` that no save of
+    ours owns (`owned_entries`: a README, ``.git``, a trainer's state) are hard-linked into the
+    new folder, unchanged. Concurrent calls for one ``target`` end with one complete save (the
+    last). If ``write`` fails, ``target`` is left as it was. Temporary siblings a killed save
+    left behind are removed by the next save.
 
     Fusion and other multi-file saves of plugins use this too.
     """
-    target = os.path.abspath(os.fspath(target))
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    if os.path.islink(target) or os.path.isfile(target):
-        raise CheckpointError(f"{target!r} exists and is not a directory; choose another path")
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
-    try:
+
+    def write_all(tmp: str) -> None:
         write(tmp)
         if manifest:
             write_manifest(tmp)
-        _carry_over(target, tmp)
-        _swap(tmp, target)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
 
-
-def _carry_over(target: str, tmp: str) -> None:
-    """Link (or copy) into ``tmp`` the entries of ``target`` that no save of ours wrote."""
-    try:
-        entries = os.listdir(target)
-        old = read_manifest(target)
-    except (FileNotFoundError, NotADirectoryError, CheckpointError):
-        return
-    ours = set(_OURS)
-    if old is not None:
-        ours |= {rel.split("/", 1)[0] for rel in old["files"]}
-    for name in entries:
-        if name in ours or os.path.lexists(os.path.join(tmp, name)) or name.startswith("."):
-            continue
-        source, dest = os.path.join(target, name), os.path.join(tmp, name)
-        try:
-            if os.path.isdir(source) and not os.path.islink(source):
-                shutil.copytree(source, dest, symlinks=True, copy_function=_link_or_copy)
-            else:
-                _link_or_copy(source, dest)
-        except FileNotFoundError:  # a concurrent save swapped the folder away
-            continue
-
-
-def _link_or_copy(source: str, dest: str) -> None:
-    if os.path.islink(source):
-        os.symlink(os.readlink(source), dest)
-        return
-    try:
-        os.link(source, dest)
-    except OSError:
-        shutil.copy2(source, dest)
-
-
-def _swap(tmp: str, target: str) -> None:
-    parent, base = os.path.dirname(target), os.path.basename(target)
-    backups = []
-    try:
-        for _ in range(1000):
-            if os.path.lexists(target):
-                backup = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex[:12]}")
-                try:
-                    os.rename(target, backup)
-                except FileNotFoundError:
-                    continue  # another save moved it away first
-                backups.append(backup)
-            try:
-                os.rename(tmp, target)
-                return
-            except OSError as error:
-                if error.errno not in (errno.EEXIST, errno.ENOTEMPTY) and not os.path.lexists(
-                    target
-                ):
-                    if backups:  # put the previous folder back
-                        os.rename(backups.pop(), target)
-                    raise
-                # another save put its folder there in between: move it away and retry
-        raise CheckpointError(f"could not replace {target!r}: too many concurrent saves")
-    finally:
-        for backup in backups:
-            shutil.rmtree(backup, ignore_errors=True)
+    replace_directory(target, write_all, owned_entries)

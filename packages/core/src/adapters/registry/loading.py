@@ -84,7 +84,7 @@ class Registry:
             try:
                 plugin = ep.load()
                 self._register(plugin, ep.name, dist_name, dist_version)
-            except Exception as error:  # a broken plugin must not break the others
+            except (Exception, SystemExit) as error:  # one broken plugin must not end the rest
                 kind = (
                     "conflict"
                     if isinstance(error, PluginConflictError)

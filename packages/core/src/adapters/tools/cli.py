@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             register = ep.load()
             register(sub)
-        except Exception as error:  # a broken command must not break the others
+        except (Exception, SystemExit) as error:  # a broken command must not end the others
             print(f"warning: command plugin {ep.name!r} failed to load: {error}", file=sys.stderr)
     return parser
 

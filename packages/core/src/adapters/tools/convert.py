@@ -22,6 +22,8 @@ import argparse
 import sys
 from typing import Any
 
+from torch import nn
+
 from .._runtime.initialization import init
 from ..errors import AdaptersError, CheckpointError
 from ..interface import AdapterModelInterface
@@ -88,6 +90,38 @@ def convert(
     return loaded
 
 
+def _load_model(model_class: Any, class_name: str, model: str) -> Any:
+    """``model_class.from_pretrained(model)``; anything else than a model, or a failure of
+    transformers (a folder that holds no model, a class of another kind), is `CheckpointError`
+    naming both."""
+    try:
+        loaded = model_class.from_pretrained(model)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as error:  # transformers raises many types for a folder without a model
+        raise CheckpointError(
+            f"--model {model!r} could not be loaded with {class_name}.from_pretrained: "
+            f"{type(error).__name__}: {error}. --model must name a model (a hub name or a folder "
+            "with config.json and weights), not the adapter"
+        ) from None
+    if not isinstance(loaded, nn.Module):
+        raise CheckpointError(
+            f"--model-class {class_name} loaded a {type(loaded).__name__}, not a model; use a "
+            "model class such as AutoModel or AutoModelForCausalLM"
+        )
+    return loaded
+
+
+def _interface(path: str) -> AdapterModelInterface:
+    try:
+        return AdapterModelInterface.load(path)
+    except (OSError, ValueError, TypeError) as error:
+        raise CheckpointError(
+            f"--interface {path!r} is not an AdapterModelInterface JSON file: "
+            f"{type(error).__name__}: {error}"
+        ) from None
+
+
 def _options(pairs: list[str]) -> dict[str, str]:
     options = {}
     for pair in pairs:
@@ -115,8 +149,8 @@ def convert_command(args: argparse.Namespace) -> int:
         return 2
     try:
         options = _options(args.option)
-        interface = AdapterModelInterface.load(args.interface)
-        model = model_class.from_pretrained(args.model)
+        interface = _interface(args.interface)
+        model = _load_model(model_class, args.model_class, args.model)
         name = convert(
             args.source,
             args.target,
